@@ -1,0 +1,361 @@
+"""The `vaexp` command line end to end: train, eval, multirun, bad input, help and completion.
+
+Runs are tiny (synthetic data, 100 training images, a 4-unit model, one epoch, K=10). Training
+runs go in-process where a process boundary does not matter (fast); exit codes, stderr, help,
+completion and multirun go through a real `python -m vaexp` process.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from conftest import run_main
+
+OBJECTIVES = {  # objective -> extra overrides
+    "vae": [],
+    "iwae": [],
+    "miwae": ["m=2"],
+    "ciwae": ["beta=0.3"],
+    "piwae": ["m=2", "k=2"],
+}
+ESTIMATORS = ["reparam", "stl", "dreg"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def train_run_dirs(out_root: Path) -> List[Path]:
+    return sorted(p for p in (out_root / "train").iterdir() if p.is_dir()) if (out_root / "train").exists() else []
+
+
+def load_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def snapshot(run_dir: Path, names=("config.yaml", "checkpoint.pt", "metrics.json")) -> dict:
+    """Bytes and mtime of the files a run is made of."""
+    return {n: ((run_dir / n).read_bytes(), (run_dir / n).stat().st_mtime_ns) for n in names if (run_dir / n).exists()}
+
+
+def check_test_metrics(test: dict, k: int, latents: List[int]) -> None:
+    assert test["k"] == k
+    assert math.isfinite(test["nll"]) and test["nll"] > 0
+    assert test[f"L{k}"] == -test["nll"]
+    # L1 averages all K log-weights, L_K is their logmeanexp: Jensen makes L1 <= L_K exactly.
+    assert test["L1"] <= test[f"L{k}"] + 1e-9
+    assert len(test["active_units"]) == len(latents)
+    assert test["latent_units"] == latents
+    assert all(0 <= a <= u for a, u in zip(test["active_units"], test["latent_units"]))
+
+
+def assert_no_traceback(res) -> None:
+    assert "Traceback" not in res.out + res.err, res.out + res.err
+
+
+# --------------------------------------------------------------------------- 1. training, every combination
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_train_one_epoch(objective, estimator, tiny_args, tiny_args_2layer, vaexp_main, tmp_path):
+    # dreg runs use two stochastic layers: the lw_bar path through q(z2|z1) is the subtle one.
+    two_layers = estimator == "dreg"
+    base = tiny_args_2layer if two_layers else tiny_args
+    latents = [4, 3] if two_layers else [4]
+    extra = OBJECTIVES[objective]
+    out_root = tmp_path / "out"
+    res = vaexp_main("train", *base, f"objective={objective}", f"estimator={estimator}", *extra,
+                     f"out_root={out_root}")
+    assert res.code == 0, res.err
+    assert "test NLL" in res.out
+
+    (run_dir,) = train_run_dirs(out_root)
+    settings = dict(o.split("=") for o in ["m=1", "k=5", "beta=0.5", *extra])
+    m, k = int(settings["m"]), int(settings["k"])
+    model = "burda2" if two_layers else "burda1"
+    assert run_dir.name.endswith(f"_synthetic_{model}_{objective}_m{m}_k{k}_{estimator}")
+
+    metrics = load_metrics(run_dir)
+    check_test_metrics(metrics["test"], 10, latents)
+    assert metrics["train"]["epochs"] == 1 and metrics["train"]["steps"] == 5
+    assert math.isfinite(metrics["train"]["bound"])
+    assert len(metrics["evals"]) == 1
+
+    for name in ("checkpoint.pt", "config.yaml", "test_log_px.pt"):
+        assert (run_dir / name).is_file(), name
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["state"]["global_step"] == 5 and ckpt["state"]["epoch"] == 1
+    assert ckpt["config"]["objective"]["name"] == objective
+    assert ckpt["config"]["estimator"]["name"] == estimator
+    assert (ckpt["config"]["m"], ckpt["config"]["k"]) == (m, k)
+    assert ckpt["config"]["beta"] == float(settings["beta"])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+    per_example = torch.load(run_dir / "test_log_px.pt", weights_only=False)
+    assert per_example["log_px"].dtype == torch.float64 and per_example["log_px"].shape == (20,)
+    assert float(-per_example["log_px"].mean()) == pytest.approx(metrics["test"]["nll"], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- a trained run to reuse
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_args):
+    """One finished tiny run in <tmp>/run (hydra.run.dir), shared by the eval and re-run tests."""
+    root = tmp_path_factory.mktemp("trained")
+    run_dir = root / "run"
+    args = ["train", *tiny_args, f"hydra.run.dir={run_dir}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAEXP_DATA_DIR", str(root / "data"))
+        mp.delenv("VAEXP_INTERRUPT_AT_STEP", raising=False)
+        assert run_main(args) == 0
+    assert (run_dir / "metrics.json").is_file()
+    return run_dir, args
+
+
+# --------------------------------------------------------------------------- 2. vaexp eval
+
+def test_eval_appends_and_reproduces_training_eval(trained_run, cli):
+    run_dir, _ = trained_run
+    before = load_metrics(run_dir)
+    files = snapshot(run_dir, ("config.yaml", "checkpoint.pt"))
+    res = cli("eval", run_dir, "eval.k=10", "eval.au_samples=4", "progress=false")
+    assert res.code == 0, res.err
+    assert_no_traceback(res)
+    assert "test NLL" in res.out and "active units" in res.out
+    after = load_metrics(run_dir)
+    assert len(after["evals"]) == len(before["evals"]) + 1
+    assert after["train"] == before["train"]
+    # Same eval settings and seeds as the evaluation at the end of training: exactly the same numbers.
+    assert after["test"]["nll"] == before["test"]["nll"]
+    assert after["evals"][-1]["nll"] == before["test"]["nll"]
+    assert after["test"]["active_units"] == before["test"]["active_units"]
+    assert snapshot(run_dir, ("config.yaml", "checkpoint.pt")) == files  # eval never touches the run itself
+    assert not (run_dir / ".hydra" / "eval").exists()
+
+
+def test_eval_with_other_settings(trained_run, cli):
+    run_dir, _ = trained_run
+    before = load_metrics(run_dir)
+    res = cli("eval", run_dir, "eval.k=20", "eval.n_test=10", "eval.report_k=[1,4]", "eval.au_samples=4",
+              "progress=false")
+    assert res.code == 0, res.err
+    assert "K=20" in res.out and "L4" in res.out
+    after = load_metrics(run_dir)
+    assert len(after["evals"]) == len(before["evals"]) + 1
+    assert after["evals"][:-1] == before["evals"]  # earlier evaluations are kept as they were
+    assert after["train"] == before["train"]
+    test = after["test"]
+    assert test["n_test"] == 10
+    check_test_metrics(test, 20, [4])
+    assert test["L1"] <= test["L4"] + 1e-9 <= test["L20"] + 2e-9  # nested groups of the same samples
+    per_example = torch.load(run_dir / "test_log_px.pt", weights_only=False)
+    assert per_example["log_px"].shape == (10,)
+
+
+# --------------------------------------------------------------------------- 5 (CLI part). re-running a run dir
+
+def test_rerun_of_finished_run_does_not_retrain(trained_run, vaexp_main):
+    run_dir, args = trained_run
+    files = snapshot(run_dir)
+    res = vaexp_main(*args)
+    assert res.code == 0, res.err
+    assert "already finished" in res.out and "test NLL" in res.out
+    assert snapshot(run_dir) == files
+
+
+def test_rerun_with_other_setting_fails_and_changes_nothing(trained_run, vaexp_main):
+    run_dir, args = trained_run
+    files = snapshot(run_dir)
+    res = vaexp_main(*args, "k=3")
+    assert res.code != 0
+    assert "k=3" in res.err and "saved: 5" in res.err and str(run_dir) in res.err
+    assert_no_traceback(res)
+    assert snapshot(run_dir) == files
+
+
+def test_resume_with_changed_setting_fails(trained_run, vaexp_main):
+    run_dir, _ = trained_run
+    files = snapshot(run_dir)
+    res = vaexp_main("train", f"resume={run_dir}", "k=7", "progress=false")
+    assert res.code != 0
+    assert "trained with k=5" in res.err and "resume=" in res.err
+    assert_no_traceback(res)
+    assert snapshot(run_dir) == files
+
+
+# --------------------------------------------------------------------------- 3. multirun
+
+def test_multirun_two_jobs_and_eval_of_a_job_dir(cli, tmp_path, tiny_args):
+    out_root = tmp_path / "out"
+    res = cli("train", "-m", "k=1,2", *tiny_args, f"out_root={out_root}")
+    assert res.code == 0, res.err
+    assert_no_traceback(res)
+    (sweep,) = [p for p in (out_root / "multirun").iterdir()]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for job, k in zip(sorted(jobs, key=lambda p: "k=2" in p.name.split(",")), (1, 2)):
+        parts = job.name.split(",")
+        assert f"k={k}" in parts and "dataset=synthetic" in parts
+        assert not any(p.startswith(("out_root=", "progress=")) for p in parts)  # excluded keys
+        metrics = load_metrics(job)
+        check_test_metrics(metrics["test"], 10, [4])
+        ckpt = torch.load(job / "checkpoint.pt", map_location="cpu", weights_only=False)
+        assert ckpt["config"]["k"] == k
+    assert not (out_root / "train").exists()
+
+    # `vaexp eval <job dir>`: the name holds '=' and ',' (and '[', ']'), yet it is a directory.
+    job = next(j for j in jobs if "k=1" in j.name.split(","))
+    assert "=" in job.name and "," in job.name
+    n_evals = len(load_metrics(job)["evals"])
+    res = cli("eval", job, "eval.k=10", "eval.au_samples=4", "progress=false")
+    assert res.code == 0, res.err
+    assert "test NLL" in res.out
+    after = load_metrics(job)
+    assert len(after["evals"]) == n_evals + 1
+    assert after["test"]["nll"] == after["evals"][0]["nll"]
+
+    # ... and relative to the working directory, too.
+    res = cli("eval", job.name, "eval.k=10", "eval.au_samples=4", "progress=false", cwd=sweep)
+    assert res.code == 0, res.err
+    assert len(load_metrics(job)["evals"]) == n_evals + 2
+
+
+# --------------------------------------------------------------------------- 4. bad input
+
+BAD_TRAIN = [  # overrides, words the message must contain
+    (["k=0"], ["k=0"]),
+    (["m=0"], ["m=0"]),
+    (["beta=1.5"], ["beta=1.5"]),
+    (["objective=iwae", "m=4"], ["m=4", "miwae"]),
+    (["eval.k=0"], ["eval.k=0"]),
+    (["kk=3"], ["kk"]),
+    (["k=abc"], ["k=abc"]),
+    (["objective=iwea"], ["iwea", "ciwae", "iwae", "miwae", "piwae", "vae"]),
+    (["device=gpu"], ["gpu", "auto", "cpu", "cuda"]),
+    (["resume={tmp}/no-such-run"], ["resume=", "no-such-run"]),
+    (["-m", "k=1,0"], ["k=0"]),
+    (["-m", "objective=iwae", "m=1,3"], ["m=3", "miwae"]),
+]
+
+
+def _assert_nothing_created(work: Path, out_root: Path) -> None:
+    assert not out_root.exists(), sorted(str(p) for p in out_root.rglob("*"))
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides,words", BAD_TRAIN, ids=[" ".join(o) for o, _ in BAD_TRAIN])
+def test_bad_train_input(overrides, words, cli, tmp_path, tiny_args):
+    work, out_root = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    res = cli("train", *tiny_args, *overrides, f"out_root={out_root}", cwd=work)
+    assert res.code != 0
+    assert_no_traceback(res)
+    for word in words:
+        assert word in res.err, (word, res.err)
+    _assert_nothing_created(work, out_root)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device=cuda is valid here")
+def test_device_cuda_without_gpu(cli, tmp_path, tiny_args):
+    work, out_root = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    res = cli("train", *tiny_args, "device=cuda", f"out_root={out_root}", cwd=work)
+    assert res.code != 0
+    assert_no_traceback(res)
+    assert "device=cuda" in res.err
+    _assert_nothing_created(work, out_root)
+
+
+def test_eval_of_a_directory_that_is_not_a_run(cli, tmp_path):
+    not_run = tmp_path / "not-a-run"
+    not_run.mkdir()
+    (not_run / "notes.txt").write_text("hello")
+    work = tmp_path / "work"
+    work.mkdir()
+    for target in (not_run, tmp_path / "missing"):
+        res = cli("eval", target, "progress=false", cwd=work)
+        assert res.code != 0
+        assert_no_traceback(res)
+        assert "not a vaexp run directory" in res.err and str(target) in res.err
+    assert sorted(p.name for p in not_run.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "missing").exists()
+    assert list(work.iterdir()) == []
+
+    res = cli("eval", "eval.k=0", cwd=work)  # no run directory at all
+    assert res.code != 0 and "run directory" in res.err
+    assert list(work.iterdir()) == []
+
+
+def test_eval_rejects_bad_eval_settings(trained_run, cli):
+    run_dir, _ = trained_run
+    files = snapshot(run_dir)
+    res = cli("eval", run_dir, "eval.k=0")
+    assert res.code != 0 and "eval.k=0" in res.err
+    assert_no_traceback(res)
+    assert snapshot(run_dir) == files
+
+
+def test_unknown_command(cli, tmp_path):
+    res = cli("bogus", "k=3")
+    assert res.code != 0
+    assert "bogus" in res.err and "train" in res.err and "eval" in res.err
+    assert_no_traceback(res)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 7. help, --cfg, completion
+
+def test_top_level_help(cli):
+    res = cli("--help")
+    assert res.code == 0
+    assert "train" in res.out and "eval" in res.out and "usage" in res.out.lower()
+    res = cli()  # no command: the same usage, not an error
+    assert res.code == 0 and "train" in res.out
+
+
+def test_train_help_lists_config_groups(cli, tmp_path):
+    res = cli("train", "--help")
+    assert res.code == 0, res.err
+    assert "== Config groups ==" in res.out
+    assert "objective: ciwae, iwae, miwae, piwae, vae" in res.out
+    assert "estimator: dreg, reparam, stl" in res.out
+    assert "model: burda1, burda2" in res.out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_train_cfg_job_prints_config(cli, tmp_path):
+    res = cli("train", "--cfg", "job")
+    assert res.code == 0, res.err
+    assert "objective:" in res.out and "\nk: 5\n" in res.out and "estimator:" in res.out
+    res = cli("train", "--cfg", "job", "objective=miwae", "m=3")
+    assert res.code == 0, res.err
+    assert "name: miwae" in res.out and "\nm: 3\n" in res.out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_completion_of_group_options(cli):
+    line = "vaexp train objective="
+    res = cli("-sc", "query=bash", env_extra={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert res.code == 0, res.err
+    options = res.out.split()
+    assert "objective=miwae" in options and "objective=piwae" in options
+
+
+def test_completion_of_command_word(cli):
+    line = "vaexp tr"
+    res = cli("-sc", "query=bash", env_extra={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert res.code == 0, res.err
+    assert res.out.split() == ["train"]
+
+
+def test_completion_install_script(cli):
+    res = cli("-sc", "install=bash")
+    assert res.code == 0, res.err
+    assert "complete" in res.out and "hydra_bash_completion" in res.out

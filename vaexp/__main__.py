@@ -1,0 +1,3 @@
+from vaexp.cli import main
+
+main()

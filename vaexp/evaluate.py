@@ -1,0 +1,136 @@
+"""Test log-likelihood with K importance samples, L_k bounds, active units.
+
+log p(x) ≈ logmeanexp_{k≤K} lw_k with lw from the model's own q (DESIGN.md). Log-weights are
+computed in fp32 in chunks of examples × samples that fit memory; the log-sum-exp and every
+sum over examples run in fp64. Seeds are fixed, so two evaluations of a model agree exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from vaexp.models import VAE
+
+# Log-weight rows (samples x examples) per chunk on the CPU; on CUDA it follows free memory.
+_CPU_ROWS = 1 << 15
+
+
+def chunk_rows(model: VAE, device: torch.device) -> int:
+    """How many sample rows fit at once: ~1/4 of free device memory for the widest activations."""
+    if device.type != "cuda":
+        return _CPU_ROWS
+    free, _ = torch.cuda.mem_get_info(device)
+    widest = max([model.x_dim] + [layer.net[0].out_features for layer in model.decoder])
+    bytes_per_row = 4 * 6 * widest  # fp32, a few live activations of the widest layer
+    return max(1024, int(free * 0.25) // bytes_per_row)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls for evaluation: TF32 would move the NLL in the 3rd decimal."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@torch.no_grad()
+def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: int,
+                    generator: torch.Generator, progress: bool = False) -> Dict[str, Tensor]:
+    """Per-example fp64 estimates: 'log_px' = L_K, and 'L{kk}' for kk in report_k.
+
+    L_kk is averaged over the floor(K/kk) disjoint groups of the same K samples (for kk = 1,
+    the ELBO averaged over all K samples).
+    """
+    n = x.shape[0]
+    per_piece = min(k, rows)                  # samples per forward pass
+    examples = max(1, rows // per_piece)      # examples per forward pass
+    out = {"log_px": torch.empty(n, dtype=torch.float64, device=x.device)}
+    for kk in report_k:
+        out[f"L{kk}"] = torch.empty(n, dtype=torch.float64, device=x.device)
+    bar = _bar(n, progress)
+    for start in range(0, n, examples):
+        xb = x[start:start + examples]
+        lw = torch.cat([model.log_weights(xb, 1, min(per_piece, k - s), generator=generator).lw[0]
+                        for s in range(0, k, per_piece)]).double()  # [K, b]
+        out["log_px"][start:start + len(xb)] = torch.logsumexp(lw, 0) - math.log(k)
+        for kk in report_k:
+            groups = k // kk
+            g = lw[: groups * kk].reshape(groups, kk, -1)
+            out[f"L{kk}"][start:start + len(xb)] = (torch.logsumexp(g, 1) - math.log(kk)).mean(0)
+        if bar is not None:
+            bar.update(len(xb))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@torch.no_grad()
+def active_units(model: VAE, x: Tensor, threshold: float, samples: int, generator: torch.Generator,
+                 batch: int = 500) -> List[Dict[str, float]]:
+    """Per stochastic layer: units with Cov_x(E_q[z_u|x]) > threshold (Burda et al.)."""
+    means: List[List[Tensor]] = [[] for _ in model.encoder]
+    for start in range(0, x.shape[0], batch):
+        for i, mu in enumerate(model.posterior_means(x[start:start + batch], samples, generator)):
+            means[i].append(mu.double())
+    result = []
+    for layer_means in means:
+        var = torch.cat(layer_means).var(0, unbiased=True)
+        result.append({"active": int((var > threshold).sum()), "units": int(var.numel()),
+                       "variances": [float(v) for v in var.cpu()]})
+    return result
+
+
+def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bool = False) -> Dict:
+    """Everything a run reports about the test set, as plain numbers (and per-example tensors)."""
+    model.eval()
+    x = x_test if cfg.n_test is None else x_test[: cfg.n_test]
+    rows = cfg.chunk * cfg.k if cfg.chunk > 0 else chunk_rows(model, device)
+    report_k = sorted(set(int(v) for v in cfg.report_k if v < cfg.k))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    with no_tf32():
+        ll = log_likelihoods(model, x, cfg.k, report_k, rows, gen, progress)
+        au = active_units(model, x, cfg.au_threshold, cfg.au_samples,
+                          torch.Generator(device=device).manual_seed(cfg.seed + 1))
+    model.train()
+    n = x.shape[0]
+    log_px = ll["log_px"]
+    metrics = {
+        "k": cfg.k,
+        "n_test": n,
+        "nll": float(-log_px.mean()),
+        "nll_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        f"L{cfg.k}": float(log_px.mean()),
+    }
+    for kk in report_k:
+        metrics[f"L{kk}"] = float(ll[f"L{kk}"].mean())
+    metrics["active_units"] = [layer["active"] for layer in au]
+    metrics["latent_units"] = [layer["units"] for layer in au]
+    metrics["unit_variances"] = [layer["variances"] for layer in au]
+    return {"metrics": metrics, "per_example": {key: v.cpu() for key, v in ll.items()}}
+
+
+def format_table(metrics: Dict) -> str:
+    """A short human-readable table of the test metrics."""
+    k = metrics["k"]
+    rows = [("test NLL", f"{metrics['nll']:.3f} ± {metrics['nll_stderr']:.3f}  (K={k}, {metrics['n_test']} images)")]
+    for key in sorted((key for key in metrics if key.startswith("L") and key[1:].isdigit()), key=lambda s: int(s[1:])):
+        rows.append((key, f"{metrics[key]:.3f}"))
+    au = ", ".join(f"{a}/{u}" for a, u in zip(metrics["active_units"], metrics["latent_units"]))
+    rows.append(("active units", au + "  (per stochastic layer)"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="eval", unit="img", leave=False, dynamic_ncols=True)

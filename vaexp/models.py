@@ -1,0 +1,188 @@
+"""Burda et al.'s architectures: Gaussian stochastic layers, Bernoulli observations.
+
+The encoder (φ) is q(z1|x) q(z2|z1) ...; the decoder (θ) is p(x|z1) p(z1|z2) ... p(z_L) with
+p(z_L) = N(0, I). Samples have shape [M, K, B, D]; the first encoder layer runs once per
+example and only the layers above it (which condition on a sample) run per sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, logsig: Tensor) -> Tensor:
+    """log N(z; mu, diag exp(logsig)^2), summed over the last axis."""
+    return (-0.5 * ((z - mu) * torch.exp(-logsig)) ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+
+
+def std_normal_log_prob(z: Tensor) -> Tensor:
+    return (-0.5 * z ** 2 - _HALF_LOG_2PI).sum(-1)
+
+
+def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+    """log Bernoulli(x; sigmoid(logits)) summed over pixels, stable for large |logits|."""
+    return (x * logits - nn.functional.softplus(logits)).sum(-1)
+
+
+def mlp(n_in: int, width: int, depth: int, activation: str) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else width, width), _ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
+
+
+class GaussianLayer(nn.Module):
+    """h -> (mu, log sigma) of a diagonal Gaussian."""
+
+    def __init__(self, n_in: int, width: int, depth: int, n_out: int, activation: str):
+        super().__init__()
+        self.net = mlp(n_in, width, depth, activation)
+        self.mu = nn.Linear(width, n_out)
+        self.logsig = nn.Linear(width, n_out)
+
+    def forward(self, h: Tensor):
+        h = self.net(h)
+        return self.mu(h), self.logsig(h)
+
+
+class BernoulliLayer(nn.Module):
+    """h -> logits of independent Bernoullis."""
+
+    def __init__(self, n_in: int, width: int, depth: int, n_out: int, activation: str):
+        super().__init__()
+        self.net = mlp(n_in, width, depth, activation)
+        self.logits = nn.Linear(width, n_out)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.logits(self.net(h))
+
+
+class LogWeights(NamedTuple):
+    lw: Tensor                 # [M, K, B] log p(x, z) - log q(z|x), everything live
+    lw_bar: Optional[Tensor]   # same values, encoder parameters stopped, z still reparameterised
+    zs: List[Tensor]           # samples per stochastic layer, each [M, K, B, D_i]
+
+
+class VAE(nn.Module):
+    def __init__(self, latents, hidden, depth: int = 2, activation: str = "tanh",
+                 x_dim: int = 784, train_mean: Optional[Tensor] = None, output_bias_clip: float = 1e-3):
+        super().__init__()
+        latents, hidden = list(latents), list(hidden)
+        self.latents, self.x_dim = latents, x_dim
+        ins = [x_dim] + latents[:-1]
+        # q(z_i | z_{i-1}), bottom first.
+        self.encoder = nn.ModuleList(
+            GaussianLayer(ins[i], hidden[i], depth, latents[i], activation) for i in range(len(latents)))
+        # p(x | z1), then p(z_i | z_{i+1}) for i = 1..L-1.
+        self.decoder = nn.ModuleList(
+            [BernoulliLayer(latents[0], hidden[0], depth, x_dim, activation)]
+            + [GaussianLayer(latents[i + 1], hidden[i + 1], depth, latents[i], activation)
+               for i in range(len(latents) - 1)])
+        self.reset_parameters(train_mean, output_bias_clip)
+
+    @classmethod
+    def from_config(cls, cfg, x_dim: int = 784, train_mean: Optional[Tensor] = None) -> "VAE":
+        return cls(cfg.latents, cfg.hidden, cfg.depth, cfg.activation, x_dim, train_mean, cfg.output_bias_clip)
+
+    def reset_parameters(self, train_mean: Optional[Tensor] = None, clip: float = 1e-3) -> None:
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.xavier_uniform_(mod.weight)
+                nn.init.zeros_(mod.bias)
+        if train_mean is not None:
+            p = train_mean.detach().to(torch.float32).clamp(clip, 1 - clip)
+            with torch.no_grad():
+                self.decoder[0].logits.bias.copy_(torch.log(p) - torch.log1p(-p))
+
+    def theta_parameters(self) -> List[nn.Parameter]:
+        return list(self.decoder.parameters())
+
+    def phi_parameters(self) -> List[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    # -- the log-weights ---------------------------------------------------------------------
+    def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
+                    generator: Optional[torch.Generator] = None) -> LogWeights:
+        """Draw z ~ q(z|x) with shape [M, K, B, D] and return the log-weights.
+
+        x: [B, x_dim] binary. With need_bar, also lw_bar: log q recomputed with the encoder's
+        parameters detached, z (and z_{i-1} as the input of q(z_i|z_{i-1})) kept live.
+        """
+        B = x.shape[0]
+        h: Tensor = x
+        log_q = x.new_zeros(m, k, B)
+        log_q_bar = x.new_zeros(m, k, B) if need_bar else None
+        zs: List[Tensor] = []
+        for i, layer in enumerate(self.encoder):
+            mu, logsig = layer(h)
+            eps = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
+                              generator=generator, device=x.device, dtype=mu.dtype)
+            z = mu + torch.exp(logsig) * eps
+            # log q(z) at z = mu + sigma * eps, written in eps: the same value, fewer ops.
+            log_q = log_q + (-0.5 * eps ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+            if need_bar:
+                if i == 0:  # the input x carries no parameters: detaching the outputs suffices
+                    mu_s, logsig_s = mu.detach(), logsig.detach()
+                else:       # parameters stopped, the input z_{i-1} stays live
+                    frozen = {n: p.detach() for n, p in layer.named_parameters()}
+                    mu_s, logsig_s = functional_call(layer, frozen, (h,))
+                log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
+            zs.append(z)
+            h = z
+        log_p = self.log_joint(x, zs)
+        lw = log_p - log_q
+        lw_bar = log_p - log_q_bar if need_bar else None
+        return LogWeights(lw, lw_bar, zs)
+
+    def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
+        """log p(x, z1..zL) for samples zs[i] of shape [..., B, D_i]."""
+        log_p = bernoulli_log_prob(x, self.decoder[0](zs[0]))
+        for i in range(1, len(zs)):
+            mu, logsig = self.decoder[i](zs[i])
+            log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logsig)
+        return log_p + std_normal_log_prob(zs[-1])
+
+    # -- helpers for evaluation and pictures ------------------------------------------------
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor, samples: int, generator: Optional[torch.Generator] = None) -> List[Tensor]:
+        """E_q[z_i | x] per stochastic layer, [B, D_i]. Exact for the first layer, Monte Carlo
+        with `samples` draws of the layers below for the others."""
+        mu, logsig = self.encoder[0](x)
+        means = [mu]
+        if len(self.encoder) > 1:
+            eps = torch.randn((samples,) + mu.shape, generator=generator, device=x.device, dtype=mu.dtype)
+            h = mu + torch.exp(logsig) * eps
+            for layer in self.encoder[1:]:
+                mu_i, logsig_i = layer(h)
+                means.append(mu_i.mean(0))
+                eps = torch.randn(mu_i.shape, generator=generator, device=x.device, dtype=mu_i.dtype)
+                h = mu_i + torch.exp(logsig_i) * eps
+        return means
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Pixel probabilities of n images from the generative model."""
+        w = self.decoder[0].logits.weight
+        dev, dtype = w.device, w.dtype
+        z = torch.randn(n, self.latents[-1], generator=generator, device=dev, dtype=dtype)
+        for layer in reversed(self.decoder[1:]):
+            mu, logsig = layer(z)
+            z = mu + torch.exp(logsig) * torch.randn(mu.shape, generator=generator, device=dev, dtype=dtype)
+        return torch.sigmoid(self.decoder[0](z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Pixel probabilities of p(x | z) at the encoder means, layer by layer."""
+        h = x
+        for layer in self.encoder:
+            h, _ = layer(h)
+        for layer in reversed(self.decoder[1:]):
+            h, _ = layer(h)
+        return torch.sigmoid(self.decoder[0](h))
