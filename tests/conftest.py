@@ -37,6 +37,17 @@ def tiny_args_2layer() -> tuple:
     return tuple(TINY_RUN + TINY_BURDA2)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch.set_num_threads(1) for a module (see cli_env), restored afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """VAEXP_DATA_DIR in a temp folder (nothing touches the user cache); no test hooks set."""
@@ -53,6 +64,10 @@ def cli_env(data_dir: Path, **extra: str) -> dict:
     env.pop("HYDRA_FULL_ERROR", None)
     env["VAEXP_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
+    # One intra-op thread: tiny models gain nothing from more, and on a busy 2-core runner
+    # OpenMP threads spinning against each other make every step ~100x slower.
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 

@@ -25,6 +25,8 @@ OBJECTIVES = {  # objective -> extra overrides
 }
 ESTIMATORS = ["reparam", "stl", "dreg"]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -139,6 +141,19 @@ def test_eval_appends_and_reproduces_training_eval(trained_run, cli):
     assert not (run_dir / ".hydra" / "eval").exists()
 
 
+def test_eval_defaults_to_the_runs_own_settings(trained_run, cli):
+    """Without eval.* overrides, `vaexp eval` repeats the run's own evaluation (here K=10, not the
+    group default 5000) and gets exactly its numbers."""
+    run_dir, _ = trained_run
+    before = load_metrics(run_dir)
+    res = cli("eval", run_dir, "progress=false")
+    assert res.code == 0, res.err
+    assert "K=10" in res.out
+    after = load_metrics(run_dir)
+    assert after["test"]["k"] == 10
+    assert after["test"]["nll"] == before["evals"][0]["nll"]  # the evaluation at the end of training
+
+
 def test_eval_with_other_settings(trained_run, cli):
     run_dir, _ = trained_run
     before = load_metrics(run_dir)
@@ -171,12 +186,15 @@ def test_rerun_of_finished_run_does_not_retrain(trained_run, vaexp_main):
 
 def test_rerun_with_other_setting_fails_and_changes_nothing(trained_run, vaexp_main):
     run_dir, args = trained_run
-    files = snapshot(run_dir)
+    # Hydra's own record (.hydra/) included: the check runs before Hydra writes it.
+    files = snapshot(run_dir, ("config.yaml", "checkpoint.pt", "metrics.json", ".hydra/overrides.yaml",
+                               ".hydra/config.yaml"))
     res = vaexp_main(*args, "k=3")
     assert res.code != 0
     assert "k=3" in res.err and "saved: 5" in res.err and str(run_dir) in res.err
     assert_no_traceback(res)
-    assert snapshot(run_dir) == files
+    assert snapshot(run_dir, ("config.yaml", "checkpoint.pt", "metrics.json", ".hydra/overrides.yaml",
+                              ".hydra/config.yaml")) == files
 
 
 def test_resume_with_changed_setting_fails(trained_run, vaexp_main):
@@ -187,6 +205,25 @@ def test_resume_with_changed_setting_fails(trained_run, vaexp_main):
     assert "trained with k=5" in res.err and "resume=" in res.err
     assert_no_traceback(res)
     assert snapshot(run_dir) == files
+
+
+def test_resume_of_a_finished_run_with_more_epochs_trains_on(vaexp_main, tmp_path, tiny_args):
+    run_dir = tmp_path / "run"
+    assert vaexp_main("train", *tiny_args, f"hydra.run.dir={run_dir}").code == 0
+    first = load_metrics(run_dir)
+    original_hydra = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    res = vaexp_main("train", f"resume={run_dir}", "schedule.epochs=2", "progress=false")
+    assert res.code == 0, res.err
+    assert "already finished" not in res.out
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 2 and ckpt["state"]["global_step"] == 10
+    after = load_metrics(run_dir)
+    assert after["train"]["epochs"] == 2 and len(after["evals"]) == len(first["evals"]) + 1
+    # The effective config is recorded; the one it replaced is kept, and so is Hydra's first record.
+    assert "epochs: 2" in (run_dir / "config.yaml").read_text()
+    assert len(list(run_dir.glob("config.*.yaml"))) == 1
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == original_hydra
+    assert list((run_dir / ".hydra").glob("resume-*/overrides.yaml"))
 
 
 # --------------------------------------------------------------------------- 3. multirun
@@ -254,7 +291,9 @@ def test_bad_train_input(overrides, words, cli, tmp_path, tiny_args):
     work, out_root = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
-    res = cli("train", *tiny_args, *overrides, f"out_root={out_root}", cwd=work)
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants its flags before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    res = cli("train", *flags, *tiny_args, *overrides, f"out_root={out_root}", cwd=work)
     assert res.code != 0
     assert_no_traceback(res)
     for word in words:
@@ -312,12 +351,21 @@ def test_unknown_command(cli, tmp_path):
 
 # --------------------------------------------------------------------------- 7. help, --cfg, completion
 
-def test_top_level_help(cli):
-    res = cli("--help")
+def test_top_level_help(cli, vaexp_main):
+    res = cli("--help")  # python -m vaexp --help
     assert res.code == 0
     assert "train" in res.out and "eval" in res.out and "usage" in res.out.lower()
     res = cli()  # no command: the same usage, not an error
-    assert res.code == 0 and "train" in res.out
+    assert res.code == 0 and "train" in res.out and "eval" in res.out
+    res = vaexp_main("--help")  # the `vaexp` console script's entry point
+    assert res.code == 0 and "vaexp <command>" in res.out and "train" in res.out and "eval" in res.out
+
+
+def test_eval_help(cli, tmp_path):
+    res = cli("eval", "--help")
+    assert res.code == 0, res.err
+    assert "vaexp eval" in res.out and "run:" in res.out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_help_lists_config_groups(cli, tmp_path):
@@ -335,6 +383,13 @@ def test_train_cfg_job_prints_config(cli, tmp_path):
     assert res.code == 0, res.err
     assert "objective:" in res.out and "\nk: 5\n" in res.out and "estimator:" in res.out
     res = cli("train", "--cfg", "job", "objective=miwae", "m=3")
+    assert res.code == 0, res.err
+    assert "name: miwae" in res.out and "\nm: 3\n" in res.out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hydra_flags_may_follow_overrides(cli, tmp_path):
+    res = cli("train", "objective=miwae", "m=3", "--cfg", "job")
     assert res.code == 0, res.err
     assert "name: miwae" in res.out and "\nm: 3\n" in res.out
     assert not (tmp_path / "outputs").exists()

@@ -17,6 +17,14 @@ USAGE = """usage: vaexp <command> [-m] [key=value ...]
 commands:
   train   train a model, then evaluate test NLL (K=5000) and active units
   eval    re-evaluate a saved run:  vaexp eval <run dir> [eval.k=5000 ...]
+  snr     gradient signal-to-noise ratios over an (M, K) grid, per estimator:
+          vaexp snr [run=<run dir>] [k=[1,4,16,64] m=[1,4,16] draws=1000 ...]
+  report  tables (markdown, CSV) and plots of the runs under sweep/run directories:
+          vaexp report outputs/multirun/<sweep> [...] [out=<dir>] [plots=false]
+
+Sweeps: `vaexp train -m objective=miwae mk=64 m=1,2,4,8,16,32,64 sweep=<name>` (k = mk/m);
+presets: `vaexp train -m experiment=iwae_table1` (or rainforth_mk64); other launchers:
+hydra/launcher=parallel (joblib, local) or hydra/launcher=slurm (submitit).
 
 Every command takes Hydra overrides and flags: `vaexp train --help` lists the config groups and
 options, `vaexp train --cfg job` prints the composed config, `vaexp train -m k=1,5,50` sweeps.
@@ -34,14 +42,28 @@ def _say(msg: str) -> None:
 
 
 def _guard(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """User errors become one line on stderr and exit status 2; an interruption exits 130."""
+    """User errors become one line on stderr and exit status 2; an interruption exits 130.
+
+    In a multirun (-m) a failing job must not stop the sweep: its error goes to <job dir>/error.txt
+    and one line on stderr, the job returns, the others run on, and the sweep's summary at the end
+    (vaexp.config.ValidateCallback.on_multirun_end) lists the failures and exits non-zero. Ctrl-C
+    still stops the whole sweep (after checkpointing the running job).
+    """
 
     def wrapped(cfg: DictConfig):
+        from vaexp import sweep
         from vaexp.train import Interrupted
 
+        in_sweep = sweep.in_multirun()
+        if in_sweep:
+            job_dir = sweep.current_job_dir()
+            sweep.clear_failure(job_dir)
         try:
             return fn(cfg)
         except VaexpError as err:
+            if in_sweep:
+                print(f"vaexp: job {job_dir} failed: {err}", file=sys.stderr, flush=True)
+                return sweep.record_failure(job_dir, str(err))
             print(f"vaexp: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
         except Interrupted as err:
@@ -50,6 +72,13 @@ def _guard(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]
         except KeyboardInterrupt:
             print("vaexp: interrupted", file=sys.stderr)
             sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - in a sweep, a bug in one job must not cost the others
+            if not in_sweep:
+                raise
+            line, details = sweep.describe_exception(err)
+            print(f"vaexp: job {job_dir} failed: {line} (traceback in {job_dir / sweep.ERROR_FILE})",
+                  file=sys.stderr, flush=True)
+            return sweep.record_failure(job_dir, line, details)
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -63,11 +92,13 @@ def run_train(cfg: DictConfig):
     from vaexp.evaluate import format_table
     from vaexp.train import train
 
+    from vaexp.sweep import apply_mk
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    cfg = rundir.prepare(cfg, run_dir, hc.overrides.task, TrainConfig)
+    cfg = rundir.prepare(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
     done = rundir.finished(run_dir)
-    if done is not None and "test" in done:
+    if done is not None and "test" in done and not rundir.more_epochs(cfg, run_dir):
         _say(f"vaexp: {run_dir} already finished; its results:\n{format_table(done['test'])}")
         return done
     _say(f"vaexp: run directory {run_dir}")
@@ -78,6 +109,19 @@ def run_train(cfg: DictConfig):
     return summary
 
 
+def _eval_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
+    """The run's own eval settings, with the eval.* given on this command line on top: by default
+    `vaexp eval` repeats the evaluation the run was trained with."""
+    from hydra.core.hydra_config import HydraConfig
+
+    settings = saved.eval.copy()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("eval."):
+            OmegaConf.update(settings, key[len("eval."):], OmegaConf.select(cfg, key), merge=False)
+    return settings
+
+
 def run_eval(cfg: DictConfig):
     import torch
 
@@ -85,18 +129,18 @@ def run_eval(cfg: DictConfig):
     from vaexp.config import TrainConfig
     from vaexp.data import load_dataset
     from vaexp.evaluate import evaluate, format_table
-    from vaexp.models import VAE
+    from vaexp.models import build_model
     from vaexp.train import resolve_device
 
     run_dir = Path(cfg.run)
     saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / rundir.CONFIG))
     device = resolve_device(cfg.device)
     data = load_dataset(saved.dataset, device)
-    model = VAE.from_config(saved.model, data.train.shape[1]).to(device)
+    model = build_model(saved.model, data).to(device)
     state = checkpoint.load(run_dir, map_location=device)
     model.load_state_dict(state["model"])
     step = state["state"]["global_step"]
-    result = evaluate(model, data.test, cfg.eval, device, progress=cfg.progress)
+    result = evaluate(model, data.test, _eval_settings(cfg, saved), device, progress=cfg.progress)
     rundir.write_metrics(run_dir, {"test": result["metrics"]}, result["per_example"], append_eval=True)
     log = rundir.logger(run_dir)
     log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)
@@ -105,10 +149,72 @@ def run_eval(cfg: DictConfig):
     return result["metrics"]
 
 
+def run_snr(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from vaexp.snr import snr
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    _say(f"vaexp: snr output directory {out_dir}")
+    result = snr(cfg, out_dir)
+    _say(f"{result['table']}\n  written: {out_dir}/snr.csv, snr.png, snr.txt, TensorBoard events")
+    return result
+
+
+def run_report(cfg: DictConfig):
+    from vaexp.report import report
+
+    return report(list(cfg.dirs), out=cfg.out, plots=cfg.plots, curves=cfg.curves)
+
+
 COMMANDS: Dict[str, Command] = {
     "train": Command("train", run_train),
     "eval": Command("evaluate", run_eval),
+    "snr": Command("snr", run_snr),
+    "report": Command("report", run_report),
 }
+
+# Launchers that come from optional Hydra plugins: choice -> (plugin module, vaexp extra, PyPI name).
+_LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib", "hydra-joblib-launcher"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+}
+
+
+def _check_launcher(args: List[str]) -> None:
+    """hydra/launcher=<x> whose plugin is missing: say which extra to install (Hydra itself would
+    only say that a config is missing). Unknown names are left to Hydra, which lists the options."""
+    import importlib.util
+
+    for arg in args:
+        if arg.startswith("hydra/launcher="):
+            choice = arg.split("=", 1)[1]
+            if choice not in _LAUNCHER_PLUGINS:
+                continue
+            module, extra, package = _LAUNCHER_PLUGINS[choice]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                print(f"vaexp: hydra/launcher={choice} needs Hydra's {package} plugin, which is not installed; "
+                      f"pip install \"vaexp[{extra}]\" (or pip install {package})", file=sys.stderr)
+                sys.exit(2)
+
+
+def _report_dirs(rest: List[str]) -> List[str]:
+    """`vaexp report <dir>... [key=value ...]`: the leading directories become dirs=[...]. Sweep job
+    directories have '=' and ',' in their names, so an existing directory is a directory whatever
+    its name."""
+    dirs = []
+    while rest and not rest[0].startswith("-") and ("=" not in rest[0] or os.path.isdir(rest[0])):
+        dirs.append(rest.pop(0))
+    if dirs:
+        rest = [f"dirs=[{','.join(_quote(d) for d in dirs)}]"] + rest
+    return rest
 
 
 def _hydra_entry(command: Command) -> Callable[[], None]:
@@ -140,6 +246,25 @@ def _completion(argv: List[str]) -> None:
     _hydra_entry(command)()
 
 
+# Hydra's flags, with and without a value. argparse wants them before the overrides.
+_FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-i", "--info"}
+_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                     "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def _flags_first(args: List[str]) -> List[str]:
+    """`vaexp train k=1 -m k=1,2` works like `vaexp train -m k=1 k=1,2`."""
+    flags, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += args[i:i + 2]
+            i += 2
+            continue
+        (flags if args[i] in _FLAGS else rest).append(args[i])
+        i += 1
+    return flags + rest
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
@@ -154,9 +279,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     # `vaexp eval <run dir>`: multirun directory names contain '=' themselves, so an existing
     # directory counts as the run whatever its name.
-    if name == "eval" and rest and not rest[0].startswith("-") and ("=" not in rest[0] or os.path.isdir(rest[0])):
-        rest = [f"run={_quote(rest[0])}"] + rest[1:]  # `vaexp eval <run dir>`
-    sys.argv = [sys.argv[0]] + rest
+    if name in ("eval", "snr") and rest and not rest[0].startswith("-") and ("=" not in rest[0] or os.path.isdir(rest[0])):
+        rest = [f"run={_quote(rest[0])}"] + rest[1:]  # `vaexp eval <run dir>`, `vaexp snr <run dir>`
+    if name == "report":
+        rest = _report_dirs(list(rest))
+    _check_launcher(rest)
+    sys.argv = [sys.argv[0]] + _flags_first(rest)
     _hydra_entry(COMMANDS[name])()
 
 

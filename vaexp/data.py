@@ -82,8 +82,11 @@ class Dataset:
     train: Tensor  # float32 [N_train, 784] intensities in [0, 1]: Bernoulli probabilities
     valid: Tensor  # float32 [N_valid, 784] of 0./1., binarised once
     test: Tensor   # float32 [N_test, 784] of 0./1., binarised once
-    image_shape: tuple = IMAGE_SHAPE
+    image_shape: Optional[tuple] = IMAGE_SHAPE  # None: not images (no picture grids)
     source: str = ""
+    # True: `train` holds Bernoulli probabilities, binarised afresh every epoch by the trainer.
+    # False: `train` holds the data itself (e.g. real-valued), used as it is.
+    binary: bool = True
 
     @property
     def train_mean(self) -> Tensor:
@@ -112,8 +115,15 @@ def load_dataset(cfg: Any, device: Union[torch.device, str]) -> Dataset:
         raw, source = synthetic_raw(_opt(cfg, "n_train", 2000), _opt(cfg, "n_test", 500), _opt(cfg, "seed", 0))
     elif name in _TORCHVISION_CLASS:
         raw, source = _load_raw(name, cfg)
+    elif name == "gaussian":  # real-valued draws from the analytic model, not images (vaexp.gaussian)
+        from vaexp.gaussian import load_gaussian
+
+        return load_gaussian(cfg, device)
+    elif name in ("omniglot", "binarized_mnist"):
+        return load_extra_dataset(name, cfg, device)
     else:
-        raise DataError(f"dataset.name={name}: unknown dataset; choose one of mnist, fashion_mnist, synthetic")
+        raise DataError(f"dataset.name={name}: unknown dataset; choose one of mnist, fashion_mnist, synthetic, "
+                        f"gaussian, omniglot, binarized_mnist")
     return _assemble(name, raw, cfg, torch.device(device), source)
 
 
@@ -517,3 +527,232 @@ def _synthetic_examples(protos: np.ndarray, n: int, rng: np.random.Generator, sh
     ink = np.where(flips, 1 - ink, ink)
     intensity = 0.02 + 0.96 * ink  # near 0/1, never exactly, like anti-aliased digits
     return np.rint(intensity * 255).astype(np.uint8).reshape(n, PIXELS)
+
+
+# --------------------------------------------------------------------------- omniglot, static binarised MNIST
+
+# Burda et al.'s 28x28 OMNIGLOT (chardata.mat, from their repository's datasets/OMNIGLOT): 24,345
+# training and 8,070 test images, intensities in [0, 1], one image per column, stored by MATLAB
+# column-major. Their datasets.py shuffles the training set with numpy's RandomState(123) and
+# holds out the last 1,345 for validation (conf/dataset/omniglot.yaml).
+CHARDATA = "chardata.mat"
+CHARDATA_SIZES = (24345, 8070)
+CHARDATA_URL = "https://github.com/yburda/iwae/tree/master/datasets/OMNIGLOT"
+# Larochelle & Murray's statically binarised MNIST: 50,000 / 10,000 / 10,000 rows of 784 0/1 values.
+AMAT_SPLITS = ("train", "valid", "test")
+AMAT_SIZES = (50000, 10000, 10000)
+AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+
+
+def amat_name(split: str) -> str:
+    return f"binarized_mnist_{split}.amat"
+
+
+def load_extra_dataset(name: str, cfg: Any, device: Union[torch.device, str]) -> Dataset:
+    """dataset=omniglot (dynamically binarised like MNIST) or dataset=binarized_mnist (static:
+    the trainer uses the fixed bits as they are)."""
+    if name == "omniglot":
+        train, test, source = load_omniglot(cfg)
+        dynamic = True
+    elif name == "binarized_mnist":
+        train, test, source = load_binarized_mnist(cfg)
+        dynamic = False
+    else:  # pragma: no cover - load_dataset only sends these names
+        raise DataError(f"dataset.name={name}: unknown dataset")
+    return _assemble_float(name, train, test, cfg, torch.device(device), source, dynamic)
+
+
+def _assemble_float(name: str, train: np.ndarray, test: np.ndarray, cfg: Any, device: torch.device,
+                    source: str, dynamic: bool) -> Dataset:
+    """Like _assemble for float32 [N, 784] data in [0, 1]: optional shuffle (dataset.shuffle_seed),
+    the last n_valid training images held out; validation and test binarised once when `dynamic`
+    (static data are already 0/1 and are used as they are)."""
+    shuffle_seed = _opt(cfg, "shuffle_seed", None)
+    if shuffle_seed is not None:
+        train = train[np.random.RandomState(int(shuffle_seed)).permutation(len(train))]
+    n_valid = _opt(cfg, "n_valid", 400)
+    n_all = len(train)
+    if not 0 <= n_valid < n_all:
+        raise DataError(f"dataset.n_valid={n_valid}: must be between 0 and {n_all - 1} "
+                        f"({name} has {n_all} training images); lower dataset.n_valid")
+    train_t = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32))
+    test_t = torch.from_numpy(np.ascontiguousarray(test, dtype=np.float32))
+    valid_t = train_t[n_all - n_valid:]
+    if dynamic:
+        seed = _opt(cfg, "binarize_seed", 1234)
+        valid_t = binarize(valid_t, _cpu_generator(seed, stream=1))
+        test_t = binarize(test_t, _cpu_generator(seed, stream=0))
+    return Dataset(name=name, train=train_t[:n_all - n_valid].contiguous().to(device), valid=valid_t.to(device),
+                   test=test_t.to(device), image_shape=IMAGE_SHAPE, source=source, binary=dynamic)
+
+
+# -- omniglot
+
+def load_omniglot(cfg: Any) -> Tuple[np.ndarray, np.ndarray, str]:
+    """(train, test, source), float32 [N, 784] in [0, 1]. Sources in order: dataset.path
+    (Burda's chardata.mat: a file or the folder holding it), the cache of an earlier torchvision
+    download (<data dir>/omniglot_torchvision.pt), torchvision's Omniglot resized to 28x28."""
+    path = _opt(cfg, "path", None)
+    if path:
+        train, test = read_chardata(path)
+        _warn_if_sizes("omniglot", (len(train), len(test)), CHARDATA_SIZES, _path_origin(path))
+        return train, test, _path_origin(path)
+    data_dir = Path(cfg.data_dir).expanduser() if _opt(cfg, "data_dir", None) else default_data_dir()
+    cache_file = data_dir / "omniglot_torchvision.pt"
+    tried = ["dataset.path: not set"]
+    cached = _read_cache(cache_file, tried)
+    if cached is not None:
+        raw, origin = cached
+        return _unit(raw["train"]), _unit(raw["test"]), f"cache {cache_file} (from {origin})"
+    label = "torchvision Omniglot download (background set = train, evaluation set = test, resized to 28x28)"
+    if not bool(_opt(cfg, "download", True)):
+        tried.append(label + " (skipped: dataset.download=false)")
+    else:
+        try:
+            raw = _omniglot_from_torchvision(data_dir)
+            _write_cache(cache_file, raw, label)
+            return _unit(raw["train"]), _unit(raw["test"]), label
+        except Exception as e:  # an optional source: report it with the others
+            tried.append(f"{label}: {_one_line(e)}")
+    raise DataError("dataset=omniglot: no data found (tried: " + "; ".join(tried) + "); pass "
+                    f"dataset.path=/path/to/{CHARDATA} (Burda et al.'s 28x28 split, from {CHARDATA_URL}), "
+                    "or install torchvision on a machine with network access for torchvision's Omniglot")
+
+
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float32) / 255.0
+
+
+def read_chardata(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
+    """Burda's chardata.mat as (train, test) float32 [N, 784], images row-major like MNIST.
+
+    The file holds 'data' [784, 24345] and 'testdata' [784, 8070]; each column is a 28x28 image
+    flattened column-major (MATLAB's order), so each image is read in Fortran order, as the IWAE
+    code does (reshape((-1, 28, 28)).reshape((-1, 784), order='fortran') on the transposed array).
+    """
+    p = Path(path).expanduser()
+    fix = f"pass dataset.path=/path/to/{CHARDATA} (Burda et al.'s 28x28 OMNIGLOT, from {CHARDATA_URL})"
+    if p.is_dir():
+        p = p / CHARDATA
+    if not p.is_file():
+        raise DataError(f"dataset.path={path}: no {p.name if p.suffix else CHARDATA} there; {fix}")
+    try:
+        import scipy.io
+    except ImportError:
+        raise DataError(f"dataset=omniglot: reading {CHARDATA} needs scipy, which is not installed; "
+                        "pip install scipy (or pip install \"vaexp[omniglot]\")") from None
+    try:
+        mat = scipy.io.loadmat(str(p))
+    except Exception as e:
+        raise DataError(f"dataset.path={path}: {p.name} is not a readable MATLAB file ({_one_line(e)}); {fix}") from None
+    parts = []
+    for key in ("data", "testdata"):
+        arr = mat.get(key)
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[0] != PIXELS or arr.shape[1] < 1:
+            found = "missing" if arr is None else f"shape {getattr(arr, 'shape', type(arr).__name__)}"
+            raise DataError(f"dataset.path={path}: {p.name} needs '{key}' of shape [{PIXELS}, N] ({found}); {fix}")
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise DataError(f"dataset.path={path}: '{key}' has values outside [0, 1] "
+                            f"(range {float(np.nanmin(arr)):.4g}..{float(np.nanmax(arr)):.4g}); {fix}")
+        images = arr.T.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, PIXELS)  # column-major images
+        parts.append(np.ascontiguousarray(images))
+    return parts[0], parts[1]
+
+
+def omniglot_to_28(image: Any) -> np.ndarray:
+    """One torchvision Omniglot image (PIL, 105x105, white background, black strokes) as uint8
+    [784] ink intensities: area-averaged down to 28x28, inverted so that strokes are 1."""
+    from PIL import Image
+
+    small = image.convert("L").resize(IMAGE_SHAPE[::-1], Image.Resampling.BOX)
+    return (255 - np.asarray(small, dtype=np.uint8)).reshape(PIXELS)
+
+
+def _omniglot_from_torchvision(data_dir: Path) -> Raw:
+    try:  # lazily: vaexp never needs torchvision
+        import torchvision.datasets as tv_datasets
+    except Exception as e:
+        raise _SourceFailed(f"torchvision is not usable ({_one_line(e)})") from None
+    cls = tv_datasets.Omniglot
+    prefix = getattr(cls, "download_url_prefix", None)
+    if prefix:
+        _check_reachable(f"{prefix}/images_background.zip")
+    raw: Raw = {}
+    with _temp_dir(data_dir) as tmp:
+        for split, background in (("train", True), ("test", False)):
+            ds = cls(root=str(tmp), background=background, download=True)
+            raw[split] = np.stack([omniglot_to_28(ds[i][0]) for i in range(len(ds))])
+    return raw
+
+
+# -- static binarised MNIST (.amat)
+
+def load_binarized_mnist(cfg: Any) -> Tuple[np.ndarray, np.ndarray, str]:
+    """(train + valid, test, source) as float32 0/1: the valid file's images come last, so the
+    default dataset.n_valid=10000 holds out exactly Larochelle's validation split. Sources:
+    dataset.path (the three .amat files: their folder or one of them), then the cache that an
+    earlier read wrote (<data dir>/binarized_mnist.pt)."""
+    path = _opt(cfg, "path", None)
+    data_dir = Path(cfg.data_dir).expanduser() if _opt(cfg, "data_dir", None) else default_data_dir()
+    cache_file = data_dir / "binarized_mnist.pt"
+    fix = (f"download {', '.join(amat_name(s) for s in AMAT_SPLITS)} from {AMAT_URL} and pass "
+           "dataset.path=/that/folder")
+    if path:
+        p = Path(path).expanduser()
+        folder = p.parent if p.is_file() else p
+        if not folder.is_dir():
+            raise DataError(f"dataset.path={path}: no such file or folder; {fix}")
+        missing = [amat_name(s) for s in AMAT_SPLITS if not (folder / amat_name(s)).is_file()]
+        if missing:
+            raise DataError(f"dataset.path={path}: {', '.join(missing)} not found in {folder}; {fix}")
+        splits = [read_amat(folder / amat_name(s)) for s in AMAT_SPLITS]
+        origin = _path_origin(str(folder))
+        _warn_if_sizes("binarized_mnist", tuple(len(s) for s in splits), AMAT_SIZES, origin)
+        raw = {"train": np.concatenate(splits[:2]) * np.uint8(255), "test": splits[2] * np.uint8(255)}
+        _write_cache(cache_file, raw, origin)
+        return _unit(raw["train"]), _unit(raw["test"]), origin
+    tried = ["dataset.path: not set"]
+    cached = _read_cache(cache_file, tried)
+    if cached is not None:
+        raw, origin = cached
+        return _unit(raw["train"]), _unit(raw["test"]), f"cache {cache_file} (from {origin})"
+    raise DataError(f"dataset=binarized_mnist: no data found (tried: {'; '.join(tried)}); {fix}")
+
+
+def read_amat(path: Union[str, Path]) -> np.ndarray:
+    """uint8 [N, 784] of 0/1 from a Larochelle .amat file: one image per line, 784 values
+    separated by whitespace."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
+    lines = [ln for ln in blob.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty; expected one line of {PIXELS} 0/1 values per image")
+    arr = np.frombuffer(blob, dtype=np.uint8)
+    is_digit = (arr == ord("0")) | (arr == ord("1"))
+    others = arr[~is_digit]
+    if np.isin(others, np.frombuffer(b" \t\r\n", dtype=np.uint8)).all():
+        values = arr[is_digit] - ord("0")  # the common case: single-character 0/1 tokens
+        tokens_ok = all(len(ln.split()) == PIXELS for ln in (lines[0], lines[-1]))
+    else:
+        try:
+            values = np.array(blob.split(), dtype=np.float64)
+        except ValueError:
+            raise DataError(f"{path}: not an .amat file of numbers; expected {PIXELS} 0/1 values per line") from None
+        if not np.isin(values, (0.0, 1.0)).all():
+            raise DataError(f"{path}: values other than 0 and 1; expected statically binarised images")
+        values = values.astype(np.uint8)
+        tokens_ok = True
+    if not tokens_ok or values.size != len(lines) * PIXELS:
+        raise DataError(f"{path}: {values.size} values on {len(lines)} lines; expected {PIXELS} per line "
+                        f"(one 28x28 image per line)")
+    return values.reshape(len(lines), PIXELS).astype(np.uint8)
+
+
+def _warn_if_sizes(name: str, sizes: Tuple[int, ...], expected: Tuple[int, ...], origin: str) -> None:
+    if tuple(sizes) != tuple(expected):
+        log.warning("dataset %s from %s has %s images per split (the standard split is %s)", name, origin,
+                    "/".join(map(str, sizes)), "/".join(map(str, expected)))

@@ -15,18 +15,14 @@ from torch import Tensor
 
 from vaexp.models import VAE
 
-# Log-weight rows (samples x examples) per chunk on the CPU; on CUDA it follows free memory.
-_CPU_ROWS = 1 << 15
+# Log-weight rows (samples x examples) per block when eval.chunk = 0. It is a constant, not a
+# function of free memory: the ε of each block come from a generator re-seeded per block, so the
+# numbers depend only on (eval.seed, eval.k, eval.chunk), never on the machine's memory.
+DEFAULT_ROWS = 1 << 16
 
 
-def chunk_rows(model: VAE, device: torch.device) -> int:
-    """How many sample rows fit at once: ~1/4 of free device memory for the widest activations."""
-    if device.type != "cuda":
-        return _CPU_ROWS
-    free, _ = torch.cuda.mem_get_info(device)
-    widest = max([model.x_dim] + [layer.net[0].out_features for layer in model.decoder])
-    bytes_per_row = 4 * 6 * widest  # fp32, a few live activations of the widest layer
-    return max(1024, int(free * 0.25) // bytes_per_row)
+def block_seed(seed: int, block: int) -> int:
+    return (seed * 1_000_003 + block * 7_919 + 11) % (2 ** 63)
 
 
 @contextlib.contextmanager
@@ -42,12 +38,15 @@ def no_tf32():
 
 @torch.no_grad()
 def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: int,
-                    generator: torch.Generator, progress: bool = False) -> Dict[str, Tensor]:
+                    seed: int, progress: bool = False) -> Dict[str, Tensor]:
     """Per-example fp64 estimates: 'log_px' = L_K, and 'L{kk}' for kk in report_k.
 
     L_kk is averaged over the floor(K/kk) disjoint groups of the same K samples (for kk = 1,
-    the ELBO averaged over all K samples).
+    the ELBO averaged over all K samples). Examples go in blocks of ~`rows` sample rows, each
+    block with its own generator seeded from (seed, block index): a block's estimates do not
+    depend on how many examples are evaluated after it, nor on the device's free memory.
     """
+    generator = torch.Generator(device=x.device)
     n = x.shape[0]
     per_piece = min(k, rows)                  # samples per forward pass
     examples = max(1, rows // per_piece)      # examples per forward pass
@@ -55,7 +54,8 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     for kk in report_k:
         out[f"L{kk}"] = torch.empty(n, dtype=torch.float64, device=x.device)
     bar = _bar(n, progress)
-    for start in range(0, n, examples):
+    for block, start in enumerate(range(0, n, examples)):
+        generator.manual_seed(block_seed(seed, block))
         xb = x[start:start + examples]
         lw = torch.cat([model.log_weights(xb, 1, min(per_piece, k - s), generator=generator).lw[0]
                         for s in range(0, k, per_piece)]).double()  # [K, b]
@@ -89,16 +89,17 @@ def active_units(model: VAE, x: Tensor, threshold: float, samples: int, generato
 
 def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bool = False) -> Dict:
     """Everything a run reports about the test set, as plain numbers (and per-example tensors)."""
+    was_training = model.training
     model.eval()
     x = x_test if cfg.n_test is None else x_test[: cfg.n_test]
-    rows = cfg.chunk * cfg.k if cfg.chunk > 0 else chunk_rows(model, device)
+    rows = cfg.chunk * cfg.k if cfg.chunk > 0 else DEFAULT_ROWS
     report_k = sorted(set(int(v) for v in cfg.report_k if v < cfg.k))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     with no_tf32():
-        ll = log_likelihoods(model, x, cfg.k, report_k, rows, gen, progress)
+        ll = log_likelihoods(model, x, cfg.k, report_k, rows, cfg.seed, progress)
         au = active_units(model, x, cfg.au_threshold, cfg.au_samples,
                           torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    model.train()
+        surgery = _surgery(model, x, cfg, device)
+    model.train(was_training)
     n = x.shape[0]
     log_px = ll["log_px"]
     metrics = {
@@ -113,7 +114,20 @@ def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bo
     metrics["active_units"] = [layer["active"] for layer in au]
     metrics["latent_units"] = [layer["units"] for layer in au]
     metrics["unit_variances"] = [layer["variances"] for layer in au]
+    metrics.update(surgery)
     return {"metrics": metrics, "per_example": {key: v.cpu() for key, v in ll.items()}}
+
+
+def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
+    """ELBO surgery (vaexp.surgery) on the first eval.surgery_n images; {} when off or when the
+    model is not a Bernoulli VAE with a N(0, I) prior."""
+    from vaexp import surgery
+
+    n = int(getattr(cfg, "surgery_n", 0) or 0)
+    if n <= 0 or not surgery.supported(model):
+        return {}
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    return surgery.elbo_surgery(model, x[:n], int(getattr(cfg, "surgery_samples", 10)), gen)
 
 
 def format_table(metrics: Dict) -> str:
@@ -124,6 +138,10 @@ def format_table(metrics: Dict) -> str:
         rows.append((key, f"{metrics[key]:.3f}"))
     au = ", ".join(f"{a}/{u}" for a, u in zip(metrics["active_units"], metrics["latent_units"]))
     rows.append(("active units", au + "  (per stochastic layer)"))
+    if "avg_kl" in metrics:
+        rows.append(("ELBO surgery", f"recon {metrics['recon']:.3f}, avg KL {metrics['avg_kl']:.3f} = I(x;z) "
+                                     f"{metrics['mutual_info']:.3f} (<= log N = {metrics['mutual_info_max']:.2f}) + "
+                                     f"KL(q(z)||p(z)) {metrics['marginal_kl']:.3f}  (N={metrics['surgery_n']})"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 

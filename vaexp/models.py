@@ -186,3 +186,14 @@ class VAE(nn.Module):
         for layer in reversed(self.decoder[1:]):
             h, _ = layer(h)
         return torch.sigmoid(self.decoder[0](h))
+
+
+def build_model(cfg, data) -> nn.Module:
+    """The model named by cfg.name for `data` (a vaexp.data.Dataset): its input size, and the
+    training mean for the output bias. Every model exposes log_weights, theta_parameters,
+    phi_parameters, posterior_means and an `encoder` list (one entry per stochastic layer)."""
+    if cfg.name == "gaussian":  # the analytic linear-Gaussian model (vaexp.gaussian)
+        from vaexp.gaussian import LinearGaussianVAE
+
+        return LinearGaussianVAE.from_config(cfg, data.train.shape[1])
+    return VAE.from_config(cfg, data.train.shape[1], data.train_mean)

@@ -57,7 +57,24 @@ def _override_keys(overrides: Iterable[str]) -> List[str]:
 
 
 def prepare(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) -> DictConfig:
-    """The config to run with in `run_dir`; writes config.yaml on a first start.
+    """The config to run with in `run_dir`; writes config.yaml on a first start, and again (the
+    old one kept as config.<time>.yaml) when a resume changes a RESUMABLE setting."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / CONFIG
+    effective = effective_config(cfg, run_dir, overrides, schema)
+    text = OmegaConf.to_yaml(OmegaConf.create(plain(effective)))
+    if not saved_path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(saved_path, text)
+    elif cfg.get("resume") and text != OmegaConf.to_yaml(OmegaConf.create(plain(OmegaConf.load(saved_path)))):
+        saved_path.rename(run_dir / f"config.{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml")
+        _write_text(saved_path, text)
+    return effective
+
+
+def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) -> DictConfig:
+    """What `prepare` will run with, without writing anything; raises VaexpError when the
+    directory holds a run with other settings.
 
     A directory that already holds a run continues it: with resume=<dir> the saved config is
     used and only RESUMABLE settings given on the command line change; without resume (the same
@@ -66,9 +83,9 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) ->
     run_dir = Path(run_dir)
     saved_path = run_dir / CONFIG
     if not saved_path.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(saved_path, OmegaConf.to_yaml(OmegaConf.create(plain(cfg))))
         return cfg
+    if "hydra" in cfg:  # called from the validation callback: compare the task's settings only
+        cfg = OmegaConf.masked_copy(cfg, [key for key in cfg.keys() if key != "hydra"])
     saved = plain(OmegaConf.load(saved_path))
     current = plain(cfg)
     flat_saved, flat_cur = _flatten(saved), _flatten(current)
@@ -110,6 +127,16 @@ def finished(run_dir: Path) -> Optional[Dict]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def more_epochs(cfg, run_dir: Path) -> bool:
+    """True when the schedule asks for more epochs than the run's checkpoint has done (a finished
+    run resumed with a larger schedule.epochs)."""
+    from vaexp.checkpoint import load
+    from vaexp.schedule import epoch_learning_rates
+
+    saved = load(run_dir)
+    return saved is not None and saved["state"]["epoch"] < len(epoch_learning_rates(cfg.schedule))
 
 
 def write_metrics(run_dir: Path, summary: Dict, per_example: Optional[Dict[str, torch.Tensor]] = None,

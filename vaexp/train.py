@@ -24,7 +24,7 @@ from vaexp import rundir
 from vaexp.data import Dataset, binarize, load_dataset
 from vaexp.errors import VaexpError
 from vaexp.estimators import Estimator, get_estimator, gradients, surrogate_losses
-from vaexp.models import VAE
+from vaexp.models import VAE, build_model
 from vaexp.objectives import Objective, make_objective
 from vaexp.schedule import epoch_learning_rates
 
@@ -46,7 +46,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def build(cfg, data: Dataset, device: torch.device):
     torch.manual_seed(cfg.seed)  # parameter init
-    model = VAE.from_config(cfg.model, data.train.shape[1], data.train_mean).to(device)
+    model = build_model(cfg.model, data).to(device)
     sch = cfg.schedule
     opt = torch.optim.Adam(model.parameters(), lr=sch.lr, betas=(sch.beta1, sch.beta2), eps=sch.eps)
     return model, opt
@@ -123,9 +123,10 @@ def train(cfg, run_dir: Path) -> Dict:
 
     def check_finite(values: Tensor, where: str) -> None:
         if not bool(torch.isfinite(values).all()):
-            raise NonFiniteBound(
-                f"training bound became {values.tolist()[0]} at {where}; stopped, and {kept()}; "
-                f"lower schedule.lr or check the data")
+            names = ("training bound", "phi bound", "theta gradient norm", "phi gradient norm")
+            name, value = next((n, v) for n, v in zip(names, values.tolist()) if not math.isfinite(v))
+            raise NonFiniteBound(f"{name} became {value} at {where}; stopped, and {kept()}; "
+                                 f"lower schedule.lr or check the data")
 
     n_epochs = len(lrs)
     bar = _progress(cfg.progress, n_epochs * steps_per_epoch, state["global_step"])
@@ -142,7 +143,7 @@ def train(cfg, run_dir: Path) -> Dict:
             for group in opt.param_groups:
                 group["lr"] = lrs[epoch]
             data_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
-            x_epoch = binarize(data.train, data_gen)
+            x_epoch = binarize(data.train, data_gen) if data.binary else data.train
             perm = torch.randperm(n_train, generator=data_gen, device=device)
             if state["step"] == 0:
                 epoch_acc.zero_()
@@ -185,7 +186,8 @@ def train(cfg, run_dir: Path) -> Dict:
             log.scalars({"epoch/train_bound": train_bound, "epoch/valid_bound": vb,
                          "epoch/steps_per_s": n_steps / max(epoch_time, 1e-9), "epoch/lr": lrs[epoch]},
                         state["global_step"])
-            _log_pictures(log, model, data, state["global_step"], eval_gen)
+            if data.image_shape is not None:
+                _log_pictures(log, model, data, state["global_step"], eval_gen)
             state["epoch"], state["step"] = epoch + 1, 0
             state["wall_time"] = time.perf_counter() - t_start
             if bar is not None:
@@ -209,7 +211,13 @@ def train(cfg, run_dir: Path) -> Dict:
     train_bound = state["history"][-1]["train_bound"] if state["history"] else float("nan")
     print(f"vaexp: training done ({n_epochs} epochs, {state['global_step']} steps, "
           f"{state['wall_time']:.0f} s); evaluating on the test set (K={cfg.eval.k})")
-    result = ev.evaluate(model, data.test, cfg.eval, device, progress=cfg.progress)
+    try:
+        result = ev.evaluate(model, data.test, cfg.eval, device, progress=cfg.progress)
+    except KeyboardInterrupt:
+        log.close()
+        raise Interrupted(run_dir, state, f"interrupted during the final evaluation; training is complete and "
+                                          f"checkpointed in {run_dir}: `vaexp eval {run_dir}` evaluates it "
+                                          f"(re-running with resume={run_dir} does too, and writes metrics.json)")
     metrics = result["metrics"]
     _log_eval(log, metrics, state["global_step"])
     summary = {
@@ -228,9 +236,9 @@ def train(cfg, run_dir: Path) -> Dict:
 
 
 class Interrupted(Exception):
-    def __init__(self, run_dir: Path, state: Dict):
-        super().__init__(f"interrupted at epoch {state['epoch'] + 1}, step {state['step']}; "
-                         f"checkpoint saved in {run_dir}. Re-run with resume={run_dir} to continue")
+    def __init__(self, run_dir: Path, state: Dict, message: Optional[str] = None):
+        super().__init__(message or f"interrupted at epoch {state['epoch'] + 1}, step {state['step']}; "
+                                    f"checkpoint saved in {run_dir}. Re-run with resume={run_dir} to continue")
         self.run_dir, self.state = run_dir, state
 
 
@@ -286,6 +294,9 @@ def _log_eval(log, metrics: Dict, step: int) -> None:
             values[f"eval/{key}"] = value
     for i, a in enumerate(metrics["active_units"]):
         values[f"eval/active_units_{i + 1}"] = a
+    for key in ("recon", "avg_kl", "mutual_info", "marginal_kl"):  # ELBO surgery, when computed
+        if key in metrics:
+            values[f"eval/{key}"] = metrics[key]
     log.scalars(values, step)
 
 

@@ -1,0 +1,219 @@
+"""vaexp.evaluate: log p(x) with K importance samples, L_k from the same samples, active units,
+and the printed table."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vaexp.config import EvalConf
+from vaexp.evaluate import DEFAULT_ROWS, active_units, evaluate, format_table, log_likelihoods
+from vaexp.models import VAE, LogWeights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def binary_ids(n: int, dim: int) -> torch.Tensor:
+    """n distinct binary rows (example i is i in binary), so a fake model can tell examples apart."""
+    bits = (torch.arange(n).unsqueeze(1) >> torch.arange(dim)) & 1
+    return bits.float()
+
+
+class FakeLogWeights:
+    """Stands in for VAE.log_weights: returns known log-weights table[example, sample].
+
+    Samples are handed out in order per example, however log_likelihoods splits the work into
+    chunks of examples and pieces of samples; every (example, sample) must be asked for once.
+    """
+
+    def __init__(self, x: torch.Tensor, table: torch.Tensor):
+        self.x, self.table = x, table
+        self.ids, self.offset = None, 0
+        self.used = torch.zeros(table.shape, dtype=torch.long)
+        self.calls: List[tuple] = []
+
+    def __call__(self, xb, m, k, need_bar=False, generator=None):
+        assert m == 1 and generator is not None
+        ids = [int((self.x == row).all(1).nonzero()) for row in xb]
+        if ids != self.ids:
+            self.ids, self.offset = ids, 0
+        cols = slice(self.offset, self.offset + k)
+        self.used[ids, cols] += 1
+        self.offset += k
+        self.calls.append((len(ids), k))
+        return LogWeights(self.table[ids, cols].T.unsqueeze(0), None, [])
+
+
+def reference(table: torch.Tensor, kk: int) -> torch.Tensor:
+    t = table.double()
+    groups = t.shape[1] // kk
+    g = t[:, : groups * kk].reshape(t.shape[0], groups, kk)
+    return (torch.logsumexp(g, 2) - math.log(kk)).mean(1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 10, 12, 25, 10_000])
+def test_log_likelihoods_combines_known_log_weights(rows, monkeypatch):
+    n, K = 9, 12
+    x = binary_ids(n, 6)
+    gen = torch.Generator().manual_seed(0)
+    # Around -1000 in fp32: a naive log(mean(exp(lw))) would give -inf.
+    table = (-1000 + 5 * torch.randn(n, K, generator=gen)).float()
+    model = VAE([3], [5], x_dim=6)
+    fake = FakeLogWeights(x, table)
+    monkeypatch.setattr(model, "log_weights", fake)
+
+    out = log_likelihoods(model, x, K, [1, 3, 4, 5, 6], rows, seed=1)
+
+    assert torch.equal(fake.used, torch.ones(n, K, dtype=torch.long))  # every sample once, none twice
+    assert all(b * k <= rows for b, k in fake.calls)  # pieces respect the row budget
+    assert set(out) == {"log_px", "L1", "L3", "L4", "L5", "L6"}
+    for key, value in out.items():
+        assert value.dtype == torch.float64 and value.shape == (n,), key
+    expected = torch.logsumexp(table.double(), 1) - math.log(K)
+    assert torch.allclose(out["log_px"], expected, rtol=0, atol=1e-9)
+    assert torch.allclose(out["L1"], table.double().mean(1), rtol=0, atol=1e-9)
+    for kk in (3, 4, 5, 6):  # L5: two groups of 5, the last 2 samples unused
+        assert torch.allclose(out[f"L{kk}"], reference(table, kk), rtol=0, atol=1e-9), kk
+
+
+def tiny_model(seed: int = 0, latents=(4,), hidden=(8,)) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(list(latents), list(hidden), x_dim=784)
+
+
+def test_log_likelihoods_bounds_are_ordered_and_reproducible():
+    model = tiny_model(latents=(4, 3), hidden=(8, 6))
+    x = (torch.rand(15, 784, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    K, eps = 12, 1e-9
+
+    def run(rows):
+        return log_likelihoods(model, x, K, [1, 3, 4, 6], rows, seed=7)
+
+    out = run(25)
+    # Groups partition the same K samples: mean of logmeanexp over groups <= logmeanexp over
+    # their union (Jensen), per example and exactly, so L1 <= L3 <= L6 <= L12 and L1 <= L4 <= L12.
+    assert (out["L1"] <= out["L3"] + eps).all() and (out["L3"] <= out["L6"] + eps).all()
+    assert (out["L6"] <= out["log_px"] + eps).all()
+    assert (out["L1"] <= out["L4"] + eps).all() and (out["L4"] <= out["log_px"] + eps).all()
+    assert out["L1"].mean() < out["log_px"].mean()  # a real gap on average for a random model
+    assert torch.isfinite(out["log_px"]).all()
+    # Fixed seed, same chunking: bit-for-bit the same.
+    again = run(25)
+    for key in out:
+        assert torch.equal(out[key], again[key]), key
+
+
+def test_log_likelihoods_depend_only_on_seed_and_block_size():
+    """Each block of examples re-seeds its generator: a whole block's estimates are the same
+    whether more examples follow or not, and eval.chunk=0 uses a constant block size, never one
+    derived from free memory."""
+    model = tiny_model()
+    x = (torch.rand(9, 784, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    full = log_likelihoods(model, x, 10, [1], 20, seed=0)      # blocks of 2 examples
+    prefix = log_likelihoods(model, x[:4], 10, [1], 20, seed=0)   # the first two whole blocks
+    assert torch.equal(full["log_px"][:4], prefix["log_px"])
+    other_seed = log_likelihoods(model, x, 10, [1], 20, seed=1)
+    assert not torch.equal(full["log_px"], other_seed["log_px"])
+    cfg = eval_conf(k=10, report_k=[1], au_samples=2)
+    a = evaluate(model, x, cfg, torch.device("cpu"))["per_example"]["log_px"]
+    b = log_likelihoods(model, x, 10, [1], DEFAULT_ROWS, seed=cfg.seed)["log_px"]
+    assert torch.equal(a, b)
+
+
+def eval_conf(**kw):
+    cfg = OmegaConf.structured(EvalConf)
+    for key, value in kw.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_evaluate_metrics():
+    model = tiny_model()
+    x = (torch.rand(30, 784, generator=torch.Generator().manual_seed(3)) < 0.3).float()
+    cfg = eval_conf(k=16, report_k=[64, 1, 4], au_samples=4, n_test=25)
+    result = evaluate(model, x, cfg, torch.device("cpu"))
+    m = result["metrics"]
+    per = result["per_example"]
+    assert m["k"] == 16 and m["n_test"] == 25
+    assert per["log_px"].shape == (25,) and per["log_px"].dtype == torch.float64
+    assert m["nll"] == float(-per["log_px"].mean())
+    assert m["L16"] == -m["nll"]
+    assert "L64" not in m and "L64" not in per  # only k < K are reported
+    assert m["L1"] == float(per["L1"].mean()) and m["L4"] == float(per["L4"].mean())
+    assert m["L1"] <= m["L4"] <= m["L16"]
+    assert m["nll_stderr"] == pytest.approx(float(per["log_px"].std()) / math.sqrt(25))
+    assert m["latent_units"] == [4] and len(m["active_units"]) == 1
+    assert len(m["unit_variances"]) == 1 and len(m["unit_variances"][0]) == 4
+    assert m["active_units"][0] == sum(v > 0.01 for v in m["unit_variances"][0])
+    assert model.training  # evaluate puts the model back into training mode
+
+    again = evaluate(model, x, cfg, torch.device("cpu"))["metrics"]
+    assert again == m  # fixed seeds: exactly the same numbers
+    other_seed = evaluate(model, x, eval_conf(k=16, report_k=[1], au_samples=4, n_test=25, seed=1),
+                          torch.device("cpu"))["metrics"]
+    assert other_seed["nll"] != m["nll"]  # the seed does select the samples
+
+
+def test_active_units_counts_variance_of_posterior_means_above_threshold(monkeypatch):
+    model = VAE([3], [5], x_dim=1)
+    # Per example (rows) the posterior mean of 3 units; unbiased variance over the 5 examples:
+    means = torch.tensor([[0.0, 0.0, 7.0],
+                          [0.2, 0.1, 7.0],
+                          [0.0, 0.0, 7.0],
+                          [0.2, 0.1, 7.0],
+                          [0.1, 0.05, 7.0]], dtype=torch.float32)
+    var = means.double().var(0, unbiased=True)
+    assert var[0] > 0.01 > var[1] and var[2] == 0
+    seen = []
+
+    def fake_posterior_means(x, samples, generator):
+        seen.append((x.shape[0], samples))
+        return [means[x[:, 0].long()]]
+
+    monkeypatch.setattr(model, "posterior_means", fake_posterior_means)
+    x = torch.arange(5).float().unsqueeze(1)
+    (layer,) = active_units(model, x, threshold=0.01, samples=9, generator=torch.Generator(), batch=2)
+    assert seen == [(2, 9), (2, 9), (1, 9)]  # batched, and the batches are put back together
+    assert layer["active"] == 1 and layer["units"] == 3
+    assert layer["variances"] == pytest.approx(var.tolist(), rel=1e-6)
+    (layer,) = active_units(model, x, threshold=0.001, samples=9, generator=torch.Generator(), batch=2)
+    assert layer["active"] == 2
+
+
+def test_active_units_of_a_model_with_dead_units():
+    """Zeroed μ weights make a unit's posterior mean constant over x: inactive, in both layers."""
+    model = tiny_model(latents=(3, 2), hidden=(8, 6))
+    with torch.no_grad():
+        q1, q2 = model.encoder
+        for unit in (0, 2):
+            q1.mu.weight[unit].zero_()
+            q1.mu.bias[unit] = 0.5
+        q1.mu.weight[1] *= 20.0  # a unit that clearly depends on x
+        q1.logsig.weight.zero_()
+        q1.logsig.bias.fill_(-8.0)  # z1 ~= its mean, so layer 2 sees unit 1's variation
+        q2.mu.weight[0].zero_()  # E[z2_0 | x] = its bias, whatever x
+        q2.net[0].weight.mul_(10.0)
+        q2.mu.weight[1] = 3.0
+    x = (torch.rand(40, 784, generator=torch.Generator().manual_seed(4)) < 0.5).float()
+    layers = active_units(model, x, threshold=0.01, samples=4, generator=torch.Generator().manual_seed(0))
+    assert [layer["units"] for layer in layers] == [3, 2]
+    v1, v2 = layers[0]["variances"], layers[1]["variances"]
+    assert v1[0] == 0.0 and v1[2] == 0.0 and v1[1] > 0.01
+    assert layers[0]["active"] == 1
+    assert v2[0] < 1e-12 and v2[1] > 0.01
+    assert layers[1]["active"] == 1
+
+
+def test_format_table():
+    metrics = {"k": 5000, "n_test": 10000, "nll": 85.1234, "nll_stderr": 0.25, "L5000": -85.1234,
+               "L64": -85.9, "L1": -89.5, "active_units": [19, 5], "latent_units": [100, 50],
+               "unit_variances": [[0.0] * 100, [0.0] * 50]}
+    table = format_table(metrics)
+    lines = table.splitlines()
+    assert "test NLL" in lines[0] and "85.123" in lines[0] and "K=5000" in lines[0] and "10000 images" in lines[0]
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names == ["L1", "L64", "L5000"]  # in numeric order
+    assert "active units" in lines[-1] and "19/100, 5/50" in lines[-1]

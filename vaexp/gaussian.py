@@ -1,0 +1,256 @@
+"""The linear-Gaussian model of Rainforth et al. (2018) and Tucker et al. (2019), with exact answers.
+
+Generative model (θ = μ), L stochastic layers, z_1 next to x:
+
+    p(z_L) = N(μ, I),   p(z_{i-1} | z_i) = N(z_i, I),   p(x | z_1) = N(z_1, I).
+
+L = 1 is the papers' model: p(x) = N(μ, 2I) and p(z|x) = N((x + μ)/2, I/2). In general z_i has the
+marginal N(μ, v_i I) with v_i = L - i + 1, and x has N(μ, (L + 1) I).
+
+Inference model (φ): q(z_i | z_{i-1}) = N(A_i z_{i-1} + b_i, σ_i² I) with z_0 = x, learnable A_i, b_i
+and a fixed σ_i (or a learnable one with model.learn_q_var=true). The exact posterior lies in this
+family for every L, because the chain is Markov and linear-Gaussian:
+
+    p(z_i | z_{i-1}, x) = p(z_i | z_{i-1}) = N((v_i z_{i-1} + μ) / (v_i + 1), v_i / (v_i + 1) I),
+
+so A_i* = v_i/(v_i+1) I, b_i* = μ/(v_i+1), σ_i*² = v_i/(v_i+1) (L = 1: A* = I/2, b* = μ/2, σ*² = 1/2).
+With q there, every log-weight equals log p(x) whatever z is: each bound is exact with zero variance.
+
+The default σ² = 2/3 is Rainforth et al.'s fixed inference variance (their q_φ(z|x) = N(Ax + b, 2/3 I)).
+Since the bounds' dependence on q's mean is symmetric about the posterior mean, A*, b* above are the
+optimum of every bound for any fixed σ; with σ² ≠ 1/2 the bounds stay below log p(x) there.
+
+The model plugs into the trainer, the objectives, the estimators and the evaluation through the
+same interface as models.VAE (log_weights, theta_parameters, phi_parameters, posterior_means,
+an `encoder` list with one entry per stochastic layer), and adds the exact answers: log p(x), the
+exact posterior, the ELBO, and the optimum for a dataset. The data (`dataset=gaussian`) are drawn
+from the L = 1 model with a seeded μ_true ~ N(0, I): see :func:`load_gaussian`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vaexp.models import LogWeights, gaussian_log_prob, std_normal_log_prob
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+RAINFORTH_Q_VAR = 2.0 / 3.0
+
+
+class LinearGaussianLayer(nn.Module):
+    """q(z | h) = N(A h + b, σ² I); log σ is a scalar parameter, or a buffer when fixed."""
+
+    def __init__(self, dim: int, q_var: float, learn_q_var: bool):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(dim, dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+        logsig = torch.tensor(0.5 * math.log(q_var))
+        if learn_q_var:
+            self.logsig = nn.Parameter(logsig)
+        else:
+            self.register_buffer("logsig", logsig)
+
+    def forward(self, h: Tensor, frozen: bool = False) -> Tuple[Tensor, Tensor]:
+        """(mean [..., D], log σ as a 0-d tensor). frozen: the parameters are detached (for lw̄)
+        while h keeps its own gradient path."""
+        A, b, logsig = self.A, self.b, self.logsig
+        if frozen:
+            A, b, logsig = A.detach(), b.detach(), logsig.detach()
+        return h @ A.T + b, logsig
+
+
+class LinearGaussianVAE(nn.Module):
+    """p: z_L → ... → z_1 → x, each step adding N(0, I); q: x → z_1 → ... → z_L, linear-Gaussian."""
+
+    def __init__(self, dim: int, layers: int = 1, q_var: float = RAINFORTH_Q_VAR, learn_q_var: bool = False):
+        super().__init__()
+        self.dim, self.layers = int(dim), int(layers)
+        self.latents = [self.dim] * self.layers
+        self.mu = nn.Parameter(torch.zeros(self.dim))  # θ: the prior mean of the top layer
+        # φ, bottom first. Zero A and b: q(z|x) starts as N(0, σ²I), a valid point away from the optimum.
+        self.encoder = nn.ModuleList(LinearGaussianLayer(self.dim, q_var, learn_q_var) for _ in range(self.layers))
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> "LinearGaussianVAE":
+        return cls(dim, len(cfg.latents), cfg.q_var, cfg.learn_q_var)
+
+    def theta_parameters(self) -> List[nn.Parameter]:
+        return [self.mu]
+
+    def phi_parameters(self) -> List[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    # -- the log-weights (the same contract as models.VAE.log_weights) ------------------------
+    def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
+                    generator: Optional[torch.Generator] = None) -> LogWeights:
+        """z ~ q(z|x) with shape [M, K, B, D] per layer; lw = log p(x, z) - log q(z|x) [M, K, B].
+
+        lw_bar: the same values with q's parameters detached and z (and z_{i-1} as the input of
+        q(z_i|z_{i-1})) kept live, as the STL and DReG estimators need."""
+        B = x.shape[0]
+        h: Tensor = x
+        log_q = x.new_zeros(m, k, B)
+        log_q_bar = x.new_zeros(m, k, B) if need_bar else None
+        zs: List[Tensor] = []
+        for i, layer in enumerate(self.encoder):
+            mean, logsig = layer(h)  # the first layer runs once per example: mean is [B, D]
+            eps = torch.randn((m, k, B, self.dim) if i == 0 else mean.shape,
+                              generator=generator, device=x.device, dtype=mean.dtype)
+            z = mean + torch.exp(logsig) * eps
+            log_q = log_q + (-0.5 * eps ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+            if need_bar:
+                mean_s, logsig_s = layer(h, frozen=True)
+                log_q_bar = log_q_bar + gaussian_log_prob(z, mean_s, logsig_s)
+            zs.append(z)
+            h = z
+        log_p = self.log_joint(x, zs)
+        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
+
+    def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
+        """log p(x, z_1..z_L): unit-variance Gaussian steps down the chain from N(μ, I)."""
+        log_p = std_normal_log_prob(x - zs[0])
+        for i in range(1, len(zs)):
+            log_p = log_p + std_normal_log_prob(zs[i - 1] - zs[i])
+        return log_p + std_normal_log_prob(zs[-1] - self.mu)
+
+    # -- exact answers ---------------------------------------------------------------------------
+    def prior_variances(self) -> List[int]:
+        """v_i: the marginal variance of z_i under p, bottom layer first (v_L = 1)."""
+        return [self.layers - i for i in range(self.layers)]
+
+    @torch.no_grad()
+    def exact_log_px(self, x: Tensor) -> Tensor:
+        """log p_θ(x) = log N(x; μ, (L+1) I) per example, fp64 [B]."""
+        x, mu = x.double(), self.mu.detach().double()
+        var = self.layers + 1.0
+        return (-0.5 * (x - mu) ** 2 / var - 0.5 * math.log(var) - _HALF_LOG_2PI).sum(-1)
+
+    @torch.no_grad()
+    def exact_posterior(self) -> List[Tuple[Tensor, Tensor, float]]:
+        """p(z_i | z_{i-1}) = N(a_i z_{i-1} + b_i, s_i² I) per layer (z_0 = x): [(A_i, b_i, s_i²)]."""
+        mu = self.mu.detach()
+        eye = torch.eye(self.dim, dtype=mu.dtype, device=mu.device)
+        return [(v / (v + 1.0) * eye, mu / (v + 1.0), v / (v + 1.0)) for v in self.prior_variances()]
+
+    @torch.no_grad()
+    def set_exact_posterior(self) -> None:
+        """q := p(z|x) (means and variances), so every bound is exact with zero variance."""
+        for layer, (A, b, var) in zip(self.encoder, self.exact_posterior()):
+            layer.A.copy_(A)
+            layer.b.copy_(b)
+            layer.logsig.fill_(0.5 * math.log(var))
+
+    @torch.no_grad()
+    def set_optimum(self, x_train: Tensor) -> None:
+        """The optimum for the data x_train: μ* = the sample mean (the maximum-likelihood μ, for any
+        L), q's means at the exact posterior's, and q's variances at the exact ones only where they
+        are learnable (a fixed σ stays: A*, b* are the optimum of every bound for a fixed σ)."""
+        self.mu.copy_(x_train.to(self.mu.dtype).mean(0))
+        for layer, (A, b, var) in zip(self.encoder, self.exact_posterior()):
+            layer.A.copy_(A)
+            layer.b.copy_(b)
+            if isinstance(layer.logsig, nn.Parameter):
+                layer.logsig.fill_(0.5 * math.log(var))
+
+    @torch.no_grad()
+    def perturb(self, std: float, generator: torch.Generator) -> None:
+        """Add N(0, std²) to every parameter (Rainforth et al.'s point near the optimum)."""
+        for p in self.parameters():
+            p.add_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device))
+
+    @torch.no_grad()
+    def exact_elbo(self, x: Tensor) -> Tensor:
+        """The exact ELBO per example (fp64 [B]): log p(x) - KL(q(z_1..L|x) ‖ p(z_1..L|x)), the KL
+        between the two joint Gaussians over all layers (both chains are linear-Gaussian)."""
+        x = x.double()
+        q_steps = [(l.A.detach().double(), l.b.detach().double(), float(torch.exp(2 * l.logsig.detach())))
+                   for l in self.encoder]
+        p_steps = [(A.double(), b.double(), var) for A, b, var in self.exact_posterior()]
+        mq, cq = _chain_gaussian(x, q_steps)
+        mp, cp = _chain_gaussian(x, p_steps)
+        n = cq.shape[0]
+        cp_inv = torch.linalg.inv(cp)
+        diff = mp - mq  # [B, n]
+        kl = 0.5 * (torch.trace(cp_inv @ cq) - n + torch.logdet(cp) - torch.logdet(cq)
+                    + ((diff @ cp_inv) * diff).sum(-1))
+        return self.exact_log_px(x) - kl
+
+    # -- evaluation helpers (active units; pictures are skipped: the data are not images) --------
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor, samples: int = 0, generator: Optional[torch.Generator] = None) -> List[Tensor]:
+        """E_q[z_i | x] per layer, exact for every layer: the chain of means is linear."""
+        means, h = [], x
+        for layer in self.encoder:
+            h, _ = layer(h)
+            means.append(h)
+        return means
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """n draws of x from p_θ(x)."""
+        mu = self.mu
+        z = mu + torch.randn((n, self.dim), generator=generator, dtype=mu.dtype, device=mu.device)
+        for _ in range(self.layers):
+            z = z + torch.randn(z.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        return z
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x | z_1] at q's mean of z_1 (p(x|z_1) has mean z_1)."""
+        return self.posterior_means(x)[0]
+
+
+def _chain_gaussian(x: Tensor, steps) -> Tuple[Tensor, Tensor]:
+    """Joint mean [B, L·D] and covariance [L·D, L·D] of z_i = A_i z_{i-1} + b_i + s_i ε_i, z_0 = x."""
+    D = x.shape[-1]
+    L = len(steps)
+    means, cov = [], torch.zeros(L * D, L * D, dtype=x.dtype, device=x.device)
+    h = x
+    for i, (A, b, var) in enumerate(steps):
+        h = h @ A.T + b
+        means.append(h)
+        blk = slice(i * D, (i + 1) * D)
+        if i == 0:
+            cov[blk, blk] = var * torch.eye(D, dtype=x.dtype, device=x.device)
+        else:
+            prev = slice((i - 1) * D, i * D)
+            cross = A @ cov[prev, : i * D]  # Cov(z_i, z_j) = A_i Cov(z_{i-1}, z_j), j < i
+            cov[blk, : i * D] = cross
+            cov[: i * D, blk] = cross.T
+            cov[blk, blk] = A @ cov[prev, prev] @ A.T + var * torch.eye(D, dtype=x.dtype, device=x.device)
+    return torch.cat(means, -1), cov
+
+
+# -- the data -------------------------------------------------------------------------------------
+
+def true_mean(dim: int, seed: int) -> Tensor:
+    """μ_true ~ N(0, I), from its own stream of `seed` (fp64 [dim])."""
+    return torch.from_numpy(np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[0]).standard_normal(dim))
+
+
+def sample_points(dim: int, n: int, seed: int, stream: int) -> Tensor:
+    """n points of x = z + ε, z ~ N(μ_true, I), ε ~ N(0, I) (fp64 [n, dim]); streams 1-3 are
+    train, valid and test, independent of each other's sizes. Point by point (z and ε together),
+    so a larger n keeps the first points."""
+    mu = true_mean(dim, seed).numpy()
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[stream])
+    noise = rng.standard_normal((n, 2, dim))
+    return torch.from_numpy(mu + noise[:, 0] + noise[:, 1])
+
+
+def load_gaussian(cfg, device) -> "Dataset":
+    """dataset=gaussian: n_train training points (Rainforth et al.: N = 1024, the points that define
+    the optimum μ* = their mean), plus n_valid validation and n_test test points drawn separately
+    from the same true model (so the test NLL is on held-out data). float32, used as they are."""
+    from vaexp.data import Dataset
+
+    dim, seed = int(cfg.dim), int(cfg.seed)
+    parts = [sample_points(dim, int(n), seed, s).to(torch.float32).to(device)
+             for s, n in ((1, cfg.n_train), (2, cfg.n_valid), (3, cfg.n_test))]
+    return Dataset(name="gaussian", train=parts[0], valid=parts[1], test=parts[2], image_shape=None,
+                   source=f"gaussian (D={dim}, seed={seed}: mu_true ~ N(0, I), x ~ N(mu_true, 2I))",
+                   binary=False)

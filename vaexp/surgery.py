@@ -1,0 +1,124 @@
+"""ELBO surgery (Hoffman & Johnson, 2016): where the ELBO's KL term goes.
+
+Over N test images x_n, with the aggregate posterior q(z) = (1/N) Σ_n q(z|x_n):
+
+    ELBO        = recon − avgKL
+    recon       = (1/N) Σ_n E_q(z|x_n)[log p(x_n|z)]
+    avgKL       = (1/N) Σ_n KL(q(z|x_n) ‖ p(z))
+                = I(x; z) + KL(q(z) ‖ p(z))              (index-code mutual information + marginal KL)
+    I(x; z)     = (1/N) Σ_n E_q(z|x_n)[log q(z|x_n) − log q(z)]        (0 <= I <= log N)
+    KL(q‖p)     = (1/N) Σ_n E_q(z|x_n)[log q(z) − log p(z)]
+
+Estimators. With A = E[log q(z|x)], B = E[log q(z)], C = E[log p(z)] (expectations over n and
+z ~ q(z|x_n)), avgKL = A − C, I = A − B and KL(q(z)‖p(z)) = B − C; all three are computed from the
+same A, B, C, so avgKL = I + KL(q(z)‖p(z)) holds by construction (to fp64 rounding). A and C use
+closed forms where they exist (Gaussian entropies and cross-entropies given the layer below);
+B, the recon term and the middle layers of C are Monte Carlo with `samples` draws of z per image
+from a fixed seed. log q(z) is a log-sum-exp over all N components, computed in chunks of rows
+(O(N² · samples · D) work, fp64).
+
+z is the whole latent (z_1, ..., z_L). The encoder's upper layers see only the layer below,
+q(z|x) = q(z_1|x) Π q(z_i|z_{i−1}), so q(z) = q̂(z_1) Π q(z_i|z_{i−1}) with q̂(z_1) the mixture of
+the q(z_1|x_n): the upper factors cancel in I, and I(x; z) = I(x; z_1). For one stochastic layer
+(burda1) everything is about z_1; for burda2 avgKL and KL(q(z)‖p(z)) are about (z_1, z_2) — the
+KL the ELBO itself contains — and I is carried by z_1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from vaexp.models import VAE, bernoulli_log_prob, gaussian_log_prob
+
+_LOG_2PI = math.log(2 * math.pi)
+# log-density entries per chunk of the N_rows × N matrix (fp64: 8 bytes each).
+_CHUNK_ENTRIES = 1 << 22
+
+
+def supported(model) -> bool:
+    """Surgery needs a Gaussian encoder, a Bernoulli decoder and p(z_L) = N(0, I): models.VAE."""
+    return isinstance(model, VAE)
+
+
+def _neg_entropy(logsig: Tensor) -> Tensor:
+    """E_q[log q] of a diagonal Gaussian with log σ = logsig (sum over the last axis)."""
+    return -(logsig + 0.5 * (1.0 + _LOG_2PI)).sum(-1)
+
+
+def _std_normal_cross_entropy(mu: Tensor, logsig: Tensor) -> Tensor:
+    """E_{N(mu, σ²)}[log N(z; 0, I)] (sum over the last axis)."""
+    return (-0.5 * (mu ** 2 + torch.exp(2 * logsig)) - 0.5 * _LOG_2PI).sum(-1)
+
+
+def log_aggregate(z: Tensor, mu: Tensor, logsig: Tensor, chunk_entries: int = _CHUNK_ENTRIES) -> Tensor:
+    """log q̂(z) = log (1/N) Σ_m N(z; mu_m, σ_m²) for each row of z [R, D], in fp64.
+
+    Uses Σ_d (z_d − μ_md)² / σ_md² = z² · w_m − 2 z · (μ w)_m + Σ μ² w_m with w = 1/σ², as two
+    matrix products per chunk of rows.
+    """
+    z, mu, logsig = z.double(), mu.double(), logsig.double()
+    n, d = mu.shape
+    w = torch.exp(-2 * logsig)                                  # [N, D]
+    const = -0.5 * (mu ** 2 * w).sum(-1) - logsig.sum(-1) - 0.5 * d * _LOG_2PI   # [N]
+    rows = max(1, chunk_entries // max(n, 1))
+    out = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        zc = z[start:start + rows]
+        quad = -0.5 * (zc ** 2) @ w.T + zc @ (mu * w).T          # [r, N]
+        out[start:start + rows] = torch.logsumexp(quad + const, dim=1) - math.log(n)
+    return out
+
+
+@torch.no_grad()
+def elbo_surgery(model: VAE, x: Tensor, samples: int, generator: Optional[torch.Generator] = None,
+                 chunk_entries: int = _CHUNK_ENTRIES) -> Dict[str, float]:
+    """recon, avgKL, I(x;z) and KL(q(z)‖p(z)) over the images x [N, x_dim] (see the module doc)."""
+    n = x.shape[0]
+    s = int(samples)
+    mu1, logsig1 = model.encoder[0](x)                            # [N, D1]
+    eps = torch.randn((s,) + mu1.shape, generator=generator, device=x.device, dtype=mu1.dtype)
+    z1 = mu1 + torch.exp(logsig1) * eps                           # [S, N, D1]
+    zs: List[Tensor] = [z1]
+    # Upper layers: E[log q(z_i|z_{i-1})] in closed form given the sampled z_{i-1}. The same term
+    # is part of A and of B (q(z) = q̂(z_1) Π q(z_i|z_{i-1})), so it cancels in I.
+    upper_neg_entropy = torch.zeros(s, n, dtype=torch.float64, device=x.device)
+    top_mu, top_logsig = mu1, logsig1
+    h = z1
+    for layer in model.encoder[1:]:
+        mu, logsig = layer(h)
+        upper_neg_entropy += _neg_entropy(logsig).double()
+        z = mu + torch.exp(logsig) * torch.randn(mu.shape, generator=generator, device=x.device, dtype=mu.dtype)
+        zs.append(z)
+        top_mu, top_logsig = mu, logsig
+        h = z
+
+    # C = E[log p(z)]: p(z_L) = N(0, I) in closed form given the layer below (for L = 1: given x);
+    # p(z_i | z_{i+1}) for i < L at the samples.
+    log_prior = _std_normal_cross_entropy(top_mu, top_logsig).double()
+    if log_prior.dim() == 1:
+        log_prior = log_prior.expand(s, n)
+    for i in range(len(zs) - 1):
+        mu, logsig = model.decoder[i + 1](zs[i + 1])
+        log_prior = log_prior + gaussian_log_prob(zs[i], mu, logsig).double()
+
+    # recon = E[log p(x|z_1)], one decoder pass per sample.
+    recon = torch.stack([bernoulli_log_prob(x, model.decoder[0](z1[j])).double() for j in range(s)])  # [S, N]
+
+    a1 = _neg_entropy(logsig1).double()                           # E[log q(z_1|x_n)], [N]
+    b1 = log_aggregate(z1.reshape(s * n, -1), mu1, logsig1, chunk_entries).reshape(s, n)   # log q̂(z_1)
+    upper = upper_neg_entropy.mean()
+    A = a1.mean() + upper
+    B = b1.mean() + upper
+    C = log_prior.mean()
+    return {
+        "surgery_n": int(n),
+        "surgery_samples": s,
+        "recon": float(recon.mean()),
+        "avg_kl": float(A - C),
+        "mutual_info": float(A - B),
+        "marginal_kl": float(B - C),
+        "mutual_info_max": math.log(n),
+    }
