@@ -135,6 +135,10 @@ def test_log_weights_match_torch_distributions(layers):
     torch.testing.assert_close(lws.lw_bar, ref, rtol=1e-12, atol=1e-12)  # same values, other gradients
     for z, z_ref in zip(lws.zs, zs):
         torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    # given draws (the models' shared `eps` argument) give the same log-weights
+    g = torch.Generator().manual_seed(1)
+    eps = [torch.randn((2, 5, 4, 3), generator=g, dtype=F64) for _ in model.encoder]
+    torch.testing.assert_close(model.log_weights(x, 2, 5, eps=eps).lw, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("layers", [1, 2])

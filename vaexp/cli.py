@@ -90,13 +90,18 @@ def run_train(cfg: DictConfig):
     from vaexp import rundir
     from vaexp.config import TrainConfig
     from vaexp.evaluate import format_table
-    from vaexp.train import train
-
     from vaexp.sweep import apply_mk
+    from vaexp.train import train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     cfg = rundir.prepare(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
+    if cfg.get("stack"):  # -m stack=true: this job may be (or lead) a stack of compatible jobs
+        from vaexp.stack import sweep_job
+
+        stacked = sweep_job(run_dir, _say)
+        if stacked is not None:
+            return stacked
     done = rundir.finished(run_dir)
     if done is not None and "test" in done and not rundir.more_epochs(cfg, run_dir):
         _say(f"vaexp: {run_dir} already finished; its results:\n{format_table(done['test'])}")

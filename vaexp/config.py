@@ -143,6 +143,12 @@ class TrainConfig:
     # Name of a multirun's directory (<out_root>/multirun/<sweep>); None: a time stamp. Running the
     # same sweep again with the same name skips finished jobs and resumes interrupted ones.
     sweep: Optional[str] = None
+    # The training step captured as one CUDA graph (vaexp.fast): auto = on CUDA, eager on CPU;
+    # true = required (an error without CUDA); false = always the eager step.
+    fast: str = "auto"
+    # In a sweep (-m), train the jobs that share shapes and schedule as one stacked model
+    # (vaexp.stack); each job still gets its own run directory. No effect on a single run.
+    stack: bool = False
 
 
 @dataclass
@@ -333,6 +339,17 @@ def validate(cfg: DictConfig) -> None:
         _fail("schedule.beta1/beta2/eps", "Adam needs 0 <= beta < 1 and eps > 0", "e.g. schedule=burda")
     validate_eval(cfg.eval)
     validate_device(cfg.device)
+    validate_fast(cfg.get("fast", "auto"), cfg.device)
+
+
+def validate_fast(fast: Any, device: Any) -> None:
+    value = str(getattr(fast, "value", fast)).strip().lower()
+    if value not in ("auto", "true", "false"):
+        _fail(f"fast={fast}", "unknown setting", "use fast=auto (captured CUDA graph on CUDA), fast=true or fast=false")
+    name = device.value if isinstance(device, Enum) else str(device)
+    if value == "true" and (name == "cpu" or not cuda_available()):
+        _fail("fast=true", "the captured training step needs a CUDA GPU, and this run has none",
+              "use fast=auto (eager on CPU) or fast=false")
 
 
 def validate_model_and_data(m: Any, dataset: Any) -> None:
@@ -382,7 +399,7 @@ def validate_snr(cfg: DictConfig) -> None:
     for key, example in (("k", "k=[1,4,16,64]"), ("m", "m=[1,4,16]")):
         values = list(cfg[key])
         if not values or any(v < 1 for v in values):
-            _fail(f"{key}={values}", f"the grid needs sample counts >= 1", f"use e.g. {example}")
+            _fail(f"{key}={values}", "the grid needs sample counts >= 1", f"use e.g. {example}")
     if cfg.grid not in ("axes", "cross"):
         _fail(f"grid={cfg.grid}", "unknown grid", "use grid=axes (a K sweep and an M sweep) or grid=cross (every pair)")
     if cfg.draws < 2:
@@ -407,11 +424,16 @@ def validate_snr(cfg: DictConfig) -> None:
             _fail(f"run={run}", "no config.yaml there, so it is not a vaexp run directory",
                   "pass a directory made by vaexp train")
         if not (run / "checkpoint.pt").is_file():
-            _fail(f"run={run}", "the run has no checkpoint.pt (it stopped before its first epoch ended)",
+            _fail(f"run={run}", "no checkpoint.pt there (vaexp train writes one at the end of every epoch)",
                   "train it for at least one epoch, or pass another run directory")
-        saved = OmegaConf.load(run / "config.yaml")
-        validate_model_and_data(OmegaConf.merge(OmegaConf.structured(ModelConf), saved.model),
-                                OmegaConf.merge(OmegaConf.structured(DatasetConf), saved.dataset))
+        try:
+            saved = OmegaConf.load(run / "config.yaml")
+            saved_model = OmegaConf.merge(OmegaConf.structured(ModelConf), saved.model)
+            saved_data = OmegaConf.merge(OmegaConf.structured(DatasetConf), saved.dataset)
+        except Exception as err:  # a hand-edited or foreign config.yaml: say so in one line
+            _fail(f"run={run}", f"its config.yaml has no usable model/dataset ({type(err).__name__})",
+                  "pass a directory made by vaexp train")
+        validate_model_and_data(saved_model, saved_data)
         return
     if cfg.model.name != "gaussian":
         _fail(f"model={cfg.model.name} without run=",
@@ -530,6 +552,10 @@ class ValidateCallback(_Callback):
             _report_and_exit(err)
         self._sweep_dir = str(config.hydra.sweep.dir)
         self._job_dirs = [job_directory(self._sweep_dir, job_cfg) for _, job_cfg in jobs]
+        if any(job_cfg.get("stack") for _, job_cfg in jobs):  # stack=true: group the jobs (vaexp.stack)
+            from vaexp.stack import plan_sweep
+
+            plan_sweep(jobs, self._job_dirs)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """One summary of the sweep; a non-zero exit when a job failed or did not finish."""

@@ -17,8 +17,9 @@ so A_i* = v_i/(v_i+1) I, b_i* = μ/(v_i+1), σ_i*² = v_i/(v_i+1) (L = 1: A* = I
 With q there, every log-weight equals log p(x) whatever z is: each bound is exact with zero variance.
 
 The default σ² = 2/3 is Rainforth et al.'s fixed inference variance (their q_φ(z|x) = N(Ax + b, 2/3 I)).
-Since the bounds' dependence on q's mean is symmetric about the posterior mean, A*, b* above are the
-optimum of every bound for any fixed σ; with σ² ≠ 1/2 the bounds stay below log p(x) there.
+Every bound is even in the offset of q's mean from the posterior mean, so A*, b* above are a
+stationary point of every bound for any fixed σ: the maximum for the ELBO (log p(x) − KL), and, as
+checked numerically, for IWAE; with σ² ≠ 1/2 the bounds stay below log p(x) there.
 
 The model plugs into the trainer, the objectives, the estimators and the evaluation through the
 same interface as models.VAE (log_weights, theta_parameters, phi_parameters, posterior_means,
@@ -76,6 +77,11 @@ class LinearGaussianVAE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> "LinearGaussianVAE":
+        if any(int(v) != dim for v in cfg.latents):  # also checked before a run starts (vaexp.config)
+            from vaexp.errors import VaexpError
+
+            raise VaexpError(f"model.latents={list(cfg.latents)}: every layer of the linear-Gaussian model has "
+                             f"the data dimension {dim}; use model.latents=[{dim}] or [{dim},{dim}]")
         return cls(dim, len(cfg.latents), cfg.q_var, cfg.learn_q_var)
 
     def theta_parameters(self) -> List[nn.Parameter]:
@@ -86,11 +92,13 @@ class LinearGaussianVAE(nn.Module):
 
     # -- the log-weights (the same contract as models.VAE.log_weights) ------------------------
     def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
-                    generator: Optional[torch.Generator] = None) -> LogWeights:
+                    generator: Optional[torch.Generator] = None,
+                    eps: Optional[List[Tensor]] = None) -> LogWeights:
         """z ~ q(z|x) with shape [M, K, B, D] per layer; lw = log p(x, z) - log q(z|x) [M, K, B].
 
         lw_bar: the same values with q's parameters detached and z (and z_{i-1} as the input of
-        q(z_i|z_{i-1})) kept live, as the STL and DReG estimators need."""
+        q(z_i|z_{i-1})) kept live, as the STL and DReG estimators need. eps: the standard-normal
+        draws to use instead of drawing them, one [M, K, B, D] tensor per layer (as models.VAE)."""
         B = x.shape[0]
         h: Tensor = x
         log_q = x.new_zeros(m, k, B)
@@ -98,10 +106,13 @@ class LinearGaussianVAE(nn.Module):
         zs: List[Tensor] = []
         for i, layer in enumerate(self.encoder):
             mean, logsig = layer(h)  # the first layer runs once per example: mean is [B, D]
-            eps = torch.randn((m, k, B, self.dim) if i == 0 else mean.shape,
-                              generator=generator, device=x.device, dtype=mean.dtype)
-            z = mean + torch.exp(logsig) * eps
-            log_q = log_q + (-0.5 * eps ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+            if eps is None:
+                e = torch.randn((m, k, B, self.dim) if i == 0 else mean.shape,
+                                generator=generator, device=x.device, dtype=mean.dtype)
+            else:
+                e = eps[i]
+            z = mean + torch.exp(logsig) * e
+            log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
             if need_bar:
                 mean_s, logsig_s = layer(h, frozen=True)
                 log_q_bar = log_q_bar + gaussian_log_prob(z, mean_s, logsig_s)

@@ -109,11 +109,15 @@ class VAE(nn.Module):
 
     # -- the log-weights ---------------------------------------------------------------------
     def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
-                    generator: Optional[torch.Generator] = None) -> LogWeights:
+                    generator: Optional[torch.Generator] = None,
+                    eps: Optional[List[Tensor]] = None) -> LogWeights:
         """Draw z ~ q(z|x) with shape [M, K, B, D] and return the log-weights.
 
         x: [B, x_dim] binary. With need_bar, also lw_bar: log q recomputed with the encoder's
         parameters detached, z (and z_{i-1} as the input of q(z_i|z_{i-1})) kept live.
+        eps: the standard-normal draws to use instead of drawing them from `generator`, one
+        [M, K, B, D_i] tensor per stochastic layer (bottom first); the same values give the same
+        log-weights as drawing them here (evaluation passes several draw blocks at once this way).
         """
         B = x.shape[0]
         h: Tensor = x
@@ -122,11 +126,14 @@ class VAE(nn.Module):
         zs: List[Tensor] = []
         for i, layer in enumerate(self.encoder):
             mu, logsig = layer(h)
-            eps = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
-                              generator=generator, device=x.device, dtype=mu.dtype)
-            z = mu + torch.exp(logsig) * eps
+            if eps is None:
+                e = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
+                                generator=generator, device=x.device, dtype=mu.dtype)
+            else:
+                e = eps[i]
+            z = mu + torch.exp(logsig) * e
             # log q(z) at z = mu + sigma * eps, written in eps: the same value, fewer ops.
-            log_q = log_q + (-0.5 * eps ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+            log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
             if need_bar:
                 if i == 0:  # the input x carries no parameters: detaching the outputs suffices
                     mu_s, logsig_s = mu.detach(), logsig.detach()

@@ -26,7 +26,8 @@ METRICS = "metrics.json"
 PER_EXAMPLE = "test_log_px.pt"
 
 # Settings that may differ when a run is continued: they do not change what is trained.
-RESUMABLE = ("resume", "device", "progress", "log_every", "out_root", "schedule.epochs", "eval")
+RESUMABLE = ("resume", "device", "progress", "log_every", "out_root", "schedule.epochs", "eval",
+             "fast", "stack")
 
 
 def plain(cfg) -> Dict:
@@ -102,7 +103,7 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
                 elif flat_cur[k] != flat_saved.get(k):
                     raise VaexpError(
                         f"resume={run_dir}: the run was trained with {k}={flat_saved.get(k)}, not {flat_cur[k]}; "
-                        f"drop {key}=... (only device, progress, log_every, schedule.epochs and eval.* may change "
+                        f"drop {key}=... (only device, progress, log_every, fast, stack, schedule.epochs and eval.* may change "
                         f"when resuming) or start a new run")
         merged = OmegaConf.create(saved)
         for k, v in changed.items():

@@ -1,6 +1,6 @@
 """`vaexp snr`: the signal-to-noise ratio of gradient estimates at fixed parameters.
 
-Definition (Rainforth et al. 2018, eq. 11): for one parameter, SNR = |E[Δ]| / std[Δ], where Δ is the
+Definition (Rainforth et al. 2018): for one parameter, SNR = |E[Δ]| / std[Δ], where Δ is the
 gradient estimate of the objective's surrogate for a *fixed* minibatch (by default one training
 point, as in the paper) and the expectation and spread are over the Monte Carlo draws z ~ q only.
 We take R independent draws Δ_1..Δ_R per (M, K) cell, estimate E[Δ] and std[Δ] (ddof = 1) per
@@ -43,8 +43,11 @@ CSV_NAME = "snr.csv"
 PNG_NAME = "snr.png"
 THETA, PHI = "theta", "phi"
 ALL = "all"  # θ's row: the same gradient for every estimator
-# Elements of the widest activation per vectorised pass (draws × M × K × B × width): ~16 MB in fp32.
+# Per vectorised pass: elements of the widest activation (draws × M × K × B × width) and of the
+# per-draw gradients (draws × (P_θ + estimators × P_φ), copied to fp64 for the moments). Each
+# ~16-64 MB in fp32; a pass of tiny draws is cheap, so this costs little speed on small models.
 _CHUNK_ELEMENTS = 1 << 22
+_GRAD_ELEMENTS = 1 << 23
 _FLOOR = math.sqrt(2 / math.pi)  # E|Z| for Z ~ N(0, 1): the SNR of a zero-mean gradient is ≈ this / √R
 
 
@@ -108,15 +111,19 @@ class GradientSampler:
 
 
 class Moments:
-    """Running mean and sum of squared deviations per parameter, fp64 (Chan et al.'s merge)."""
+    """Running mean and sum of squared deviations per parameter (Chan et al.'s merge, in fp64).
+
+    A chunk's own statistics are taken in the gradients' dtype (two passes, centred, so fp32 is
+    accurate to ~1e-6 here) and only the [P] results are merged in fp64: for big models the
+    per-draw gradients are most of the memory traffic."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
     def add(self, g: Tensor) -> None:
-        g = g.double()
         n_b, mean_b = g.shape[0], g.mean(0)
-        m2_b = ((g - mean_b) ** 2).sum(0)
+        m2_b = ((g - mean_b) ** 2).sum(0).double()
+        mean_b = mean_b.double()
         if self.n == 0:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
@@ -161,11 +168,13 @@ def cell_seed(seed: int, m: int, k: int) -> int:
     return (seed * 1_000_003 + m * 7_919 + k * 104_729 + 17) % (2 ** 63)
 
 
-def auto_chunk(model: nn.Module, m: int, k: int, batch: int, draws: int) -> int:
-    """Draws per vectorised pass so the widest activation stays near _CHUNK_ELEMENTS. Depends only
-    on shapes, so results are the same on every machine."""
+def auto_chunk(model: nn.Module, m: int, k: int, batch: int, draws: int, grad_size: int) -> int:
+    """Draws per vectorised pass so the widest activation and the draws' gradients stay within
+    the budgets above. Depends only on shapes, so results are the same on every machine."""
     widest = max((max(p.shape) for p in model.parameters() if p.dim() == 2), default=1)
-    return max(1, min(draws, _CHUNK_ELEMENTS // max(1, m * k * batch * widest)))
+    by_activations = _CHUNK_ELEMENTS // max(1, m * k * batch * widest)
+    by_gradients = _GRAD_ELEMENTS // max(1, grad_size)
+    return max(1, min(draws, by_activations, by_gradients))
 
 
 @dataclass
@@ -188,7 +197,8 @@ def measure(sampler: GradientSampler, cells: Sequence[Tuple[int, int]], draws: i
     names = [e.name for e in sampler.estimators]
     model = sampler.wrapped.model
     batch = sampler.x.shape[0]
-    plan = [(m, k, chunk or auto_chunk(model, m, k, batch, draws)) for m, k in cells]
+    grad_size = sampler.sizes[0] + len(names) * sampler.sizes[1]
+    plan = [(m, k, chunk or auto_chunk(model, m, k, batch, draws, grad_size)) for m, k in cells]
     bar = _bar(sum(draws * m * k for m, k, _ in plan), progress)
     rows: List[Row] = []
     per_param: Dict[Tuple[str, str, int, int], Tensor] = {}

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vaexp import checkpoint as ckpt
 from vaexp import evaluate as ev
+from vaexp import fast
 from vaexp import rundir
 from vaexp.data import Dataset, binarize, load_dataset
 from vaexp.errors import VaexpError
@@ -110,7 +111,7 @@ def train(cfg, run_dir: Path) -> Dict:
 
     def save_checkpoint() -> None:
         nonlocal last_saved
-        ckpt.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+        ckpt.atomic_save({"model": model.state_dict(), "optimizer": fast.portable_state_dict(opt),
                           "state": {**state, "epoch_acc": epoch_acc.cpu().clone()},
                           "rng": ckpt.rng_states({"eps": eps_gen, "eval": eval_gen}),
                           "config": rundir.plain(cfg)}, run_dir / ckpt.CHECKPOINT)
@@ -128,6 +129,10 @@ def train(cfg, run_dir: Path) -> Dict:
             raise NonFiniteBound(f"{name} became {value} at {where}; stopped, and {kept()}; "
                                  f"lower schedule.lr or check the data")
 
+    # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph (vaexp.fast); None: eager.
+    captured = fast.captured_step(cfg.fast, device, opt, theta + phi, [eps_gen],
+                                  lambda xb: train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen))
+
     n_epochs = len(lrs)
     bar = _progress(cfg.progress, n_epochs * steps_per_epoch, state["global_step"])
     t_start = time.perf_counter() - state["wall_time"]
@@ -140,8 +145,7 @@ def train(cfg, run_dir: Path) -> Dict:
     try:
         while state["epoch"] < n_epochs and not stop.requested:
             epoch = state["epoch"]
-            for group in opt.param_groups:
-                group["lr"] = lrs[epoch]
+            fast.set_lr(opt, lrs[epoch])  # in place when lr is the captured step's device tensor
             data_gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch))
             x_epoch = binarize(data.train, data_gen) if data.binary else data.train
             perm = torch.randperm(n_train, generator=data_gen, device=device)
@@ -154,7 +158,10 @@ def train(cfg, run_dir: Path) -> Dict:
                 if stop.requested:
                     break
                 xb = x_epoch[perm[step * B:(step + 1) * B]]
-                out = train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen)
+                if captured is not None:
+                    out = captured(xb)
+                else:
+                    out = train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen)
                 acc += out
                 epoch_acc += out
                 acc_n += 1

@@ -1,0 +1,207 @@
+"""`vaexp report <dir>...` on hand-made run directories (config.yaml + metrics.json, and TensorBoard
+events where curves matter): tables, CSVs, seed statistics, plots, partial sweeps, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vaexp.report import read_curves
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objective="miwae", estimator="reparam",
+             m=1, k=64, beta=0.5, seed=0, nll=85.0, status="finished", lr=1e-3, epoch=None, surgery=True) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"dataset": {"name": dataset, "path": None, "n_valid": 400, "binarize_seed": 1234},
+           "model": {"name": model, "latents": [50] if model == "burda1" else [100, 50], "hidden": [200]},
+           "objective": {"name": objective}, "estimator": {"name": estimator},
+           "schedule": {"name": "burda", "lr": lr, "stages": 8, "epochs_base": 3, "lr_decay": 10 ** (-1 / 7),
+                        "stage_epochs": None, "epochs": None, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4},
+           "eval": {"k": 5000, "report_k": [1, 64], "chunk": 0, "n_test": None, "every": 0, "seed": 0},
+           "k": k, "m": m, "beta": beta, "seed": seed, "device": "cuda", "batch_size": 20, "log_every": 200,
+           "resume": None, "out_root": "outputs", "progress": True, "mk": None, "sweep": "s"}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if status == "finished":
+        test = {"k": 5000, "n_test": 10000, "nll": nll, "nll_stderr": 0.3, "L5000": -nll, "L1": -nll - 4.0,
+                "L64": -nll - 1.0, "active_units": [20 + seed], "latent_units": [50]}
+        if surgery:
+            test.update({"surgery_n": 1000, "recon": -60.0, "avg_kl": 25.0, "mutual_info": 6.0, "marginal_kl": 19.0})
+        (d / "metrics.json").write_text(json.dumps({
+            "train": {"bound": -nll - 2.0, "valid_bound": -nll - 3.0, "epochs": 3280, "steps": 9774400,
+                      "wall_time_s": 3600.0 * (1 + seed), "device": "cuda"}, "test": test}))
+    elif status == "failed":
+        (d / "error.txt").write_text("batch_size=500: larger than the 100 training images; lower batch_size\n\nmore\n")
+    if epoch is not None:
+        torch.save({"state": {"epoch": epoch, "global_step": 10 * epoch}}, d / "checkpoint.pt")
+    return d
+
+
+def read_csv(path: Path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_csvs_and_seed_statistics(tmp_path, vaexp_main):
+    sweep = tmp_path / "sweep"
+    for seed, nll in ((0, 85.0), (1, 86.0), (2, 87.5)):
+        fake_run(sweep, f"m=1,seed={seed}", m=1, k=64, seed=seed, nll=nll)
+    fake_run(sweep, "m=4,seed=0", m=4, k=16, nll=84.0)
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    out = sweep / "report"
+    # stdout: the markdown table, one row per setting; the three seeds give mean ± sample std
+    assert "| miwae | 1 | 64 | – | 3 (0,1,2) | 86.17 ± 1.26 |" in res.out
+    assert "| miwae | 4 | 16 | – | 0 | 84.00 |" in res.out
+    assert "All runs: dataset=mnist, model=burda1, estimator=reparam." in res.out
+    assert (out / "report.md").read_text() == res.out
+    runs = read_csv(out / "runs.csv")
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"finished"}
+    by_seed = {r["run"]: r for r in runs}
+    assert float(by_seed["m=1,seed=1"]["test_nll"]) == 86.0 and by_seed["m=1,seed=1"]["mk"] == "64"
+    assert by_seed["m=1,seed=1"]["active_units"] == "21" and float(by_seed["m=1,seed=1"]["L64"]) == -87.0
+    assert float(by_seed["m=1,seed=1"]["mutual_info"]) == 6.0
+    summary = {r["m"]: r for r in read_csv(out / "summary.csv")}
+    s = summary["1"]
+    assert s["n_seeds"] == "3" and s["seeds"] == "0;1;2"
+    assert float(s["test_nll_mean"]) == pytest.approx(86.1666666, abs=1e-6)
+    assert float(s["test_nll_std"]) == pytest.approx(math.sqrt(((85 - 86.16667) ** 2 + (86 - 86.16667) ** 2
+                                                               + (87.5 - 86.16667) ** 2) / 2), abs=1e-4)
+    assert float(s["wall_time_s_mean"]) == 7200.0 and s["active_units_mean"] == "21"
+    assert summary["4"]["test_nll_std"] == ""           # one seed: no std
+    # an M*K line with two M: the NLL-vs-M plot
+    assert (out / "nll_vs_m_mk64.png").read_bytes()[:8] == PNG
+
+
+def test_grid_heatmap_and_lines_per_objective(tmp_path, vaexp_main):
+    sweep = tmp_path / "grid"
+    nll = {(1, 4): 90.0, (1, 16): 88.0, (4, 4): 89.0, (4, 16): 87.0}
+    for (m, k), v in nll.items():
+        for obj in ("miwae", "piwae"):
+            fake_run(sweep, f"{obj},m={m},k={k}", objective=obj, m=m, k=k, nll=v + (obj == "piwae"))
+    fake_run(sweep, "ciwae", objective="ciwae", m=1, k=16, beta=0.05, nll=86.0)
+    res = vaexp_main("report", sweep, f"out={tmp_path / 'rep'}")
+    assert res.code == 0, res.err
+    out = tmp_path / "rep"
+    names = {p.name for p in out.iterdir()}
+    assert {"heatmap_miwae_reparam.png", "heatmap_piwae_reparam.png", "nll_vs_m_mk16.png"} <= names
+    assert "heatmap_ciwae_reparam_beta0.05.png" not in names      # one point is no grid
+    assert not (sweep / "report").exists()                          # out= puts it elsewhere
+    assert "| ciwae | 1 | 16 | 0.05 |" in res.out                    # beta shown for ciwae only
+    assert "| miwae | 4 | 4 | – |" in res.out
+
+
+def test_partial_sweep_lists_what_did_not_finish(tmp_path, vaexp_main):
+    sweep = tmp_path / "s"
+    fake_run(sweep, "done", nll=85.0)
+    fake_run(sweep, "running", status="unfinished", m=2, k=32, epoch=7)
+    fake_run(sweep, "not_started", status="unfinished", m=4, k=16)
+    fake_run(sweep, "broken", status="failed", m=8, k=8, epoch=2)
+    (sweep / ".submitit" / "123").mkdir(parents=True)        # launcher folders are not runs
+    (sweep / ".submitit" / "123" / "config.yaml").write_text("a: 1\n")
+    res = vaexp_main("report", sweep, "plots=false")
+    assert res.code == 0, res.err
+    assert "Not finished (3):" in res.out
+    assert "- `running`: checkpoint at epoch 7/3280, step 70" in res.out
+    assert "- `not_started`: no checkpoint yet" in res.out
+    assert "- `broken`: failed: batch_size=500: larger than the 100 training images" in res.out
+    assert "checkpoint at epoch 2/3280" in res.out
+    rows = {r["run"]: r for r in read_csv(sweep / "report" / "runs.csv")}
+    assert rows["running"]["status"] == "unfinished" and rows["running"]["test_nll"] == ""
+    assert rows["broken"]["status"] == "failed"
+    assert not list((sweep / "report").glob("*.png"))       # plots=false
+
+
+def test_corrupt_metrics_is_skipped_with_a_warning(tmp_path, vaexp_main):
+    sweep = tmp_path / "s"
+    fake_run(sweep, "good", nll=85.0)
+    bad = fake_run(sweep, "bad", m=2, k=32)
+    (bad / "metrics.json").write_text('{"train": {"bound": -8')
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    assert f"warning: skipped {bad}: unreadable metrics.json" in res.err
+    assert "Skipped (1):" in res.out and "| miwae | 1 | 64 |" in res.out
+    assert len(read_csv(sweep / "report" / "runs.csv")) == 1
+
+
+def test_different_datasets_get_separate_plots(tmp_path, vaexp_main):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for m, k in ((1, 8), (2, 4), (8, 1)):
+        fake_run(a, f"m={m}", m=m, k=k, nll=85.0 + m)
+        fake_run(b, f"m={m}", dataset="omniglot", m=m, k=k, nll=100.0 + m)
+    res = vaexp_main("report", a, b, f"out={tmp_path / 'rep'}")
+    assert res.code == 0, res.err
+    assert "differ in dataset" in res.err and "not comparable" in res.err
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("nll_vs_m_*.png"))
+    assert pngs == ["nll_vs_m_mk8_dataset-mnist.png", "nll_vs_m_mk8_dataset-omniglot.png"]
+    assert "| mnist |" in res.out and "| omniglot |" in res.out      # dataset becomes a column
+    runs = {r["run"] for r in read_csv(tmp_path / "rep" / "runs.csv")}
+    assert "a/m=1" in runs and "b/m=1" in runs                       # several dirs: prefixed names
+
+
+def test_other_varying_settings_get_columns(tmp_path, vaexp_main):
+    for lr in (1e-3, 3e-4):
+        fake_run(tmp_path / "s", f"lr={lr}", lr=lr, nll=85.0 + lr)
+    res = vaexp_main("report", tmp_path / "s", "plots=false")
+    assert res.code == 0, res.err
+    assert "schedule.lr" in res.out.splitlines()[2]
+    assert len(read_csv(tmp_path / "s" / "report" / "summary.csv")) == 2
+
+
+def test_curves_from_tensorboard(tmp_path, vaexp_main):
+    from torch.utils.tensorboard import SummaryWriter
+
+    sweep = tmp_path / "s"
+    for m, k in ((1, 4), (4, 1)):
+        d = fake_run(sweep, f"m={m}", m=m, k=k)
+        w = SummaryWriter(log_dir=str(d))
+        for step, v in ((10, -100.0), (20, -95.0), (30, -93.0)):
+            w.add_scalar("epoch/train_bound", v - m, step)
+            w.add_scalar("epoch/valid_bound", v - m - 1, step)
+        w.close()
+    curves = read_curves(sweep / "m=4")
+    assert curves["epoch/train_bound"] == [(10, -104.0), (20, -99.0), (30, -97.0)]
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    assert (sweep / "report" / "curves.png").read_bytes()[:8] == PNG
+
+
+def test_job_dir_with_commas_and_equals_as_argument(tmp_path, vaexp_main):
+    job = fake_run(tmp_path / "s", "k=1,m=2,objective=miwae", m=2, k=1)
+    res = vaexp_main("report", job, "plots=false")
+    assert res.code == 0, res.err
+    assert (job / "report" / "runs.csv").is_file()
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "only_unfinished", "only_corrupt", "no_dirs"])
+def test_nothing_to_report(case, tmp_path, vaexp_main):
+    d = tmp_path / "d"
+    d.mkdir()
+    if case == "only_unfinished":
+        fake_run(d, "a", status="unfinished", epoch=3)
+        fake_run(d, "b", status="failed")
+    if case == "only_corrupt":
+        (fake_run(d, "a") / "metrics.json").write_text("not json")
+    args = {"missing": [str(tmp_path / "nope")], "no_dirs": []}.get(case, [str(d)])
+    before = sorted(p for p in tmp_path.rglob("*"))
+    res = vaexp_main("report", *args)
+    assert res.code == 2, (res.out, res.err)
+    assert "Traceback" not in res.err
+    last = res.err.strip().splitlines()[-1]
+    assert last.startswith("vaexp: ")
+    words = {"empty": "no vaexp runs under", "missing": "no such directory", "no_dirs": "needs at least one directory",
+             "only_unfinished": "no run has finished", "only_corrupt": "no run has finished"}[case]
+    assert words in last
+    assert sorted(p for p in tmp_path.rglob("*")) == before         # nothing written
+
+
+def test_unknown_report_option_is_hydras_message(tmp_path, vaexp_main):
+    res = vaexp_main("report", str(tmp_path), "outt=x")
+    assert res.code != 0 and "Traceback" not in res.err and "outt" in res.err

@@ -1,0 +1,257 @@
+"""The fast training step: the whole step (forward, both surrogates, backward, Adam) captured
+once as a CUDA graph and replayed, so a step costs one graph launch instead of hundreds of
+kernel launches and Python dispatches (at batch 20 a step is launch-bound, not FLOP-bound).
+
+``fast=auto`` (the default) uses it on CUDA and the eager step everywhere else; ``fast=true``
+requires it (an error when it cannot be used); ``fast=false`` never uses it.
+
+What the graph holds and what stays outside:
+
+* inside: the ε draws (from the run's own CUDA generator, registered with the graph, so every
+  replay draws exactly what the eager step would have drawn from the same generator state),
+  the forward pass, both surrogates, both gradients and Adam with ``capturable=True``;
+* outside: the per-epoch binarisation and permutation (one kernel each per epoch, from the
+  epoch's own generator as in the eager trainer) and one gather of the batch into the graph's
+  static input buffer per step. Keeping them outside makes the captured step compute exactly
+  what the eager step computes, which is what is checked below.
+* Adam's learning rate is a device tensor (:func:`set_lr` fills it in place), so the schedule
+  changes it between replays without a new capture.
+
+Safety: the first call runs one eager step as a reference, restores parameters, Adam state and
+generators, warms up on a side stream, captures, restores again and replays the graph once; the
+graph is kept only if its parameters and outputs match the eager reference (float tolerance).
+Otherwise, or when capture raises, ``fast=auto`` warns once and continues eagerly from the
+restored state (``fast=true`` raises). The graph path has been written without a GPU at hand:
+it is exercised on CPU only through a stand-in for the graph (tests/test_fast.py), and on CUDA
+by tests that are skipped when no GPU is visible.
+
+Checkpoints are written in the eager optimizer's format (:func:`portable_state_dict`: lr a
+float, ``capturable`` off, step counts on the CPU), so a run checkpointed on the fast path
+resumes with ``fast=false``, on another device, or with a plain ``torch.optim.Adam``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vaexp.errors import VaexpError
+
+MODES = ("auto", "true", "false")
+
+# The graph's first replay must reproduce the eager step this closely (parameters after one
+# Adam step move by ~lr = 1e-3, so 1e-6 is 0.1% of a step; outputs are bounds and norms).
+PARAM_ATOL, PARAM_RTOL = 1e-6, 1e-5
+OUT_ATOL, OUT_RTOL = 1e-4, 1e-4
+WARMUP_STEPS = 3
+
+
+class FastStepError(VaexpError):
+    pass
+
+
+def mode(value) -> str:
+    """'auto' | 'true' | 'false' from a config value (the CLI may hand over True/False/'True')."""
+    return str(getattr(value, "value", value)).strip().lower()
+
+
+def wanted(value, device: torch.device) -> bool:
+    """Whether the captured step should be tried for this setting on this device."""
+    m = mode(value)
+    if m == "false":
+        return False
+    if device.type != "cuda":
+        if m == "true":
+            raise FastStepError(f"fast=true: the captured training step needs a CUDA device, this run uses "
+                                f"{device}; use fast=auto (captured on CUDA, eager elsewhere) or fast=false")
+        return False
+    return True
+
+
+# -- the optimizer's learning rate and its checkpoint format ----------------------------------------
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate: in place when it is a device tensor (a captured graph
+    reads that tensor's memory), by assignment otherwise."""
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def make_capturable(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Turn an Adam (fresh or just loaded from a checkpoint) into its capturable form: lr a
+    device tensor, state step counts on the device."""
+    for group in opt.param_groups:
+        group["capturable"] = True
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(device=p.device)
+
+
+def portable_state_dict(opt: torch.optim.Optimizer) -> Dict:
+    """opt.state_dict() as an eager Adam writes it (lr a float, capturable off, steps on the
+    CPU); unchanged when the optimizer already is eager."""
+    sd = opt.state_dict()
+    if not any(g.get("capturable") or torch.is_tensor(g.get("lr")) for g in sd["param_groups"]):
+        return sd
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        if torch.is_tensor(g["lr"]):
+            g["lr"] = float(g["lr"])
+        g["capturable"] = False
+        groups.append(g)
+    state = {key: {name: (v.detach().to("cpu") if name == "step" and torch.is_tensor(v) else v)
+                   for name, v in s.items()} for key, s in sd["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+# -- snapshots: what a step changes, put back in place ------------------------------------------------
+
+class Snapshot:
+    """Parameters, the optimizer's per-parameter state and generator states, restored *in place*
+    (copy_ into the same tensors), so tensors a captured graph points at stay valid. A parameter
+    without optimizer state at snapshot time gets zeros and step 0 back, which is exactly a
+    fresh Adam state."""
+
+    def __init__(self, params: Sequence[Tensor], opt: torch.optim.Optimizer,
+                 generators: Sequence[torch.Generator]):
+        self.params, self.opt, self.generators = list(params), opt, list(generators)
+        self.values = [p.detach().clone() for p in self.params]
+        self.state = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+                      if p in opt.state else None for p in self.params]
+        self.rng = [g.get_state() for g in self.generators]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, v, saved in zip(self.params, self.values, self.state):
+                p.copy_(v)
+                for key, now in self.opt.state.get(p, {}).items():
+                    if not torch.is_tensor(now):
+                        continue
+                    if saved is not None and key in saved:
+                        now.copy_(saved[key])
+                    else:
+                        now.zero_()
+                p.grad = None
+        for g, s in zip(self.generators, self.rng):
+            g.set_state(s)
+
+
+def _close(a: Sequence[Tensor], b: Sequence[Tensor], atol: float, rtol: float) -> bool:
+    return all(torch.allclose(x, y, atol=atol, rtol=rtol, equal_nan=True) for x, y in zip(a, b))
+
+
+# -- the captured step ---------------------------------------------------------------------------------
+
+class CUDAGraphBackend:
+    """The CUDA pieces, kept apart so tests can put a CPU stand-in in their place."""
+
+    def new_graph(self, generators: Sequence[torch.Generator]):
+        graph = torch.cuda.CUDAGraph()
+        for g in generators:  # non-default generators must be registered before capture
+            graph.register_generator_state(g)
+        return graph
+
+    def warm_up(self, fn: Callable[[], Tensor], steps: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(steps):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, graph, fn: Callable[[], Tensor]) -> Tensor:
+        with torch.cuda.graph(graph):
+            out = fn()
+        return out
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+
+class CapturedStep:
+    """`step(x) -> Tensor` (the eager training step: it reads x, updates parameters and optimizer
+    state in place, and returns a small tensor of metrics) run as a replayed CUDA graph.
+
+    The first call captures (see the module docstring) and performs that call's step; later
+    calls copy x into the static input and replay. The returned tensor is the graph's static
+    output: read it (or add it to an accumulator) before the next call.
+    """
+
+    def __init__(self, step: Callable[[Tensor], Tensor], params: Sequence[Tensor], opt: torch.optim.Optimizer,
+                 generators: Sequence[torch.Generator], strict: bool = False, backend=None,
+                 warmup: int = WARMUP_STEPS):
+        self.step, self.params, self.opt = step, list(params), opt
+        self.generators, self.strict, self.warmup = list(generators), strict, warmup
+        self.backend = backend or CUDAGraphBackend()
+        self.graph = None
+        self.x: Optional[Tensor] = None
+        self.out: Optional[Tensor] = None
+        self.eager = False  # True once capture failed or did not match: eager from then on
+        self.reason: Optional[str] = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.graph is not None:
+            self.x.copy_(x)
+            self.backend.replay(self.graph)
+            return self.out
+        if self.eager:
+            return self.step(x)
+        return self._capture_and_step(x)
+
+    def _capture_and_step(self, x: Tensor) -> Tensor:
+        snap = Snapshot(self.params, self.opt, self.generators)
+        try:
+            reference = self.step(x).detach().clone()
+            after = [p.detach().clone() for p in self.params]
+            snap.restore()
+            self.x = x.detach().clone()
+            self.backend.warm_up(lambda: self.step(self.x), self.warmup)
+            snap.restore()
+            graph = self.backend.new_graph(self.generators)
+            out = self.backend.capture(graph, lambda: self.step(self.x))
+            snap.restore()  # capture records work without running it; put back anything eager
+            self.backend.replay(graph)
+            if not (_close([out], [reference], OUT_ATOL, OUT_RTOL)
+                    and _close(self.params, after, PARAM_ATOL, PARAM_RTOL)):
+                raise FastStepError("the captured step's first result differs from the eager step's")
+        except Exception as err:  # noqa: BLE001 - any failure means: use the eager step
+            snap.restore()
+            self.graph, self.out, self.x = None, None, None
+            return self._fall_back(x, err)
+        self.graph, self.out = graph, out
+        return out
+
+    def _fall_back(self, x: Tensor, err: BaseException) -> Tensor:
+        self.eager = True
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.reason = f"{type(err).__name__}: {first}"
+        if self.strict:
+            raise FastStepError(f"fast=true: the training step could not be captured as a CUDA graph "
+                                f"({self.reason}); use fast=auto to fall back to the eager step") from err
+        warnings.warn(f"vaexp: the training step could not be captured as a CUDA graph ({self.reason}); "
+                      f"continuing with the eager step (set fast=false to skip the attempt)",
+                      RuntimeWarning, stacklevel=3)
+        return self.step(x)
+
+
+def captured_step(fast_setting, device: torch.device, opt: torch.optim.Optimizer, params: Sequence[Tensor],
+                  generators: Sequence[torch.Generator], step: Callable[[Tensor], Tensor]) -> Optional[CapturedStep]:
+    """The captured form of `step` when the setting and the device call for it (the optimizer is
+    made capturable then), else None: the caller runs its eager step."""
+    if not wanted(fast_setting, device):
+        return None
+    make_capturable(opt, device)
+    return CapturedStep(step, params, opt, generators, strict=mode(fast_setting) == "true")
