@@ -171,6 +171,10 @@ def test_eval_with_other_settings(trained_run, cli):
     assert test["L1"] <= test["L4"] + 1e-9 <= test["L20"] + 2e-9  # nested groups of the same samples
     per_example = torch.load(run_dir / "test_log_px.pt", weights_only=False)
     assert per_example["log_px"].shape == (10,)
+    # Each evaluation keeps its own per-image file; the earlier ones are not overwritten.
+    files = [run_dir / e["per_example"] for e in after["evals"]]
+    assert len(set(files)) == len(files) and all(f.is_file() for f in files)
+    assert torch.load(files[0], weights_only=False)["log_px"].shape == (20,)
 
 
 # --------------------------------------------------------------------------- 5 (CLI part). re-running a run dir
@@ -339,6 +343,15 @@ def test_eval_rejects_bad_eval_settings(trained_run, cli):
     assert res.code != 0 and "eval.k=0" in res.err
     assert_no_traceback(res)
     assert snapshot(run_dir) == files
+
+
+def test_missing_data_leaves_no_run_directory(cli, tmp_path, tiny_args):
+    out_root = tmp_path / "out"
+    res = cli("train", "dataset=fashion_mnist", f"dataset.path={tmp_path / 'nowhere'}", "progress=false",
+              f"out_root={out_root}")
+    assert res.code == 2 and "dataset.path=" in res.err
+    assert_no_traceback(res)
+    assert not list((out_root / "train").glob("*")) if (out_root / "train").exists() else True
 
 
 def test_unknown_command(cli, tmp_path):

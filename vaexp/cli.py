@@ -95,6 +95,7 @@ def run_train(cfg: DictConfig):
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    fresh = not (run_dir / rundir.CONFIG).exists()
     cfg = rundir.prepare(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
     if cfg.get("stack"):  # -m stack=true: this job may be (or lead) a stack of compatible jobs
         from vaexp.stack import sweep_job
@@ -107,7 +108,14 @@ def run_train(cfg: DictConfig):
         _say(f"vaexp: {run_dir} already finished; its results:\n{format_table(done['test'])}")
         return done
     _say(f"vaexp: run directory {run_dir}")
-    summary = train(cfg, run_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except VaexpError:
+        from vaexp.sweep import in_multirun
+
+        if fresh and not in_multirun():  # e.g. no data: leave no half-made run directory behind
+            rundir.remove_unstarted(run_dir)
+        raise
     _say(f"vaexp: {cfg.dataset.name} {cfg.model.name} {cfg.objective.name} m={cfg.m} k={cfg.k} "
          f"{cfg.estimator.name}: final train bound {summary['train']['bound']:.3f}\n"
          f"{format_table(summary['test'])}\n  metrics: {run_dir / rundir.METRICS}")
@@ -128,8 +136,6 @@ def _eval_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
 
 
 def run_eval(cfg: DictConfig):
-    import torch
-
     from vaexp import checkpoint, rundir
     from vaexp.config import TrainConfig
     from vaexp.data import load_dataset

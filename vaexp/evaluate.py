@@ -209,7 +209,9 @@ def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
 def format_table(metrics: Dict) -> str:
     """A short human-readable table of the test metrics."""
     k = metrics["k"]
-    rows = [("test NLL", f"{metrics['nll']:.3f} ± {metrics['nll_stderr']:.3f}  (K={k}, {metrics['n_test']} images)")]
+    stderr = metrics.get("nll_stderr")  # null in metrics.json for a single image
+    spread = f" ± {stderr:.3f}" if stderr is not None and math.isfinite(stderr) else ""
+    rows = [("test NLL", f"{metrics['nll']:.3f}{spread}  (K={k}, {metrics['n_test']} images)")]
     for key in sorted((key for key in metrics if key.startswith("L") and key[1:].isdigit()), key=lambda s: int(s[1:])):
         rows.append((key, f"{metrics[key]:.3f}"))
     au = ", ".join(f"{a}/{u}" for a, u in zip(metrics["active_units"], metrics["latent_units"]))

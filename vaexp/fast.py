@@ -87,6 +87,8 @@ def make_capturable(opt: torch.optim.Optimizer, device: torch.device) -> None:
     device tensor, state step counts on the device."""
     for group in opt.param_groups:
         group["capturable"] = True
+        if group.get("fused"):  # the captured step uses the capturable foreach kernels
+            group["fused"] = None
         if not torch.is_tensor(group["lr"]):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         for p in group["params"]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vaexp.models import LogWeights, gaussian_log_prob, std_normal_log_prob
+from vaexp.models import LogWeights, sample_encoder, std_normal_log_prob
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 RAINFORTH_Q_VAR = 2.0 / 3.0
@@ -55,13 +55,9 @@ class LinearGaussianLayer(nn.Module):
         else:
             self.register_buffer("logsig", logsig)
 
-    def forward(self, h: Tensor, frozen: bool = False) -> Tuple[Tensor, Tensor]:
-        """(mean [..., D], log σ as a 0-d tensor). frozen: the parameters are detached (for lw̄)
-        while h keeps its own gradient path."""
-        A, b, logsig = self.A, self.b, self.logsig
-        if frozen:
-            A, b, logsig = A.detach(), b.detach(), logsig.detach()
-        return h @ A.T + b, logsig
+    def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
+        """(mean [..., D], log σ as a 0-d tensor)."""
+        return h @ self.A.T + self.b, self.logsig
 
 
 class LinearGaussianVAE(nn.Module):
@@ -99,25 +95,7 @@ class LinearGaussianVAE(nn.Module):
         lw_bar: the same values with q's parameters detached and z (and z_{i-1} as the input of
         q(z_i|z_{i-1})) kept live, as the STL and DReG estimators need. eps: the standard-normal
         draws to use instead of drawing them, one [M, K, B, D] tensor per layer (as models.VAE)."""
-        B = x.shape[0]
-        h: Tensor = x
-        log_q = x.new_zeros(m, k, B)
-        log_q_bar = x.new_zeros(m, k, B) if need_bar else None
-        zs: List[Tensor] = []
-        for i, layer in enumerate(self.encoder):
-            mean, logsig = layer(h)  # the first layer runs once per example: mean is [B, D]
-            if eps is None:
-                e = torch.randn((m, k, B, self.dim) if i == 0 else mean.shape,
-                                generator=generator, device=x.device, dtype=mean.dtype)
-            else:
-                e = eps[i]
-            z = mean + torch.exp(logsig) * e
-            log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
-            if need_bar:
-                mean_s, logsig_s = layer(h, frozen=True)
-                log_q_bar = log_q_bar + gaussian_log_prob(z, mean_s, logsig_s)
-            zs.append(z)
-            h = z
+        zs, log_q, log_q_bar = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps)
         log_p = self.log_joint(x, zs)
         return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
 

@@ -70,6 +70,42 @@ class LogWeights(NamedTuple):
     zs: List[Tensor]           # samples per stochastic layer, each [M, K, B, D_i]
 
 
+def sample_encoder(encoder, x: Tensor, m: int, k: int, need_bar: bool = False,
+                   generator: Optional[torch.Generator] = None, eps: Optional[List[Tensor]] = None):
+    """z ~ q(z|x) through a chain of Gaussian layers (each h -> (mu, log sigma)), bottom first.
+
+    Returns (zs, log_q, log_q_bar): samples [M, K, B, D_i] per layer and log q(z|x) [M, K, B];
+    with need_bar also log q with the layers' *parameters* detached while z (and z_{i-1} as the
+    input of q(z_i|z_{i-1})) stay live, which STL and DReG need. The first layer runs once per
+    example. eps: standard-normal draws to use instead of drawing them, one per layer.
+    """
+    B = x.shape[0]
+    h: Tensor = x
+    log_q = x.new_zeros(m, k, B)
+    log_q_bar = x.new_zeros(m, k, B) if need_bar else None
+    zs: List[Tensor] = []
+    for i, layer in enumerate(encoder):
+        mu, logsig = layer(h)
+        if eps is None:
+            e = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
+                            generator=generator, device=x.device, dtype=mu.dtype)
+        else:
+            e = eps[i]
+        z = mu + torch.exp(logsig) * e
+        # log q(z) at z = mu + sigma * eps, written in eps: the same value, fewer ops.
+        log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
+        if need_bar:
+            if i == 0:  # the input x carries no parameters: detaching the outputs suffices
+                mu_s, logsig_s = mu.detach(), logsig.detach()
+            else:       # parameters stopped, the input z_{i-1} stays live
+                frozen = {n: p.detach() for n, p in layer.named_parameters()}
+                mu_s, logsig_s = functional_call(layer, frozen, (h,))
+            log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
+        zs.append(z)
+        h = z
+    return zs, log_q, log_q_bar
+
+
 class VAE(nn.Module):
     def __init__(self, latents, hidden, depth: int = 2, activation: str = "tanh",
                  x_dim: int = 784, train_mean: Optional[Tensor] = None, output_bias_clip: float = 1e-3):
@@ -119,34 +155,9 @@ class VAE(nn.Module):
         [M, K, B, D_i] tensor per stochastic layer (bottom first); the same values give the same
         log-weights as drawing them here (evaluation passes several draw blocks at once this way).
         """
-        B = x.shape[0]
-        h: Tensor = x
-        log_q = x.new_zeros(m, k, B)
-        log_q_bar = x.new_zeros(m, k, B) if need_bar else None
-        zs: List[Tensor] = []
-        for i, layer in enumerate(self.encoder):
-            mu, logsig = layer(h)
-            if eps is None:
-                e = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
-                                generator=generator, device=x.device, dtype=mu.dtype)
-            else:
-                e = eps[i]
-            z = mu + torch.exp(logsig) * e
-            # log q(z) at z = mu + sigma * eps, written in eps: the same value, fewer ops.
-            log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
-            if need_bar:
-                if i == 0:  # the input x carries no parameters: detaching the outputs suffices
-                    mu_s, logsig_s = mu.detach(), logsig.detach()
-                else:       # parameters stopped, the input z_{i-1} stays live
-                    frozen = {n: p.detach() for n, p in layer.named_parameters()}
-                    mu_s, logsig_s = functional_call(layer, frozen, (h,))
-                log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
-            zs.append(z)
-            h = z
+        zs, log_q, log_q_bar = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps)
         log_p = self.log_joint(x, zs)
-        lw = log_p - log_q
-        lw_bar = log_p - log_q_bar if need_bar else None
-        return LogWeights(lw, lw_bar, zs)
+        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
 
     def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
         """log p(x, z1..zL) for samples zs[i] of shape [..., B, D_i]."""

@@ -107,7 +107,10 @@ def _key(flat: Dict[str, Any], drop: Iterable[str]) -> Tuple:
 
 
 def _is_run_config(cfg: Any) -> bool:
-    return isinstance(cfg, dict) and all(isinstance(cfg.get(k), dict) for k in ("dataset", "model", "objective"))
+    """A `vaexp train` config (not, e.g., a `vaexp snr` one, whose k and m are lists)."""
+    return (isinstance(cfg, dict)
+            and all(isinstance(cfg.get(k), dict) for k in ("dataset", "model", "objective", "estimator", "schedule"))
+            and isinstance(cfg.get("k"), int) and isinstance(cfg.get("m"), int))
 
 
 def _load_yaml(path: Path) -> Any:

@@ -4,13 +4,15 @@ Layout of outputs/train/<time>_<dataset>_<model>_<objective>_m<M>_k<K>_<estimato
   config.yaml        resolved config of the run (never rewritten)
   checkpoint.pt      model, optimizer, schedule position, RNG states (atomic)
   metrics.json       final train/test metrics, plus every later `vaexp eval` under "evals"
-  test_log_px.pt     per-example test log-likelihood estimates (fp64) of the latest evaluation
+  test_log_px.pt     per-example test log-likelihood estimates (fp64) of the latest evaluation;
+                     test_log_px.<i>.pt of evaluation i (named in metrics.json's "evals")
   events.out.tfevents.*  TensorBoard
   .hydra/            Hydra's record of the command line
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -154,12 +156,47 @@ def write_metrics(run_dir: Path, summary: Dict, per_example: Optional[Dict[str, 
     entry = dict(summary["test"])
     entry["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     data["evals"] = list(old.get("evals", [])) + [entry]
-    _write_text(run_dir / METRICS, json.dumps(data, indent=2, default=float) + "\n")
+    _write_text(run_dir / METRICS, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
     if per_example is not None:
         from vaexp.checkpoint import atomic_save
 
-        atomic_save({k: v.cpu() for k, v in per_example.items()}, run_dir / PER_EXAMPLE)
+        # One file per evaluation (named in its "evals" entry), and the latest as test_log_px.pt.
+        tensors = {k: v.cpu() for k, v in per_example.items()}
+        name = f"test_log_px.{len(data['evals']) - 1}.pt"
+        data["evals"][-1]["per_example"] = name
+        _write_text(run_dir / METRICS, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+        atomic_save(tensors, run_dir / name)
+        atomic_save(tensors, run_dir / PER_EXAMPLE)
     return data
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Remove a run directory that this command created and that holds no training yet (no
+    checkpoint, no metrics): only vaexp's and Hydra's own records are deleted."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / METRICS).exists():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name == ".hydra" and entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name in (CONFIG, "train.log") or entry.name.startswith("events.out.tfevents"):
+            entry.unlink()
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _json_safe(value):
+    """Plain JSON: NaN/inf (e.g. no validation set) become null, tensors and numpy scalars floats."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def hparams(cfg) -> Dict:

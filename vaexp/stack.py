@@ -65,17 +65,35 @@ from vaexp.objectives import Objective, make_objective
 # ============================================================================ the stacked model
 
 class StackedLinear(nn.Module):
-    """N Linear layers of one shape: weight [N, out, in], bias [N, out]; input [N, ..., in]."""
+    """N Linear layers of one shape: input [N, ..., in] → [N, ..., out].
+
+    The weight is held *transposed*, [N, in, out] (bias [N, out]): then baddbmm's weight
+    gradient comes out contiguous, and Adam's elementwise updates run on contiguous memory
+    (with [N, out, in] they get a transposed view and take PyTorch's slow strided path).
+    :func:`to_model` / :func:`from_models` convert a slice to and from nn.Linear's [out, in].
+    """
 
     def __init__(self, linears: Sequence[nn.Linear]):
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([lin.weight.detach() for lin in linears]).clone())
-        self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in linears]).clone())
+        self.weight = nn.Parameter(from_models("weight", [lin.weight.detach() for lin in linears]))
+        self.bias = nn.Parameter(from_models("bias", [lin.bias.detach() for lin in linears]))
 
     def forward(self, h: Tensor) -> Tensor:
         n, n_in = h.shape[0], h.shape[-1]
-        out = torch.baddbmm(self.bias.unsqueeze(1), h.reshape(n, -1, n_in), self.weight.transpose(1, 2))
-        return out.reshape(*h.shape[:-1], self.weight.shape[1])
+        out = torch.baddbmm(self.bias.unsqueeze(1), h.reshape(n, -1, n_in), self.weight)
+        return out.reshape(*h.shape[:-1], self.weight.shape[2])
+
+
+def to_model(name: str, stacked: Tensor, n: int) -> Tensor:
+    """Slice n of a stacked parameter (or of its Adam state) in the lone model's layout."""
+    return stacked[n].transpose(0, 1) if name.endswith("weight") else stacked[n]
+
+
+def from_models(name: str, tensors: Sequence[Tensor]) -> Tensor:
+    """The stacked tensor (stacked layout, contiguous) of N lone-model tensors."""
+    if name.endswith("weight"):
+        return torch.stack([t.transpose(0, 1) for t in tensors]).contiguous()
+    return torch.stack(list(tensors)).contiguous()
 
 
 def _stack_modules(modules: Sequence[nn.Module]) -> nn.Module:
@@ -95,7 +113,8 @@ def _stack_modules(modules: Sequence[nn.Module]) -> nn.Module:
 
 class StackedVAE(nn.Module):
     """N ``models.VAE`` of one shape as one module with a leading model axis. Parameter names
-    are the VAE's (``encoder.0.net.0.weight`` ...), each with a leading axis of size N."""
+    are the VAE's (``encoder.0.net.0.weight`` ...), each with a leading axis of size N (weights
+    transposed: see StackedLinear)."""
 
     def __init__(self, models: Sequence[VAE]):
         super().__init__()
@@ -125,12 +144,12 @@ class StackedVAE(nn.Module):
         mine = dict(self.named_parameters())
         for n, model in enumerate(models):
             for name, p in model.named_parameters():
-                p.copy_(mine[name][n])
+                p.copy_(to_model(name, mine[name], n))
 
     def draw_eps(self, generators: Sequence[torch.Generator], mk: int, batch: int) -> List[Tensor]:
         """ε per layer, [N, M·K, B, D_i]; model n's from generators[n], in the order a lone VAE
         draws them (layer by layer), so its values are those of the lone run's [M, K, B, D_i]."""
-        w = self.decoder[0].logits.weight
+        w = self.decoder[0].logits.bias
         eps = []
         for d in self.latents:
             e = torch.empty(self.n, mk, batch, d, device=w.device, dtype=w.dtype)
@@ -171,10 +190,10 @@ class StackedVAE(nn.Module):
 
 # ============================================================================ the optimizer's state
 
-def stack_optimizer_states(opt: torch.optim.Optimizer, params: Sequence[Tensor], states: Sequence[Dict]) -> None:
+def stack_optimizer_states(opt: torch.optim.Optimizer, named_params: Sequence, states: Sequence[Dict]) -> None:
     """Load N per-run Adam state_dicts (indexed in the VAE's parameter order) into the Adam over
-    the stacked parameters `params` (the same order)."""
-    for j, p in enumerate(params):
+    the stacked parameters `named_params` ((name, parameter) in the same order)."""
+    for j, (name, p) in enumerate(named_params):
         per = [sd["state"].get(j, sd["state"].get(str(j))) for sd in states]
         if all(s is None for s in per):
             continue
@@ -188,19 +207,20 @@ def stack_optimizer_states(opt: torch.optim.Optimizer, params: Sequence[Tensor],
                     raise VaexpError("stacked runs must have made the same number of optimizer steps")
                 entry[key] = values[0].detach().clone()
             else:
-                entry[key] = torch.stack([v.detach().to(p.device) for v in values])
+                entry[key] = from_models(name, [v.detach().to(p.device) for v in values])
         opt.state[p] = entry
 
 
-def model_optimizer_state(opt: torch.optim.Optimizer, params: Sequence[Tensor], n: int, template: Dict) -> Dict:
+def model_optimizer_state(opt: torch.optim.Optimizer, named_params: Sequence, n: int, template: Dict) -> Dict:
     """Run n's Adam state_dict, as a lone run's eager Adam would write it: `template` is the
     state_dict of a fresh Adam over that run's VAE (param_groups, ids); lr the current one."""
     state = {}
-    for j, p in enumerate(params):
+    for j, (name, p) in enumerate(named_params):
         s = opt.state.get(p)
         if not s:
             continue
-        state[j] = {key: (v.detach().to("cpu", copy=True) if key == "step" else v[n].detach().clone())
+        state[j] = {key: (v.detach().to("cpu", copy=True) if key == "step"
+                          else to_model(name, v.detach(), n).contiguous().clone())
                     for key, v in s.items()}
     groups = []
     for tg, g in zip(template["param_groups"], opt.param_groups):
@@ -263,7 +283,7 @@ class StackedStep:
             raise VaexpError(f"stacked runs need the same M*K, got {sorted(mks)}")
         self.stack, self.opt, self.generators = stack, opt, list(generators)
         self.mk = mks.pop()
-        device = stack.decoder[0].logits.weight.device
+        device = stack.decoder[0].logits.bias.device
         by_member: Dict[Member, List[int]] = {}
         for i, mb in enumerate(members):
             by_member.setdefault(mb, []).append(i)
@@ -363,7 +383,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path]) -> List[Any]:
     from vaexp.data import binarize, load_dataset
     from vaexp.schedule import epoch_learning_rates
     from vaexp.train import (GracefulStop, Interrupted, NonFiniteBound, _INTERRUPT_AT, _log_eval,
-                             _log_pictures, _log_train, _progress, build, epoch_seed, resolve_device,
+                             _log_pictures, _log_train, _progress, adam, build, epoch_seed, resolve_device,
                              valid_bound)
 
     keys = {stack_key(c) for c in cfgs}
@@ -404,10 +424,11 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path]) -> List[Any]:
               f"step {runs[0].state['step']}", flush=True)
 
     stack = StackedVAE([r.model for r in runs]).to(device)
-    opt = torch.optim.Adam(stack.parameters(), lr=sch.lr, betas=(sch.beta1, sch.beta2), eps=sch.eps)
+    opt = adam(stack.parameters(), sch, device)  # the lone runs' Adam, over the stacked tensors
     params = list(stack.parameters())
+    named = list(stack.named_parameters())
     if opt_states:
-        stack_optimizer_states(opt, params, opt_states)
+        stack_optimizer_states(opt, named, opt_states)
     stepper = StackedStep(stack, [member(r.cfg) for r in runs], opt, [r.eps_gen for r in runs])
     captured = fast.captured_step(cfg0.fast, device, opt, stepper.theta + stepper.phi,
                                   [r.eps_gen for r in runs], stepper)
@@ -429,7 +450,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path]) -> List[Any]:
     def save(i: int, epoch_acc: Tensor) -> None:
         r = runs[i]
         ckpt.atomic_save({"model": r.model.state_dict(),
-                          "optimizer": model_optimizer_state(opt, params, i, r.template),
+                          "optimizer": model_optimizer_state(opt, named, i, r.template),
                           "state": {**r.state, "epoch_acc": epoch_acc[i].cpu().clone()},
                           "rng": ckpt.rng_states({"eps": r.eps_gen, "eval": r.eval_gen}),
                           "config": rundir.plain(r.cfg)}, r.run_dir / ckpt.CHECKPOINT)

@@ -48,9 +48,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def build(cfg, data: Dataset, device: torch.device):
     torch.manual_seed(cfg.seed)  # parameter init
     model = build_model(cfg.model, data).to(device)
-    sch = cfg.schedule
-    opt = torch.optim.Adam(model.parameters(), lr=sch.lr, betas=(sch.beta1, sch.beta2), eps=sch.eps)
-    return model, opt
+    return model, adam(model.parameters(), cfg.schedule, device)
+
+
+def adam(params, sch, device: torch.device) -> torch.optim.Adam:
+    """Adam with the schedule's settings. On a CPU the fused kernel (one pass per parameter
+    instead of ~10; about 4x faster for Burda's models on 2 cores, same update up to float
+    rounding); on CUDA the default, which vaexp.fast makes capturable for the captured step."""
+    fused = True if device.type == "cpu" else None
+    return torch.optim.Adam(params, lr=sch.lr, betas=(sch.beta1, sch.beta2), eps=sch.eps, fused=fused)
 
 
 def train_step(model: VAE, obj: Objective, est: Estimator, opt: torch.optim.Optimizer,

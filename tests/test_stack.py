@@ -1,0 +1,223 @@
+"""vaexp.stack: N runs trained as one stacked model compute what the N runs compute alone (to
+float tolerance), and a `-m stack=true` sweep leaves the run directories separate runs leave."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import vaexp.stack
+import vaexp.train
+from vaexp import checkpoint
+from vaexp.estimators import get_estimator
+from vaexp.models import VAE
+from vaexp.objectives import make_objective
+from vaexp.stack import (Member, StackedStep, StackedVAE, model_optimizer_state, stack_optimizer_states,
+                         stack_key)
+from vaexp.train import adam, train_step
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SCHEDULE = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-4)
+CPU = torch.device("cpu")
+# Every objective and estimator, with M*K = 4; two runs share (iwae, reparam, 1, 4) so they are
+# reduced together, and the groups are not in model order.
+MEMBERS = [Member("iwae", "reparam", 1, 4), Member("miwae", "dreg", 2, 2), Member("piwae", "stl", 2, 2),
+           Member("iwae", "reparam", 1, 4), Member("ciwae", "dreg", 4, 1, 0.3), Member("vae", "stl", 1, 4)]
+
+
+def tiny_vae(seed: int, latents=(3, 2), hidden=(6, 5), x_dim=12) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(list(latents), list(hidden), x_dim=x_dim, train_mean=torch.linspace(0.1, 0.9, x_dim))
+
+
+@pytest.mark.parametrize("latents,hidden", [((3,), (6,)), ((3, 2), (6, 5))])
+def test_stacked_steps_equal_separate_runs(latents, hidden):
+    n = len(MEMBERS)
+    lone = [tiny_vae(i, latents, hidden) for i in range(n)]
+    stack = StackedVAE([tiny_vae(i, latents, hidden) for i in range(n)])
+    opt = adam(stack.parameters(), SCHEDULE, CPU)
+    step = StackedStep(stack, MEMBERS, opt, [torch.Generator().manual_seed(100 + i) for i in range(n)])
+    lone_opts = [adam(m.parameters(), SCHEDULE, CPU) for m in lone]
+    lone_gens = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+    data = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        x = (torch.rand(n, 5, 12, generator=data) < 0.5).float()  # every run its own batch
+        out = step(x)
+        assert out.shape == (n, 4) and not out.requires_grad
+        for i, (mb, model) in enumerate(zip(MEMBERS, lone)):
+            alone = train_step(model, make_objective(mb.objective, mb.beta), get_estimator(mb.estimator),
+                               lone_opts[i], model.theta_parameters(), model.phi_parameters(), x[i], mb.m, mb.k,
+                               lone_gens[i])
+            assert torch.allclose(out[i], alone, rtol=1e-5, atol=1e-5), (i, mb, out[i], alone)
+    copies = [tiny_vae(0, latents, hidden) for _ in range(n)]
+    stack.copy_to(copies)
+    for i, (a, b) in enumerate(zip(copies, lone)):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            assert torch.allclose(pa, pb, rtol=1e-4, atol=2e-5), (i, name, (pa - pb).abs().max())
+    # The runs really differ (else the comparison above would prove little).
+    assert not torch.allclose(copies[0].decoder[0].logits.weight, copies[3].decoder[0].logits.weight)
+
+
+def test_eps_are_each_runs_own_draws():
+    stack = StackedVAE([tiny_vae(i) for i in range(3)])
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    eps = stack.draw_eps(gens, mk=6, batch=4)
+    for i, s in enumerate((5, 6, 7)):
+        twin = torch.Generator().manual_seed(s)
+        first = torch.randn((2, 3, 4, 3), generator=twin)  # as VAE.log_weights draws them: layer 0, then 1
+        second = torch.randn((2, 3, 4, 2), generator=twin)
+        assert torch.equal(eps[0][i], first.reshape(6, 4, 3)) and torch.equal(eps[1][i], second.reshape(6, 4, 2))
+
+
+def test_vae_log_weights_with_supplied_eps_is_the_same_computation():
+    model = tiny_vae(0)
+    x = (torch.rand(4, 12) < 0.5).float()
+    g, twin = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn = model.log_weights(x, 2, 3, need_bar=True, generator=g)
+    eps = [torch.randn((2, 3, 4, 3), generator=twin), torch.randn((2, 3, 4, 2), generator=twin)]
+    given = model.log_weights(x, 2, 3, need_bar=True, eps=eps)
+    assert torch.equal(drawn.lw, given.lw) and torch.equal(drawn.lw_bar, given.lw_bar)
+    # The stacked model's log-weights of a one-model stack are the model's own.
+    stacked = StackedVAE([model]).log_weights(x.unsqueeze(0), [e.reshape(1, 6, 4, -1) for e in eps], need_bar=True)
+    assert torch.allclose(stacked.lw[0], drawn.lw.reshape(6, 4), atol=1e-4)
+    assert torch.allclose(stacked.lw_bar[0], drawn.lw_bar.reshape(6, 4), atol=1e-4)
+
+
+def test_optimizer_state_round_trip_through_lone_adams():
+    n = 3
+    stack = StackedVAE([tiny_vae(i) for i in range(n)])
+    opt = adam(stack.parameters(), SCHEDULE, CPU)
+    step = StackedStep(stack, [Member("iwae", "dreg", 1, 4)] * n, opt, [torch.Generator().manual_seed(i) for i in range(n)])
+    for _ in range(2):
+        step((torch.rand(n, 5, 12) < 0.5).float())
+    named = list(stack.named_parameters())
+    models = [tiny_vae(0) for _ in range(n)]
+    stack.copy_to(models)
+    states = []
+    for i, model in enumerate(models):
+        template = adam(model.parameters(), SCHEDULE, CPU).state_dict()
+        sd = model_optimizer_state(opt, named, i, template)
+        lone = adam(model.parameters(), SCHEDULE, CPU)
+        lone.load_state_dict(sd)  # a lone run's Adam takes it as its own
+        for j, p in enumerate(model.parameters()):
+            assert lone.state[p]["exp_avg"].shape == p.shape
+            assert float(lone.state[p]["step"]) == 2.0
+        states.append(sd)
+    again = StackedVAE(models)
+    opt2 = adam(again.parameters(), SCHEDULE, CPU)
+    stack_optimizer_states(opt2, list(again.named_parameters()), states)
+    for (_, p), (_, q) in zip(named, again.named_parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key])
+        assert torch.equal(p, q)
+
+
+def test_stack_key_says_which_runs_stack():
+    from omegaconf import OmegaConf
+
+    from vaexp.config import TrainConfig
+
+    def cfg(**kw):
+        base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
+            "dataset": {"name": "synthetic"}, "model": {"name": "burda1"}, "objective": {"name": "iwae"},
+            "estimator": {"name": "reparam"}, "schedule": {"name": "quick"}, "eval": {}})
+        return OmegaConf.merge(base, kw)
+
+    a = stack_key(cfg())
+    assert a == stack_key(cfg(seed=3, estimator={"name": "dreg"}, eval={"k": 10}))
+    assert a == stack_key(cfg(objective={"name": "miwae"}, m=5, k=1))           # M*K = 5 as well
+    assert a != stack_key(cfg(k=6))                                             # another M*K
+    assert a != stack_key(cfg(batch_size=10)) and a != stack_key(cfg(schedule={"lr": 1e-4}))
+    assert a != stack_key(cfg(model={"hidden": [100]}))
+    assert stack_key(cfg(model={"name": "gaussian"})) is None                  # only the Bernoulli VAEs
+
+
+# ------------------------------------------------------------------------------ from the CLI
+
+def _runs(sweep_dir: Path):
+    return {d.name: d for d in sorted(sweep_dir.iterdir()) if d.is_dir()}
+
+
+def _params(run: Path):
+    return checkpoint.load(run)["model"]
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path, tiny_args):
+    def args(name: str, *extra: str):
+        return ["train", "-m", *tiny_args, "schedule.epochs=2", "log_every=2", f"out_root={tmp_path / 'out'}",
+                f"sweep={name}", *extra]
+
+    return args
+
+
+def test_stacked_sweep_matches_separate_runs(tiny_sweep, tmp_path, vaexp_main):
+    grid = ["seed=0,1", "estimator=reparam,dreg"]
+    assert vaexp_main(*tiny_sweep("alone", *grid)).code == 0
+    result = vaexp_main(*tiny_sweep("stacked", "stack=true", *grid))
+    assert result.code == 0, result.err
+    assert "training 4 runs as one stacked model" in result.out
+    alone, stacked = _runs(tmp_path / "out/multirun/alone"), _runs(tmp_path / "out/multirun/stacked")
+    assert set(alone) == set(stacked) and len(alone) == 4  # the same job directories (stack= not in the name)
+    for name, run in stacked.items():
+        files = {p.name for p in run.iterdir() if not p.name.startswith("events.")}
+        assert files == {p.name for p in alone[name].iterdir() if not p.name.startswith("events.")}
+        assert any(p.name.startswith("events.") for p in run.iterdir())
+        ours, theirs = json.loads((run / "metrics.json").read_text()), json.loads((alone[name] / "metrics.json").read_text())
+        assert abs(ours["test"]["nll"] - theirs["test"]["nll"]) < 1e-3, name
+        assert abs(ours["train"]["bound"] - theirs["train"]["bound"]) < 1e-3, name
+        assert len(ours["train"]["stacked_with"]) == 3
+        for key, value in _params(run).items():
+            assert torch.allclose(value, _params(alone[name])[key], atol=1e-5), (name, key)
+    # A stacked run is an ordinary run: `vaexp eval` and resume=<dir> work as on any other.
+    run = stacked[sorted(stacked)[-1]]
+    assert vaexp_main("eval", str(run), "progress=false").code == 0
+    twin = alone[run.name]
+    for r in (run, twin):
+        assert vaexp_main("train", f"resume='{r}'", "schedule.epochs=3", "progress=false").code == 0
+    a, b = json.loads((run / "metrics.json").read_text()), json.loads((twin / "metrics.json").read_text())
+    assert a["train"]["epochs"] == 3 and abs(a["test"]["nll"] - b["test"]["nll"]) < 1e-3
+
+
+def test_a_diverging_run_fails_alone_and_the_stack_goes_on(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+    real_call = StackedStep.__call__
+    calls = {"n": 0}
+
+    def nan_for_model_1_from_step_7(self, x):
+        calls["n"] += 1
+        out = real_call(self, x)
+        if calls["n"] >= 7:  # epoch 2 (5 steps per epoch): model 1's bound becomes NaN
+            out = out.clone()
+            out[1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(StackedStep, "__call__", nan_for_model_1_from_step_7)
+    result = vaexp_main(*tiny_sweep("nan", "stack=true", "seed=0,1,2"))
+    assert result.code != 0  # the sweep reports the failed job
+    runs = sorted(_runs(tmp_path / "out/multirun/nan").values(), key=lambda d: d.name)
+    bad = runs[1]
+    assert "seed=1" in bad.name
+    assert "training bound became nan" in (bad / "error.txt").read_text()
+    assert not (bad / "metrics.json").exists()
+    assert checkpoint.load(bad)["state"]["epoch"] == 1  # the last good checkpoint (epoch 1)
+    for good in (runs[0], runs[2]):
+        assert json.loads((good / "metrics.json").read_text())["train"]["epochs"] == 2
+
+
+def test_interrupted_stack_resumes_stacked_exactly(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+    assert vaexp_main(*tiny_sweep("whole", "stack=true", "seed=0,1")).code == 0
+    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", 7)
+    assert vaexp_main(*tiny_sweep("cut", "stack=true", "seed=0,1")).code == 130
+    cut = _runs(tmp_path / "out/multirun/cut")
+    assert all(checkpoint.load(d)["state"]["global_step"] == 7 for d in cut.values())
+    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", None)
+    result = vaexp_main(*tiny_sweep("cut", "stack=true", "seed=0,1"))
+    assert result.code == 0 and "training 2 runs as one stacked model" in result.out
+    whole = _runs(tmp_path / "out/multirun/whole")
+    for name, run in cut.items():
+        for key, value in _params(run).items():
+            assert torch.allclose(value, _params(whole[name])[key], atol=1e-6), (name, key)
