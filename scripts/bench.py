@@ -8,8 +8,9 @@
 Three sections, each a table of ratios against a baseline measured in the same run:
 
 1. training steps/s at batch 20: vaexp's step (data on the device, per-epoch binarisation on the
-   device, no host sync, the encoder run once per x, θ and φ from their own surrogates; on CUDA
-   the whole step as a captured CUDA graph, vaexp.fast) against a *typical* implementation: a
+   device, no host sync, the encoder run once per x, θ and φ from their own surrogates, fused Adam
+   on a CPU; on CUDA also the whole step as a captured CUDA graph, vaexp.fast) against a *typical*
+   implementation: a
    CPU DataLoader over a TensorDataset with per-batch torch.bernoulli, `.to(device)`, the
    encoder run on x repeated k times, torch.distributions log-densities, one backward over one
    loss (two autograd.grad calls for DReG), and `.item()` every step;
@@ -20,7 +21,8 @@ Three sections, each a table of ratios against a baseline measured in the same r
 3. N models of one shape: trained stacked (vaexp.stack) against the same N trained one after
    another with vaexp's own step, as model-steps per second.
 
-Peak device memory per row: torch.cuda.max_memory_allocated on CUDA; on a CPU there is no
+The process tunes glibc's allocator as the vaexp CLI does (vaexp.cli.tune_cpu_allocator; it
+applies to the baselines too; --no-malloc-tuning to skip). Peak device memory per row: torch.cuda.max_memory_allocated on CUDA; on a CPU there is no
 per-section allocator statistic, so the rows say n/a and the process's peak RSS is printed once.
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vaexp import evaluate as ev  # noqa: E402
+from vaexp.cli import tune_cpu_allocator  # noqa: E402
 from vaexp import fast  # noqa: E402
 from vaexp.data import binarize, load_dataset  # noqa: E402
 from vaexp.estimators import get_estimator  # noqa: E402
@@ -452,7 +455,8 @@ def spread(values: Sequence[float], digits: int = 2) -> str:
 def report(runs: List[Dict[str, List]], args, device: torch.device, data_name: str) -> str:
     out = [f"Device: {describe(device)}. Data: {data_name}. Batch {BATCH}; {args.steps} timed training steps "
            f"({args.stack_steps} per model when stacking) after {args.warmup} warm-up steps; "
-           f"{len(runs)} repeat(s): median (min–max)."]
+           f"{len(runs)} repeat(s): median (min–max). glibc allocator tuned as vaexp's CLI does: "
+           f"{'yes (baselines too)' if args.malloc_tuned else 'no'}."]
     cuda = device.type == "cuda"
     if runs[0]["train"]:
         header = ["training step", "typical loop (steps/s)", "vaexp eager (steps/s)", "eager / typical"]
@@ -523,6 +527,9 @@ def parse(argv: Optional[Sequence[str]] = None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--repeat", type=int, default=1, help="run everything this many times; tables show the spread")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="CUDA: skip the captured-step column")
+    p.add_argument("--no-malloc-tuning", dest="malloc", action="store_false",
+                   help="leave glibc's allocator as it is (vaexp's CLI tunes it: vaexp.cli.tune_cpu_allocator; "
+                        "in this one process the tuning applies to the baselines as well)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = p.parse_args(argv)
     small = args.small
@@ -538,6 +545,7 @@ def parse(argv: Optional[Sequence[str]] = None):
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parse(argv)
+    args.malloc_tuned = tune_cpu_allocator() if args.malloc else False
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -266,6 +266,11 @@ def test_multirun_two_jobs_and_eval_of_a_job_dir(cli, tmp_path, tiny_args):
     assert res.code == 0, res.err
     assert len(load_metrics(job)["evals"]) == n_evals + 2
 
+    # resume=<job dir> with its '=' and ',' needs no quoting either: the finished job is reported.
+    res = cli("train", f"resume={job}", "progress=false")
+    assert res.code == 0, res.err
+    assert "already finished" in res.out
+
 
 # --------------------------------------------------------------------------- 4. bad input
 

@@ -29,35 +29,40 @@ MEMBERS = [Member("iwae", "reparam", 1, 4), Member("miwae", "dreg", 2, 2), Membe
            Member("iwae", "reparam", 1, 4), Member("ciwae", "dreg", 4, 1, 0.3), Member("vae", "stl", 1, 4)]
 
 
-def tiny_vae(seed: int, latents=(3, 2), hidden=(6, 5), x_dim=12) -> VAE:
+def tiny_vae(seed: int, latents=(3, 2), hidden=(6, 5), x_dim=12, dtype=torch.float32) -> VAE:
     torch.manual_seed(seed)
-    return VAE(list(latents), list(hidden), x_dim=x_dim, train_mean=torch.linspace(0.1, 0.9, x_dim))
+    return VAE(list(latents), list(hidden), x_dim=x_dim, train_mean=torch.linspace(0.1, 0.9, x_dim)).to(dtype)
 
 
-@pytest.mark.parametrize("latents,hidden", [((3,), (6,)), ((3, 2), (6, 5))])
-def test_stacked_steps_equal_separate_runs(latents, hidden):
+# In float64 the stacked and the lone computations agree to ~1e-12: the maths is the same, and in
+# float32 they differ only by rounding (batched vs plain matmuls), which Adam's normalisation
+# amplifies for near-zero gradients to ~1e-6 of a parameter over a few steps.
+@pytest.mark.parametrize("latents,hidden,dtype,tol", [((3,), (6,), torch.float64, 1e-10),
+                                                      ((3, 2), (6, 5), torch.float64, 1e-10),
+                                                      ((3, 2), (6, 5), torch.float32, 2e-5)])
+def test_stacked_steps_equal_separate_runs(latents, hidden, dtype, tol):
     n = len(MEMBERS)
-    lone = [tiny_vae(i, latents, hidden) for i in range(n)]
-    stack = StackedVAE([tiny_vae(i, latents, hidden) for i in range(n)])
+    lone = [tiny_vae(i, latents, hidden, dtype=dtype) for i in range(n)]
+    stack = StackedVAE([tiny_vae(i, latents, hidden, dtype=dtype) for i in range(n)])
     opt = adam(stack.parameters(), SCHEDULE, CPU)
     step = StackedStep(stack, MEMBERS, opt, [torch.Generator().manual_seed(100 + i) for i in range(n)])
     lone_opts = [adam(m.parameters(), SCHEDULE, CPU) for m in lone]
     lone_gens = [torch.Generator().manual_seed(100 + i) for i in range(n)]
     data = torch.Generator().manual_seed(7)
     for _ in range(4):
-        x = (torch.rand(n, 5, 12, generator=data) < 0.5).float()  # every run its own batch
+        x = (torch.rand(n, 5, 12, generator=data) < 0.5).to(dtype)  # every run its own batch
         out = step(x)
         assert out.shape == (n, 4) and not out.requires_grad
         for i, (mb, model) in enumerate(zip(MEMBERS, lone)):
             alone = train_step(model, make_objective(mb.objective, mb.beta), get_estimator(mb.estimator),
                                lone_opts[i], model.theta_parameters(), model.phi_parameters(), x[i], mb.m, mb.k,
                                lone_gens[i])
-            assert torch.allclose(out[i], alone, rtol=1e-5, atol=1e-5), (i, mb, out[i], alone)
-    copies = [tiny_vae(0, latents, hidden) for _ in range(n)]
+            assert torch.allclose(out[i], alone, rtol=tol, atol=tol), (i, mb, out[i], alone)
+    copies = [tiny_vae(0, latents, hidden, dtype=dtype) for _ in range(n)]
     stack.copy_to(copies)
     for i, (a, b) in enumerate(zip(copies, lone)):
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-            assert torch.allclose(pa, pb, rtol=1e-4, atol=2e-5), (i, name, (pa - pb).abs().max())
+            assert torch.allclose(pa, pb, rtol=0, atol=tol), (i, name, (pa - pb).abs().max())
     # The runs really differ (else the comparison above would prove little).
     assert not torch.allclose(copies[0].decoder[0].logits.weight, copies[3].decoder[0].logits.weight)
 
@@ -171,16 +176,19 @@ def test_stacked_sweep_matches_separate_runs(tiny_sweep, tmp_path, vaexp_main):
         assert abs(ours["test"]["nll"] - theirs["test"]["nll"]) < 1e-3, name
         assert abs(ours["train"]["bound"] - theirs["train"]["bound"]) < 1e-3, name
         assert len(ours["train"]["stacked_with"]) == 3
-        for key, value in _params(run).items():
-            assert torch.allclose(value, _params(alone[name])[key], atol=1e-5), (name, key)
+        for key, value in _params(run).items():  # float32 rounding, amplified by Adam (see above)
+            assert torch.allclose(value, _params(alone[name])[key], atol=1e-4), (name, key)
     # A stacked run is an ordinary run: `vaexp eval` and resume=<dir> work as on any other.
     run = stacked[sorted(stacked)[-1]]
     assert vaexp_main("eval", str(run), "progress=false").code == 0
     twin = alone[run.name]
+    outs = []
     for r in (run, twin):
-        assert vaexp_main("train", f"resume='{r}'", "schedule.epochs=3", "progress=false").code == 0
+        res = vaexp_main("train", f"resume='{r}'", "schedule.epochs=3", "progress=false")
+        assert res.code == 0, res.err
+        outs.append(res.out)
     a, b = json.loads((run / "metrics.json").read_text()), json.loads((twin / "metrics.json").read_text())
-    assert a["train"]["epochs"] == 3 and abs(a["test"]["nll"] - b["test"]["nll"]) < 1e-3
+    assert a["train"]["epochs"] == 3 and abs(a["test"]["nll"] - b["test"]["nll"]) < 1e-3, outs
 
 
 def test_a_diverging_run_fails_alone_and_the_stack_goes_on(tiny_sweep, tmp_path, vaexp_main, monkeypatch):

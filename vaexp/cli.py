@@ -257,10 +257,42 @@ def _completion(argv: List[str]) -> None:
     _hydra_entry(command)()
 
 
+def tune_cpu_allocator() -> bool:
+    """glibc only: serve big allocations from the heap and keep freed memory in the process
+    (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB) instead of mmap-ing and unmapping
+    every CPU temporary above 32 MiB, each of which is page-faulted in again on first touch: on a
+    2-core VM that made the K=5000 evaluation ~1.8x slower, and a stacked M·K=64 step ~1.4x. The
+    cost: the process keeps its peak memory (as CUDA's caching allocator does).
+    VAEXP_MALLOC_TUNING=0 leaves the allocator alone. Returns whether it was applied."""
+    if os.environ.get("VAEXP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 # Hydra's flags, with and without a value. argparse wants them before the overrides.
 _FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-i", "--info"}
 _FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
                      "-cd", "--config-dir", "--experimental-rerun"}
+
+
+_PATH_KEYS = ("resume", "run", "dataset.path", "dataset.data_dir", "out_root")
+
+
+def _quote_path_value(arg: str) -> str:
+    """`resume=outputs/multirun/x/k=1,m=2`: sweep job directories have '=' and ',' in their
+    names, which Hydra's override grammar would parse; quote such a value when it is a path."""
+    key, sep, value = arg.partition("=")
+    if sep and key in _PATH_KEYS and value and value[0] not in "'\"" and ("=" in value or "," in value) \
+            and os.path.exists(value):
+        return f"{key}={_quote(value)}"
+    return arg
 
 
 def _flags_first(args: List[str]) -> List[str]:
@@ -279,6 +311,7 @@ def _flags_first(args: List[str]) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
+    tune_cpu_allocator()
     if "-sc" in argv[:1] or "--shell-completion" in argv[:1]:
         return _completion(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -295,6 +328,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if name == "report":
         rest = _report_dirs(list(rest))
     _check_launcher(rest)
+    rest = [_quote_path_value(a) for a in rest]
     sys.argv = [sys.argv[0]] + _flags_first(rest)
     _hydra_entry(COMMANDS[name])()
 

@@ -32,7 +32,7 @@ resumes with ``fast=false``, on another device, or with a plain ``torch.optim.Ad
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -492,7 +492,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path]) -> List[Any]:
             for step in range(position["step"], steps_per_epoch):
                 if _INTERRUPT_AT is not None and position["global_step"] == _INTERRUPT_AT:
                     stop.requested = True
-                if stop.requested:
+                if stop.requested or not alive():
                     break
                 xb = x_epoch[model_rows, perm[:, step * batch:(step + 1) * batch]]  # [N, B, x_dim]
                 out = step_fn(xb)
@@ -514,7 +514,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path]) -> List[Any]:
                     acc_n = 0
             for i in alive():
                 runs[i].state.update(position)
-            if stop.requested:
+            if stop.requested or not alive():
                 break
             check((epoch_acc / steps_per_epoch).tolist(), f"the end of epoch {epoch + 1}")
             finite = torch.stack([torch.isfinite(p).reshape(n_models, -1).all(1) for p in params]).all(0).tolist()
@@ -672,10 +672,10 @@ def sweep_job(run_dir: Path, say: Callable[[str], None]) -> Optional[Dict]:
     from vaexp.evaluate import format_table
     from vaexp.sweep import in_multirun
 
+    if not in_multirun():
+        return None  # a single run (or a resumed one) trains alone; stack=true only groups a sweep's jobs
     group = _PLAN.get(_dir_key(run_dir))
     if group is None:
-        if not in_multirun():
-            say("vaexp: stack=true stacks the compatible jobs of a sweep (-m); this single run trains alone")
         return None
     me = _dir_key(run_dir)
     if not group.attempted:

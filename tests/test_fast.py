@@ -1,0 +1,289 @@
+"""vaexp.fast (the captured training step) and the evaluation's forward passes.
+
+The CUDA graph itself needs a GPU: those tests are skipped without one. On CPU the capture logic
+(snapshot, warm-up, capture, verification against the eager step, fallback) runs against a
+stand-in for the graph that replays the eager function, so what is checked here is that
+everything around the graph leaves the run exactly where the eager step leaves it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vaexp import evaluate as ev
+from vaexp import fast
+from vaexp.estimators import get_estimator
+from vaexp.models import VAE
+from vaexp.objectives import make_objective
+from vaexp.stack import Member, StackedStep, StackedVAE
+from vaexp.train import adam, train_step
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SCHEDULE = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-4)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class GraphStandIn:
+    """CUDAGraphBackend's interface on a CPU: 'capture' remembers the function (and, unlike a real
+    capture, runs it once: the step must put back what that changed), 'replay' runs it again and
+    writes the result into the static output."""
+
+    def __init__(self, corrupt: float = 0.0, fail_capture: bool = False):
+        self.corrupt, self.fail_capture, self.replays = corrupt, fail_capture, 0
+
+    def new_graph(self, generators):
+        return SimpleNamespace(fn=None, out=None)
+
+    def warm_up(self, fn, steps):
+        for _ in range(steps):
+            fn()
+
+    def capture(self, graph, fn):
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graph.fn = fn
+        graph.out = fn().clone()
+        return graph.out
+
+    def replay(self, graph):
+        self.replays += 1
+        graph.out.copy_(graph.fn())
+        if self.corrupt:
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(self.corrupt)
+
+
+def setup(seed=0, device="cpu", estimator="dreg", objective="miwae", m=2, k=3):
+    torch.manual_seed(seed)
+    model = VAE([4, 3], [8, 6], x_dim=20, train_mean=torch.linspace(0.1, 0.9, 20)).to(device)
+    opt = adam(model.parameters(), SCHEDULE, torch.device(device))
+    gen = torch.Generator(device=device).manual_seed(11)
+    obj, est = make_objective(objective), get_estimator(estimator)
+    theta, phi = model.theta_parameters(), model.phi_parameters()
+
+    def step(x):
+        return train_step(model, obj, est, opt, theta, phi, x, m, k, gen)
+
+    return model, opt, gen, step
+
+
+def batches(n, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.rand(10, 20, generator=g) < 0.4).float().to(device) for _ in range(n)]
+
+
+def run_eager(pre_steps=0):
+    model, opt, gen, step = setup()
+    outs = [step(x).clone() for x in batches(pre_steps + 6)]
+    return model, opt, gen, outs[pre_steps:]
+
+
+@pytest.mark.parametrize("pre_steps", [0, 2])  # a fresh optimizer, and one with state (a resumed run)
+def test_captured_step_leaves_the_run_where_the_eager_step_does(pre_steps):
+    ref_model, ref_opt, ref_gen, ref_outs = run_eager(pre_steps)
+    model, opt, gen, step = setup()
+    xs = batches(pre_steps + 6)
+    for x in xs[:pre_steps]:
+        step(x)
+    backend = GraphStandIn()
+    captured = fast.CapturedStep(step, list(model.parameters()), opt, [gen], backend=backend)
+    outs = [captured(x).clone() for x in xs[pre_steps:]]
+    assert captured.captured and not captured.eager and backend.replays == 6
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], ref_opt.state[q][key])
+    assert torch.equal(gen.get_state(), ref_gen.get_state())  # the same ε were drawn, no more
+
+
+def test_a_graph_that_disagrees_is_dropped_for_the_eager_step():
+    ref_model, _, _, ref_outs = run_eager()
+    model, opt, gen, step = setup()
+    backend = GraphStandIn(corrupt=1e-3)
+    backend.params = list(model.parameters())
+    captured = fast.CapturedStep(step, list(model.parameters()), opt, [gen], backend=backend)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        outs = [captured(x).clone() for x in batches(6)]
+    assert captured.eager and not captured.captured and "differs" in captured.reason
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_capture_errors_fall_back_under_auto_and_raise_under_true():
+    ref_model, _, _, ref_outs = run_eager()
+    model, opt, gen, step = setup()
+    captured = fast.CapturedStep(step, list(model.parameters()), opt, [gen], backend=GraphStandIn(fail_capture=True))
+    with pytest.warns(RuntimeWarning, match="operation not permitted"):
+        outs = [captured(x).clone() for x in batches(6)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+    model, opt, gen, step = setup()
+    strict = fast.CapturedStep(step, list(model.parameters()), opt, [gen], strict=True,
+                               backend=GraphStandIn(fail_capture=True))
+    with pytest.raises(fast.FastStepError, match="fast=true"):
+        strict(batches(1)[0])
+
+
+def test_the_stacked_step_captures_too():
+    n = 3
+
+    def make():
+        models = []
+        for i in range(n):
+            torch.manual_seed(i)
+            models.append(VAE([4], [8], x_dim=20, train_mean=torch.linspace(0.1, 0.9, 20)))
+        stack = StackedVAE(models)
+        opt = adam(stack.parameters(), SCHEDULE, torch.device("cpu"))
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        return stack, opt, gens, StackedStep(stack, [Member("iwae", "stl", 1, 4)] * n, opt, gens)
+
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.rand(n, 10, 20, generator=g) < 0.4).float() for _ in range(5)]
+    ref_stack, _, _, ref_step = make()
+    ref = [ref_step(x).clone() for x in xs]
+    stack, opt, gens, step = make()
+    captured = fast.CapturedStep(step, list(stack.parameters()), opt, gens, backend=GraphStandIn())
+    assert all(torch.equal(captured(x), r) for x, r in zip(xs, ref))
+    assert all(torch.equal(p, q) for p, q in zip(stack.parameters(), ref_stack.parameters()))
+
+
+def test_learning_rate_and_checkpoint_format():
+    model, opt, gen, step = setup()
+    for x in batches(2):
+        step(x)
+    fast.set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] == 0.5
+    eager_sd = copy.deepcopy(opt.state_dict())  # (load_state_dict would share the state tensors)
+    # What the captured step's optimizer looks like (capturable, lr a tensor); on a CPU Adam
+    # cannot step in that form, but its checkpoint must come out in the eager format.
+    fast.make_capturable(opt, torch.device("cpu"))
+    group = opt.param_groups[0]
+    assert group["capturable"] and torch.is_tensor(group["lr"]) and group["fused"] is None
+    lr_tensor = group["lr"]
+    fast.set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] is lr_tensor and float(lr_tensor) == 0.25  # filled in place
+    sd = copy.deepcopy(fast.portable_state_dict(opt))
+    g = sd["param_groups"][0]
+    assert g["lr"] == 0.25 and isinstance(g["lr"], float) and g["capturable"] is False
+    assert all(s["step"].device.type == "cpu" for s in sd["state"].values())
+    # A plain Adam takes it and continues like the original eager optimizer.
+    twin, twin_opt, _, _ = setup()
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(sd)
+    ref, ref_opt, _, _ = setup()
+    ref.load_state_dict(model.state_dict())
+    ref_opt.load_state_dict(eager_sd)
+    fast.set_lr(ref_opt, 0.25)
+    for m, o in ((twin, twin_opt), (ref, ref_opt)):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        o.step()
+    # (the captured form drops `fused`, so the two Adams may round differently)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(twin.parameters(), ref.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(twin.parameters(), model.parameters()))  # it did step
+
+
+def test_fast_setting():
+    cpu = torch.device("cpu")
+    assert not fast.wanted("auto", cpu) and not fast.wanted("false", cpu) and not fast.wanted(False, cpu)
+    with pytest.raises(fast.FastStepError, match="needs a CUDA device"):
+        fast.wanted(True, cpu)
+    assert fast.mode("True") == "true" and fast.mode(False) == "false"
+    assert fast.captured_step("auto", cpu, None, [], [], lambda x: x) is None
+
+
+def test_fast_options_on_the_command_line(vaexp_main, tiny_args, tmp_path):
+    bad = vaexp_main("train", *tiny_args, "fast=sometimes", f"out_root={tmp_path}")
+    assert bad.code == 2 and "fast=sometimes" in bad.err and "fast=auto" in bad.err
+    if not torch.cuda.is_available():
+        forced = vaexp_main("train", *tiny_args, "fast=true", f"out_root={tmp_path}")
+        assert forced.code == 2 and "fast=true" in forced.err and "CUDA" in forced.err
+    assert not (tmp_path / "train").exists()  # rejected before anything is written
+
+
+# ------------------------------------------------------------------------------ evaluation passes
+
+@pytest.mark.parametrize("latents,hidden", [([5], [16]), ([5, 3], [16, 8])])
+def test_evaluation_passes_do_not_change_the_estimates(latents, hidden):
+    torch.manual_seed(0)
+    model = VAE(latents, hidden, x_dim=30, train_mean=torch.linspace(0.1, 0.9, 30)).eval()
+    x = (torch.rand(23, 30) < 0.3).float()
+    for k, rows in [(50, 200), (50, 30), (7, 1000)]:  # several blocks; pieces of K; one block
+        ref = ev.log_likelihoods(model, x, k, [1, 4], rows, seed=3)  # one pass per drawn piece
+        for pass_rows in [1, 5, 13, 64, 200, 1000, 10_000]:  # slices of blocks ... several blocks per pass
+            out = ev.log_likelihoods(model, x, k, [1, 4], rows, seed=3, pass_rows=pass_rows)
+            for key in ref:
+                assert torch.allclose(out[key], ref[key], rtol=0, atol=1e-4), (k, rows, pass_rows, key)
+    other_seed = ev.log_likelihoods(model, x, 50, [1], 200, seed=4, pass_rows=64)
+    assert not torch.allclose(other_seed["log_px"], ref["log_px"])
+
+
+def test_evaluate_uses_device_sized_passes(monkeypatch):
+    seen = {}
+    real = ev.log_likelihoods
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "log_likelihoods", spy)
+    model = VAE([3], [8], x_dim=30).eval()
+    cfg = SimpleNamespace(n_test=None, chunk=0, k=20, report_k=[1], seed=0, au_threshold=0.01, au_samples=2,
+                          surgery_n=0)
+    result = ev.evaluate(model, (torch.rand(6, 30) < 0.5).float(), cfg, torch.device("cpu"))
+    assert seen["pass_rows"] == ev.CPU_PASS_ROWS and math.isfinite(result["metrics"]["nll"])
+
+
+# ------------------------------------------------------------------------------ on a GPU
+
+@needs_cuda
+@pytest.mark.parametrize("objective,estimator,m,k", [("iwae", "reparam", 1, 5), ("miwae", "dreg", 2, 3),
+                                                     ("piwae", "stl", 2, 2)])
+def test_cuda_graph_step_matches_eager(objective, estimator, m, k):
+    ref_model, ref_opt, ref_gen, ref_step = setup(device="cuda", objective=objective, estimator=estimator, m=m, k=k)
+    fast.make_capturable(ref_opt, torch.device("cuda"))  # the same optimizer kernels, run eagerly
+    model, opt, gen, step = setup(device="cuda", objective=objective, estimator=estimator, m=m, k=k)
+    captured = fast.captured_step("true", torch.device("cuda"), opt, list(model.parameters()), [gen], step)
+    for i, x in enumerate(batches(12, "cuda")):
+        fast.set_lr(opt, 1e-2 / (1 + i))
+        fast.set_lr(ref_opt, 1e-2 / (1 + i))
+        assert torch.allclose(captured(x), ref_step(x), rtol=1e-4, atol=1e-4)
+    assert captured.captured
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
+
+
+@needs_cuda
+def test_cuda_trainer_fast_and_eager_agree(vaexp_main, tiny_args, tmp_path):
+    import json
+
+    dirs = {}
+    for setting in ("true", "false"):
+        d = tmp_path / setting
+        assert vaexp_main("train", *tiny_args, "device=cuda", f"fast={setting}", f"hydra.run.dir={d}").code == 0
+        dirs[setting] = json.loads((d / "metrics.json").read_text())
+    assert abs(dirs["true"]["test"]["nll"] - dirs["false"]["test"]["nll"]) < 1e-3
+
+
+@needs_cuda
+def test_cuda_evaluation_passes_from_free_memory_do_not_change_the_estimates():
+    torch.manual_seed(0)
+    model = VAE([5], [16], x_dim=30).cuda().eval()
+    x = (torch.rand(40, 30, device="cuda") < 0.3).float()
+    ref = ev.log_likelihoods(model, x, 500, [1, 64], 2000, seed=0)
+    out = ev.log_likelihoods(model, x, 500, [1, 64], 2000, seed=0,
+                             pass_rows=ev.pass_rows_for(model, torch.device("cuda"), 500))
+    for key in ref:
+        assert torch.allclose(out[key], ref[key], rtol=0, atol=1e-4)
