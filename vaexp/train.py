@@ -135,9 +135,11 @@ def train(cfg, run_dir: Path) -> Dict:
             raise NonFiniteBound(f"{name} became {value} at {where}; stopped, and {kept()}; "
                                  f"lower schedule.lr or check the data")
 
-    # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph (vaexp.fast); None: eager.
-    captured = fast.captured_step(cfg.fast, device, opt, theta + phi, [eps_gen],
-                                  lambda xb: train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen))
+    def eager_step(xb: Tensor) -> Tensor:
+        return train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen)
+
+    # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph (vaexp.fast).
+    step_fn = fast.captured_step(cfg.fast, device, opt, theta + phi, [eps_gen], eager_step) or eager_step
 
     n_epochs = len(lrs)
     bar = _progress(cfg.progress, n_epochs * steps_per_epoch, state["global_step"])
@@ -164,10 +166,7 @@ def train(cfg, run_dir: Path) -> Dict:
                 if stop.requested:
                     break
                 xb = x_epoch[perm[step * B:(step + 1) * B]]
-                if captured is not None:
-                    out = captured(xb)
-                else:
-                    out = train_step(model, obj, est, opt, theta, phi, xb, cfg.m, cfg.k, eps_gen)
+                out = step_fn(xb)
                 acc += out
                 epoch_acc += out
                 acc_n += 1
