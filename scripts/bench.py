@@ -9,7 +9,7 @@ Three sections, each a table of ratios against a baseline measured in the same r
 
 1. training steps/s at batch 20: vaexp's step (data on the device, per-epoch binarisation on the
    device, no host sync, the encoder run once per x, θ and φ from their own surrogates, fused Adam
-   on a CPU; on CUDA also the whole step as a captured CUDA graph, vaexp.fast) against a *typical*
+   on a CPU; on CUDA also the whole step as a captured CUDA graph, vaexp.training.capture) against a *typical*
    implementation: a
    CPU DataLoader over a TensorDataset with per-batch torch.bernoulli, `.to(device)`, the
    encoder run on x repeated k times, torch.distributions log-densities, one backward over one
@@ -18,10 +18,10 @@ Three sections, each a table of ratios against a baseline measured in the same r
    image repeated K times through the same network, `.item()` per image), on the same images
    and the same weights; both NLLs are printed (different ε, so they agree up to Monte Carlo
    noise); on CUDA also how much TF32 matmuls would move the NLL;
-3. N models of one shape: trained stacked (vaexp.stack) against the same N trained one after
-   another with vaexp's own step, as model-steps per second.
+3. N models of one shape: trained stacked (vaexp.training.step.StackedStep) against the same N
+   trained one after another with vaexp's own step, as model-steps per second.
 
-The process tunes glibc's allocator as the vaexp CLI does (vaexp.cli.tune_cpu_allocator; it
+The process tunes glibc's allocator as the vaexp CLI does (vaexp.runtime.tune_cpu_allocator; it
 applies to the baselines too; --no-malloc-tuning to skip). Peak device memory per row: torch.cuda.max_memory_allocated on CUDA; on a CPU there is no
 per-section allocator statistic, so the rows say n/a and the process's peak RSS is printed once.
 """
@@ -46,14 +46,12 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vaexp import evaluate as ev  # noqa: E402
-from vaexp.cli import tune_cpu_allocator  # noqa: E402
-from vaexp import fast  # noqa: E402
-from vaexp.data import binarize, load_dataset  # noqa: E402
-from vaexp.estimators import get_estimator  # noqa: E402
-from vaexp.models import VAE  # noqa: E402
-from vaexp.objectives import make_objective  # noqa: E402
-from vaexp.stack import Member, StackedStep, StackedVAE  # noqa: E402
-from vaexp.train import adam, train_step  # noqa: E402
+from vaexp.data import load_dataset  # noqa: E402
+from vaexp.models.burda import VAE  # noqa: E402
+from vaexp.runtime import tune_cpu_allocator  # noqa: E402
+from vaexp.training import capture  # noqa: E402
+from vaexp.training.loop import EpochData  # noqa: E402
+from vaexp.training.step import StepSpec, make_step  # noqa: E402
 
 BATCH = 20
 SCHEDULE = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-4)  # Burda et al.'s Adam
@@ -221,36 +219,37 @@ def vaexp_model(model_name: str, seed: int, data, device: torch.device, sizes) -
     return VAE(latents, hidden, x_dim=data.train.shape[1], train_mean=data.train_mean).to(device)
 
 
-def vaexp_train(model_name: str, k: int, estimator: str, data, device: torch.device, steps: int, warmup: int,
-                use_fast: bool, sizes, seed: int = 0):
-    """(steps/s, captured?) of vaexp's step as the trainer runs it (epoch binarisation amortised)."""
-    model = vaexp_model(model_name, seed, data, device, sizes)
-    opt = adam(model.parameters(), SCHEDULE, device)
-    obj, est = make_objective("iwae"), get_estimator(estimator)
-    theta, phi = model.theta_parameters(), model.phi_parameters()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    data_gen = torch.Generator(device=device).manual_seed(seed + 7)
-    n_train = data.train.shape[0]
-    t_bin = timed(lambda: binarize(data.train, data_gen), device)  # once per epoch in the trainer
-    x_epoch = binarize(data.train, data_gen)
-    perm = torch.randperm(n_train, generator=data_gen, device=device)
-
-    def plain(xb):
-        return train_step(model, obj, est, opt, theta, phi, xb, 1, k, gen)
-
-    step = fast.captured_step("auto" if use_fast else "false", device, opt, theta + phi, [gen], plain) or plain
-    acc = torch.zeros(4, device=device, dtype=torch.float64)
-    per_epoch = n_train // BATCH
+def vaexp_steps(models: Sequence[VAE], specs: Sequence[StepSpec], seeds: Sequence[int], data,
+                device: torch.device, steps: int, warmup: int, use_fast: bool):
+    """(seconds for `steps` steps, captured?) of the trainer's own step on these models (one: a
+    lone run; several: a stack), fed as the trainer feeds it (vaexp.training.loop.EpochData),
+    the epoch's binarisation and permutation amortised over the epoch's steps."""
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    step = make_step(list(models), list(specs), gens, [None] * len(models), SCHEDULE, device)
+    step_fn = capture.captured_step("auto" if use_fast else "false", device, step.opt, step.params,
+                                    step.generators, step) or step
+    holder = {}
+    t_epoch = timed(lambda: holder.update(epoch=EpochData(data, [s + 7 for s in seeds], 0, device)), device)
+    epoch = holder["epoch"]
+    acc = torch.zeros(len(models), 4, device=device, dtype=torch.float64)
+    per_epoch = data.train.shape[0] // BATCH
 
     def run(n, offset):
         for i in range(offset, offset + n):
-            j = i % per_epoch
-            acc.add_(step(x_epoch[perm[j * BATCH:(j + 1) * BATCH]]))
+            acc.add_(step_fn(epoch.batch(i % per_epoch, BATCH)))
 
-    run(warmup, 0)
-    seconds = timed(lambda: run(steps, warmup), device) + t_bin * steps / per_epoch
+    run(warmup, 0)  # warm-up (and capture) outside the timed part
+    seconds = timed(lambda: run(steps, warmup), device) + t_epoch * steps / per_epoch
     float(acc.sum())
-    captured = getattr(step, "captured", None)
+    return seconds, getattr(step_fn, "captured", None)
+
+
+def vaexp_train(model_name: str, k: int, estimator: str, data, device: torch.device, steps: int, warmup: int,
+                use_fast: bool, sizes, seed: int = 0):
+    """(steps/s, captured?) of one lone run's step."""
+    model = vaexp_model(model_name, seed, data, device, sizes)
+    seconds, captured = vaexp_steps([model], [StepSpec("iwae", estimator, 1, k)], [seed], data, device, steps,
+                                    warmup, use_fast)
     return steps / seconds, captured
 
 
@@ -291,78 +290,32 @@ def vaexp_nll(model: VAE, x: Tensor, k: int, device: torch.device, tf32: bool = 
 
 # ============================================================================ stacked vs sequential
 
-def stack_members(kind: str, n: int) -> List[Member]:
+def stack_members(kind: str, n: int) -> List[StepSpec]:
     if kind in ("seeds-k5", "narrow-k5"):
-        return [Member("iwae", "reparam", 1, 5)] * n
+        return [StepSpec("iwae", "reparam", 1, 5)] * n
     if kind == "seeds-k1":
-        return [Member("iwae", "reparam", 1, 1)] * n
+        return [StepSpec("iwae", "reparam", 1, 1)] * n
     if kind == "estimators-k5":
         names = ["reparam", "stl", "dreg"]
-        return [Member("iwae", names[i % 3], 1, 5) for i in range(n)]
+        return [StepSpec("iwae", names[i % 3], 1, 5) for i in range(n)]
     if kind == "mk64":  # the M·K = 64 line: m = 1, 2, 4, ..., 64 (n of them)
         ms = [2 ** i for i in range(7)][:n]
-        return [Member("miwae", "reparam", m, 64 // m) for m in ms]
+        return [StepSpec("miwae", "reparam", m, 64 // m) for m in ms]
     raise ValueError(kind)
 
 
-def sequential_train(members: Sequence[Member], data, device, steps: int, warmup: int, use_fast: bool, sizes,
+def sequential_train(specs: Sequence[StepSpec], data, device, steps: int, warmup: int, use_fast: bool, sizes,
                      model_name: str = "burda1") -> float:
-    """Seconds for the members trained one after another (vaexp's step), `steps` steps each."""
-    total = 0.0
-    n_train = data.train.shape[0]
-    for i, mb in enumerate(members):
-        model = vaexp_model(model_name, i, data, device, sizes)
-        opt = adam(model.parameters(), SCHEDULE, device)
-        obj, est = make_objective(mb.objective, mb.beta), get_estimator(mb.estimator)
-        theta, phi = model.theta_parameters(), model.phi_parameters()
-        gen = torch.Generator(device=device).manual_seed(i)
-        data_gen = torch.Generator(device=device).manual_seed(1000 + i)
-        x_epoch = binarize(data.train, data_gen)
-        perm = torch.randperm(n_train, generator=data_gen, device=device)
-
-        def plain(xb, model=model, obj=obj, est=est, opt=opt, theta=theta, phi=phi, gen=gen, mb=mb):
-            return train_step(model, obj, est, opt, theta, phi, xb, mb.m, mb.k, gen)
-
-        step = fast.captured_step("auto" if use_fast else "false", device, opt, theta + phi, [gen], plain) or plain
-        acc = torch.zeros(4, device=device, dtype=torch.float64)
-        per_epoch = n_train // BATCH
-
-        def run(n, offset):
-            for s in range(offset, offset + n):
-                j = s % per_epoch
-                acc.add_(step(x_epoch[perm[j * BATCH:(j + 1) * BATCH]]))
-
-        run(warmup, 0)  # each run pays its own warm-up (and capture) outside the timed part
-        total += timed(lambda: run(steps, warmup), device)
-    return total
+    """Seconds for the runs trained one after another, `steps` steps each (each pays its own warm-up
+    and capture outside the timed part)."""
+    return sum(vaexp_steps([vaexp_model(model_name, i, data, device, sizes)], [spec], [i], data, device, steps,
+                           warmup, use_fast)[0] for i, spec in enumerate(specs))
 
 
-def stacked_train(members: Sequence[Member], data, device, steps: int, warmup: int, use_fast: bool, sizes,
+def stacked_train(specs: Sequence[StepSpec], data, device, steps: int, warmup: int, use_fast: bool, sizes,
                   model_name: str = "burda1"):
-    n = len(members)
-    models = [vaexp_model(model_name, i, data, device, sizes) for i in range(n)]
-    stack = StackedVAE(models).to(device)
-    opt = adam(stack.parameters(), SCHEDULE, device)
-    gens = [torch.Generator(device=device).manual_seed(i) for i in range(n)]
-    stepper = StackedStep(stack, members, opt, gens)
-    step = fast.captured_step("auto" if use_fast else "false", device, opt, stepper.theta + stepper.phi, gens,
-                              stepper) or stepper
-    n_train = data.train.shape[0]
-    x_epoch = torch.stack([binarize(data.train, torch.Generator(device=device).manual_seed(1000 + i))
-                           for i in range(n)])
-    perm = torch.stack([torch.randperm(n_train, generator=torch.Generator(device=device).manual_seed(2000 + i),
-                                       device=device) for i in range(n)])
-    rows = torch.arange(n, device=device).unsqueeze(1)
-    acc = torch.zeros(n, 4, device=device, dtype=torch.float64)
-    per_epoch = n_train // BATCH
-
-    def run(count, offset):
-        for s in range(offset, offset + count):
-            j = s % per_epoch
-            acc.add_(step(x_epoch[rows, perm[:, j * BATCH:(j + 1) * BATCH]]))
-
-    run(warmup, 0)
-    return timed(lambda: run(steps, warmup), device), getattr(step, "captured", None)
+    models = [vaexp_model(model_name, i, data, device, sizes) for i in range(len(specs))]
+    return vaexp_steps(models, specs, list(range(len(specs))), data, device, steps, warmup, use_fast)
 
 
 # ============================================================================ the run
@@ -528,7 +481,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     p.add_argument("--repeat", type=int, default=1, help="run everything this many times; tables show the spread")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="CUDA: skip the captured-step column")
     p.add_argument("--no-malloc-tuning", dest="malloc", action="store_false",
-                   help="leave glibc's allocator as it is (vaexp's CLI tunes it: vaexp.cli.tune_cpu_allocator; "
+                   help="leave glibc's allocator as it is (vaexp's CLI tunes it: vaexp.runtime.tune_cpu_allocator; "
                         "in this one process the tuning applies to the baselines as well)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = p.parse_args(argv)

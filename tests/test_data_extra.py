@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import TINY_BURDA1
-from vaexp import data
-from vaexp.data import DataError, load_dataset, omniglot_to_28, read_amat, read_chardata
+from vaexp.data import DataError, base, load_dataset
+from vaexp.data.extra import omniglot_to_28, read_amat, read_chardata
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,7 +152,7 @@ def test_omniglot_from_torchvision_is_used_and_cached(data_dir, monkeypatch):
     tv.datasets = types.SimpleNamespace(Omniglot=FakeOmniglot)
     monkeypatch.setitem(sys.modules, "torchvision", tv)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", tv.datasets)
-    monkeypatch.setattr(data, "_check_reachable", lambda url: None)
+    monkeypatch.setattr(base, "check_reachable", lambda url: None)
     ds = load_dataset(cfg("omniglot", download=True, n_valid=2), "cpu")
     assert made == [True, False]
     assert ds.train.shape == (10, 784) and torch.all(ds.train == 1.0)   # black everywhere = all ink

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple
 
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
 from vaexp.estimators import ESTIMATORS, get_estimator, gradients, surrogate_losses
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
 from vaexp.objectives import make_objective
 
 ARCHS = {"burda1": ([3], [4]), "burda2": ([3, 2], [4, 3])}

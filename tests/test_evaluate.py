@@ -9,9 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vaexp.config import EvalConf
+from vaexp.schema import EvalConf
 from vaexp.evaluate import DEFAULT_ROWS, active_units, evaluate, format_table, log_likelihoods
-from vaexp.models import VAE, LogWeights
+from vaexp.models.base import LogWeights
+from vaexp.models.burda import VAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

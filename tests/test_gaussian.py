@@ -1,4 +1,4 @@
-"""The estimators against exact answers, on the analytic linear-Gaussian model (vaexp.gaussian).
+"""The estimators against exact answers, on the analytic linear-Gaussian model (vaexp.models.gaussian).
 
 p(z) = N(μ, I), p(x|z) = N(z, I) (and its two-layer chain), q(z_i|z_{i-1}) = N(A z_{i-1} + b, σ²I):
 log p(x), the posterior and the ELBO are known in closed form, so the log-weights, the bounds,
@@ -28,7 +28,8 @@ from torch.distributions import MultivariateNormal, Normal
 from vaexp.data import load_dataset
 from vaexp.estimators import get_estimator, gradients, surrogate_losses
 from vaexp.evaluate import evaluate
-from vaexp.gaussian import LinearGaussianVAE, load_gaussian, true_mean
+from vaexp.data.gaussian import load_gaussian, true_mean
+from vaexp.models.gaussian import LinearGaussianVAE
 from vaexp.models import build_model
 from vaexp.objectives import make_objective
 from vaexp.snr import GradientSampler
@@ -78,14 +79,14 @@ def flat(gs) -> torch.Tensor:
 
 def test_data_are_seeded_split_real_valued_and_from_the_true_model():
     cfg = OmegaConf.create({"name": "gaussian", "dim": 20, "n_train": 1024, "n_valid": 16, "n_test": 64, "seed": 3})
-    a, b = load_gaussian(cfg, "cpu"), load_dataset(cfg, "cpu")
+    a, b = load_gaussian("gaussian", cfg, "cpu"), load_dataset(cfg, "cpu")
     assert torch.equal(a.train, b.train) and torch.equal(a.test, b.test)
     assert a.train.shape == (1024, 20) and a.valid.shape == (16, 20) and a.test.shape == (64, 20)
     assert a.train.dtype == torch.float32 and not a.binary and a.image_shape is None
     # the test set is its own stream: it does not move when the training set grows
-    bigger = load_gaussian(OmegaConf.merge(cfg, {"n_train": 2000}), "cpu")
+    bigger = load_gaussian("gaussian", OmegaConf.merge(cfg, {"n_train": 2000}), "cpu")
     assert torch.equal(bigger.test, a.test) and torch.equal(bigger.train[:1024], a.train)
-    assert not torch.equal(load_gaussian(OmegaConf.merge(cfg, {"seed": 4}), "cpu").train, a.train)
+    assert not torch.equal(load_gaussian("gaussian", OmegaConf.merge(cfg, {"seed": 4}), "cpu").train, a.train)
     # x ~ N(μ_true, 2I): the sample mean is within 4.5 standard errors in every dimension (D = 20)
     se = math.sqrt(2 / 1024)
     assert ((a.train.double().mean(0) - true_mean(20, 3)).abs() < 4.5 * se).all()
@@ -93,7 +94,7 @@ def test_data_are_seeded_split_real_valued_and_from_the_true_model():
 
 
 def test_build_model_dispatch_and_parameter_split():
-    data = load_gaussian(OmegaConf.create({"dim": 5, "n_train": 10, "n_valid": 0, "n_test": 3, "seed": 0}), "cpu")
+    data = load_gaussian("gaussian", OmegaConf.create({"dim": 5, "n_train": 10, "n_valid": 0, "n_test": 3, "seed": 0}), "cpu")
     cfg = OmegaConf.create({"name": "gaussian", "latents": [5, 5], "q_var": 0.5, "learn_q_var": False})
     model = build_model(cfg, data)
     assert isinstance(model, LinearGaussianVAE) and len(model.encoder) == 2
@@ -189,7 +190,7 @@ def iwae_gap_constant(model: LinearGaussianVAE, x: torch.Tensor) -> float:
 
 def rainforth_model() -> tuple:
     """Rainforth et al.'s model at its optimum (D = 20, σ² = 2/3 fixed) and one training point."""
-    data = load_gaussian(OmegaConf.create({"dim": 20, "n_train": 1024, "n_valid": 0, "n_test": 200, "seed": 0}), "cpu")
+    data = load_gaussian("gaussian", OmegaConf.create({"dim": 20, "n_train": 1024, "n_valid": 0, "n_test": 200, "seed": 0}), "cpu")
     model = LinearGaussianVAE(20, 1).double()
     model.set_optimum(data.train.double())
     return model, data
@@ -291,7 +292,7 @@ def test_zero_gradient_check_would_catch_a_detached_z1():
     z1, z2 = lws.zs
     from torch.func import functional_call
 
-    from vaexp.models import gaussian_log_prob
+    from vaexp.models.base import gaussian_log_prob
 
     def frozen(layer, h):  # the layer with its parameters detached
         return functional_call(layer, {n: p.detach() for n, p in layer.named_parameters()}, (h,))

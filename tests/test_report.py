@@ -17,7 +17,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objective="miwae", estimator="reparam",
-             m=1, k=64, beta=0.5, seed=0, nll=85.0, status="finished", lr=1e-3, epoch=None, surgery=True) -> Path:
+             m=1, k=64, beta=0.5, seed=0, nll=85.0, status="finished", lr=1e-3, epoch=None, surgery=True,
+             **extra) -> Path:
     d = root / name
     d.mkdir(parents=True)
     cfg = {"dataset": {"name": dataset, "path": None, "n_valid": 400, "binarize_seed": 1234},
@@ -27,7 +28,7 @@ def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objectiv
                         "stage_epochs": None, "epochs": None, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4},
            "eval": {"k": 5000, "report_k": [1, 64], "chunk": 0, "n_test": None, "every": 0, "seed": 0},
            "k": k, "m": m, "beta": beta, "seed": seed, "device": "cuda", "batch_size": 20, "log_every": 200,
-           "resume": None, "out_root": "outputs", "progress": True, "mk": None, "sweep": "s"}
+           "resume": None, "out_root": "outputs", "progress": True, "mk": None, "sweep": "s", **extra}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     if status == "finished":
         test = {"k": 5000, "n_test": 10000, "nll": nll, "nll_stderr": 0.3, "L5000": -nll, "L1": -nll - 4.0,
@@ -47,6 +48,21 @@ def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objectiv
 def read_csv(path: Path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_runtime_only_settings_do_not_split_a_setting(tmp_path, vaexp_main):
+    """Two seeds of one setting, one trained stacked with the captured step off, are one setting
+    (stack, fast, device, log_every are vaexp.rundir.RUNTIME_ONLY): one row of two seeds, no
+    spurious columns."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "a", seed=0, nll=85.0, stack=False, fast="auto", log_every=200)
+    fake_run(sweep, "b", seed=1, nll=86.0, stack=True, fast="false", log_every=50)
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    rows = read_csv(sweep / "report" / "summary.csv")
+    assert len(rows) == 1 and rows[0]["n_seeds"] == "2" and rows[0]["seeds"] == "0;1"
+    assert not {"stack", "fast", "log_every"} & set(rows[0])
+    assert "85.50 ± 0.71" in res.out and "| stack" not in res.out and "| fast" not in res.out
 
 
 def test_table_csvs_and_seed_statistics(tmp_path, vaexp_main):

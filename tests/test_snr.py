@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from vaexp.estimators import get_estimator, gradients, surrogate_losses
-from vaexp.gaussian import LinearGaussianVAE
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
+from vaexp.models.gaussian import LinearGaussianVAE
 from vaexp.objectives import make_objective
 from vaexp.snr import (ALL, PHI, THETA, GradientSampler, Moments, Row, fit_slopes, grid_cells,
                        per_parameter_snr, summarise)

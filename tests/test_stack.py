@@ -1,4 +1,4 @@
-"""vaexp.stack: N runs trained as one stacked model compute what the N runs compute alone (to
+"""Stacked training (vaexp.training.step.StackedStep, vaexp.cli.stacking): N runs trained as one stacked model compute what the N runs compute alone (to
 float tolerance), and a `-m stack=true` sweep leaves the run directories separate runs leave."""
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vaexp.stack
-import vaexp.train
-from vaexp import checkpoint
+from vaexp import rundir
 from vaexp.estimators import get_estimator
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
+from vaexp.models.stacked import StackedVAE
 from vaexp.objectives import make_objective
-from vaexp.stack import (Member, StackedStep, StackedVAE, model_optimizer_state, stack_optimizer_states,
-                         stack_key)
-from vaexp.train import adam, train_step
+from vaexp.training.step import (StackedStep, StepSpec, adam, model_optimizer_state, stack_key,
+                                 stack_optimizer_states, train_step)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,8 +23,8 @@ SCHEDULE = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-4)
 CPU = torch.device("cpu")
 # Every objective and estimator, with M*K = 4; two runs share (iwae, reparam, 1, 4) so they are
 # reduced together, and the groups are not in model order.
-MEMBERS = [Member("iwae", "reparam", 1, 4), Member("miwae", "dreg", 2, 2), Member("piwae", "stl", 2, 2),
-           Member("iwae", "reparam", 1, 4), Member("ciwae", "dreg", 4, 1, 0.3), Member("vae", "stl", 1, 4)]
+MEMBERS = [StepSpec("iwae", "reparam", 1, 4), StepSpec("miwae", "dreg", 2, 2), StepSpec("piwae", "stl", 2, 2),
+           StepSpec("iwae", "reparam", 1, 4), StepSpec("ciwae", "dreg", 4, 1, 0.3), StepSpec("vae", "stl", 1, 4)]
 
 
 def tiny_vae(seed: int, latents=(3, 2), hidden=(6, 5), x_dim=12, dtype=torch.float32) -> VAE:
@@ -96,7 +94,7 @@ def test_optimizer_state_round_trip_through_lone_adams():
     n = 3
     stack = StackedVAE([tiny_vae(i) for i in range(n)])
     opt = adam(stack.parameters(), SCHEDULE, CPU)
-    step = StackedStep(stack, [Member("iwae", "dreg", 1, 4)] * n, opt, [torch.Generator().manual_seed(i) for i in range(n)])
+    step = StackedStep(stack, [StepSpec("iwae", "dreg", 1, 4)] * n, opt, [torch.Generator().manual_seed(i) for i in range(n)])
     for _ in range(2):
         step((torch.rand(n, 5, 12) < 0.5).float())
     named = list(stack.named_parameters())
@@ -124,7 +122,7 @@ def test_optimizer_state_round_trip_through_lone_adams():
 def test_stack_key_says_which_runs_stack():
     from omegaconf import OmegaConf
 
-    from vaexp.config import TrainConfig
+    from vaexp.schema import TrainConfig
 
     def cfg(**kw):
         base = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
@@ -148,7 +146,7 @@ def _runs(sweep_dir: Path):
 
 
 def _params(run: Path):
-    return checkpoint.load(run)["model"]
+    return rundir.load_checkpoint(run)["model"]
 
 
 @pytest.fixture
@@ -211,18 +209,18 @@ def test_a_diverging_run_fails_alone_and_the_stack_goes_on(tiny_sweep, tmp_path,
     assert "seed=1" in bad.name
     assert "training bound became nan" in (bad / "error.txt").read_text()
     assert not (bad / "metrics.json").exists()
-    assert checkpoint.load(bad)["state"]["epoch"] == 1  # the last good checkpoint (epoch 1)
+    assert rundir.load_checkpoint(bad)["state"]["epoch"] == 1  # the last good checkpoint (epoch 1)
     for good in (runs[0], runs[2]):
         assert json.loads((good / "metrics.json").read_text())["train"]["epochs"] == 2
 
 
 def test_interrupted_stack_resumes_stacked_exactly(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
     assert vaexp_main(*tiny_sweep("whole", "stack=true", "seed=0,1")).code == 0
-    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", 7)
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "7")
     assert vaexp_main(*tiny_sweep("cut", "stack=true", "seed=0,1")).code == 130
     cut = _runs(tmp_path / "out/multirun/cut")
-    assert all(checkpoint.load(d)["state"]["global_step"] == 7 for d in cut.values())
-    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", None)
+    assert all(rundir.load_checkpoint(d)["state"]["global_step"] == 7 for d in cut.values())
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     result = vaexp_main(*tiny_sweep("cut", "stack=true", "seed=0,1"))
     assert result.code == 0 and "training 2 runs as one stacked model" in result.out
     whole = _runs(tmp_path / "out/multirun/whole")

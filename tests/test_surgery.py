@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal, kl_divergence
 
 from vaexp.evaluate import evaluate, format_table
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
 from vaexp.surgery import elbo_surgery, log_aggregate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -106,16 +106,16 @@ def test_a_failing_job_does_not_stop_the_sweep(vaexp_main, tmp_path):
 
 
 def test_an_unexpected_error_is_recorded_with_its_traceback(vaexp_main, tmp_path, monkeypatch):
-    import vaexp.train
+    import vaexp.training.loop
 
-    real = vaexp.train.train
+    real = vaexp.training.loop.train
 
-    def flaky(cfg, run_dir):
+    def flaky(cfg, run_dir, stop=None):
         if cfg.k == 2:
             raise RuntimeError("boom in k=2")
         return real(cfg, run_dir)
 
-    monkeypatch.setattr(vaexp.train, "train", flaky)
+    monkeypatch.setattr(vaexp.training.loop, "train", flaky)
     out_root = tmp_path / "out"
     res = vaexp_main("train", "-m", "k=1,2", "sweep=x", *TINY, f"out_root={out_root}")
     assert res.code == 1
@@ -128,20 +128,18 @@ def test_an_unexpected_error_is_recorded_with_its_traceback(vaexp_main, tmp_path
 
 
 def test_an_interrupted_sweep_resumes_when_run_again(vaexp_main, tmp_path, monkeypatch):
-    import vaexp.train
-
     out_root = tmp_path / "out"
     cmd = ["train", "-m", "k=1,2", "sweep=r", *TINY, f"out_root={out_root}"]
-    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", 2)            # a deterministic Ctrl-C at step 2
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "2")            # a deterministic Ctrl-C at step 2
     res = vaexp_main(*cmd)
     assert res.code == 130                                           # Ctrl-C stops the whole sweep
     sweep = out_root / "multirun" / "r"
     (first,) = jobs(sweep)
     assert (first / "checkpoint.pt").is_file() and not finished(first)
-    monkeypatch.setattr(vaexp.train, "_INTERRUPT_AT", None)
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     res = vaexp_main(*cmd)
     assert res.code == 0, res.err
-    assert f"resuming {first} at epoch 1, step 2" in res.out
+    assert f"resuming {first}: 0 of 1 epochs done; continuing epoch 1 at step 2/5" in res.out
     assert all(finished(j) for j in jobs(sweep)) and len(jobs(sweep)) == 2
 
 
@@ -152,7 +150,7 @@ def compose_train():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from vaexp.config import register_configs
+    from vaexp.cli.configs import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -162,9 +160,9 @@ def compose_train():
 
 
 def test_iwae_table1_preset_is_burdas_grid(compose_train):
-    from vaexp.config import validate_command
+    from vaexp.cli.checks import validate_command
     from vaexp.schedule import epoch_learning_rates
-    from vaexp.sweep import sweep_jobs
+    from vaexp.cli.sweep import sweep_jobs
 
     cfg = compose_train("experiment=iwae_table1")
     grid = sweep_jobs(cfg, "train")
@@ -186,15 +184,15 @@ def test_iwae_table1_preset_is_burdas_grid(compose_train):
 
 
 def test_rainforth_preset_is_the_mk64_line(compose_train):
-    from vaexp.config import _with_mk, validate_command
-    from vaexp.sweep import sweep_jobs
+    from vaexp.cli.checks import validate_command, with_mk
+    from vaexp.cli.sweep import sweep_jobs
 
     grid = sweep_jobs(compose_train("experiment=rainforth_mk64"), "train")
     assert len(grid) == 21
     seen = set()
     for _, job in grid:
         validate_command(job)
-        job = _with_mk(job)
+        job = with_mk(job)
         assert job.m * job.k == 64 and job.beta == 0.05 and job.model.name == "burda1"
         seen.add((job.objective.name, job.m))
     assert seen == {(o, m) for o in ("miwae", "piwae", "ciwae") for m in (1, 2, 4, 8, 16, 32, 64)}

@@ -14,15 +14,17 @@ from typing import List
 import pytest
 import torch
 
-import vaexp.train
+import vaexp.training.loop
+import vaexp.training.step
 from conftest import TINY_BURDA1, TINY_BURDA2, TINY_DATA, cli_env, run_main
-from vaexp import checkpoint as ckpt_mod
+from vaexp import rundir
 from vaexp.data import binarize, load_dataset
 from vaexp.estimators import get_estimator
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
 from vaexp.objectives import make_objective
 from vaexp.schedule import epoch_learning_rates
-from vaexp.train import epoch_seed, train_step
+from vaexp.training.run import epoch_seed
+from vaexp.training.step import train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,7 +111,7 @@ def test_sigint_during_a_step_then_resume_is_exact(signal_at_call, reference_run
                                                    monkeypatch):
     """SIGINT arriving inside a step (in this process, so exactly when we want): the step
     finishes, the checkpoint holds it, and the resumed run equals the uninterrupted one."""
-    real_step, calls = vaexp.train.train_step, []
+    real_step, calls = vaexp.training.step.train_step, []
 
     def step_then_signal(*args, **kwargs):
         out = real_step(*args, **kwargs)
@@ -118,7 +120,7 @@ def test_sigint_during_a_step_then_resume_is_exact(signal_at_call, reference_run
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(vaexp.train, "train_step", step_then_signal)
+    monkeypatch.setattr(vaexp.training.step, "train_step", step_then_signal)
     run_dir = tmp_path / "run"
     res = vaexp_main("train", *RESUME_ARGS, f"hydra.run.dir={run_dir}")
     assert res.code == 130, res.err
@@ -205,7 +207,7 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path, data_dir, vaexp_main):
             proc.kill()
             proc.wait()
     assert code == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
-    saved = ckpt_mod.load(run_dir)
+    saved = rundir.load_checkpoint(run_dir)
     st = saved["state"]
     assert 1 <= st["epoch"] < epochs and st["global_step"] == st["epoch"] * STEPS_PER_EPOCH + st["step"]
     assert saved["model"] and all(torch.isfinite(v).all() for v in saved["model"].values())
@@ -221,7 +223,7 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path, data_dir, vaexp_main):
 
 @pytest.mark.parametrize("log_every", [200, 2], ids=["checked-at-epoch-end", "checked-at-log-step"])
 def test_non_finite_bound_stops_and_keeps_last_checkpoint(log_every, vaexp_main, tmp_path, monkeypatch):
-    real_step, calls, at_first_nan = vaexp.train.train_step, [], {}
+    real_step, calls, at_first_nan = vaexp.training.step.train_step, [], {}
     run_dir = tmp_path / "run"
 
     def nan_from_step_7(*args, **kwargs):
@@ -233,7 +235,7 @@ def test_non_finite_bound_stops_and_keeps_last_checkpoint(log_every, vaexp_main,
             return torch.full_like(out, float("nan"))
         return out
 
-    monkeypatch.setattr(vaexp.train, "train_step", nan_from_step_7)
+    monkeypatch.setattr(vaexp.training.step, "train_step", nan_from_step_7)
     res = vaexp_main("train", *COMMON, *TINY_BURDA1, "schedule.epochs=3", f"log_every={log_every}",
                      f"hydra.run.dir={run_dir}")
     assert res.code not in (0, 130)
@@ -266,7 +268,7 @@ def compose_train(overrides: List[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from vaexp.config import register_configs
+    from vaexp.cli.configs import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -305,7 +307,7 @@ def test_schedule_cap_and_extension():
 
 def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    ckpt_mod.atomic_save({"version": 1, "w": torch.arange(3)}, path)
+    rundir.atomic_save({"version": 1, "w": torch.arange(3)}, path)
     old_bytes = path.read_bytes()
     real_save = torch.save
 
@@ -315,27 +317,27 @@ def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt_mod.atomic_save({"version": 2}, path)
+        rundir.atomic_save({"version": 2}, path)
     assert path.read_bytes() == old_bytes
     assert torch.load(path, weights_only=False)["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
 
     monkeypatch.setattr(torch, "save", real_save)
-    ckpt_mod.atomic_save({"version": 2}, path)
+    rundir.atomic_save({"version": 2}, path)
     assert torch.load(path, weights_only=False)["version"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_atomic_save_failing_rename_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    ckpt_mod.atomic_save({"version": 1}, path)
+    rundir.atomic_save({"version": 1}, path)
 
     def no_rename(src, dst):
         raise OSError("rename failed")
 
     monkeypatch.setattr(os, "replace", no_rename)
     with pytest.raises(OSError):
-        ckpt_mod.atomic_save({"version": 2}, path)
+        rundir.atomic_save({"version": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
@@ -366,14 +368,14 @@ def test_epoch_binarisation_is_fresh_per_epoch_and_reproducible(synthetic):
 
 def test_trainer_binarises_each_epoch_from_its_seed(vaexp_main, tmp_path, monkeypatch, synthetic):
     seen = []
-    real = vaexp.train.binarize
+    real = vaexp.training.loop.binarize
 
     def recording(probs, generator):
         out = real(probs, generator)
         seen.append(out.clone())
         return out
 
-    monkeypatch.setattr(vaexp.train, "binarize", recording)
+    monkeypatch.setattr(vaexp.training.loop, "binarize", recording)
     res = vaexp_main("train", *COMMON, *TINY_BURDA1, "schedule.epochs=2", "seed=3",
                      f"hydra.run.dir={tmp_path / 'run'}")
     assert res.code == 0, res.err

@@ -1,6 +1,6 @@
 """Test log-likelihood with K importance samples, L_k bounds, active units.
 
-log p(x) ≈ logmeanexp_{k≤K} lw_k with lw from the model's own q (DESIGN.md). Log-weights are
+log p(x) ≈ logmeanexp_{k≤K} lw_k with lw from the model's own q (docs/DESIGN.md). Log-weights are
 computed in fp32 in chunks of examples × samples that fit memory; the log-sum-exp and every
 sum over examples run in fp64. Seeds are fixed, so two evaluations of a model agree exactly.
 """
@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from vaexp.models import VAE
+from vaexp import rundir, surgery
+from vaexp.data import load_dataset
+from vaexp.models import build_model
+from vaexp.models.burda import VAE
+from vaexp.runtime import resolve_device
+from vaexp.schema import TrainConfig
+from vaexp.tblog import RunLogger
 
 # Log-weight rows (samples x examples) per block when eval.chunk = 0. It is a constant, not a
 # function of free memory: the ε of each block come from a generator re-seeded per block, so the
@@ -197,8 +205,6 @@ def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bo
 def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
     """ELBO surgery (vaexp.surgery) on the first eval.surgery_n images; {} when off or when the
     model is not a Bernoulli VAE with a N(0, I) prior."""
-    from vaexp import surgery
-
     n = int(getattr(cfg, "surgery_n", 0) or 0)
     if n <= 0 or not surgery.supported(model):
         return {}
@@ -230,3 +236,22 @@ def _bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="eval", unit="img", leave=False, dynamic_ncols=True)
+
+
+def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -> Dict:
+    """`vaexp eval`: evaluate a saved run's checkpoint with `settings` (an EvalConf), add the result
+    to its metrics.json (and its per-image file) and to TensorBoard under reeval/*."""
+    run_dir = Path(run_dir)
+    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / rundir.CONFIG))
+    device = resolve_device(device_name)
+    data = load_dataset(saved.dataset, device)
+    model = build_model(saved.model, data).to(device)
+    state = rundir.load_checkpoint(run_dir, map_location=device)
+    model.load_state_dict(state["model"])
+    result = evaluate(model, data.test, settings, device, progress=progress)
+    rundir.write_metrics(run_dir, {"test": result["metrics"]}, result["per_example"], append_eval=True)
+    log = RunLogger(run_dir)
+    log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                state["state"]["global_step"])
+    log.close()
+    return {"metrics": result["metrics"], "epoch": state["state"]["epoch"], "step": state["state"]["global_step"]}

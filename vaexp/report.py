@@ -1,49 +1,38 @@
 """`vaexp report <dir>...`: every run under the given directories as tables and plots.
 
-A run is a directory holding the ``config.yaml`` that ``vaexp train`` writes (sweep jobs and single
-runs alike); the search goes down the given directories and skips hidden folders (``.hydra``,
-``.submitit``). For each run: its config, and ``metrics.json`` when it finished; otherwise its
-state (the last checkpoint's epoch, or the error a sweep job recorded).
-
-Outputs (in ``out``, default ``<first dir>/report``):
-
-* stdout and ``report.md``: a markdown table, one row per setting; runs that differ only in
-  ``seed`` share a row showing mean ± std over the seeds (sample std, n-1); then the runs that did
-  not finish, and those skipped for an unreadable metrics.json.
-* ``runs.csv``: one row per run (finished or not), every metric; ``summary.csv``: one row per
-  setting, with mean, std and n of every metric.
-* PNG plots: test NLL vs M along each line M·K = const that has at least two M (one line per
-  objective/estimator, and β for ciwae); a heatmap of test NLL over each (M, K) grid with at least
-  two M and two K off a single M·K line; training curves (train and validation bound per epoch)
-  from the TensorBoard event files.
-
-Runs are only plotted together when all their settings other than objective, estimator, β, M, K
-and seed agree: runs of different datasets, models, schedules or evaluation settings give separate
-plots (their NLLs are not comparable), and the report says which settings split them.
+A run is a directory holding the config.yaml that `vaexp train` writes (found at any depth;
+hidden folders skipped): its config, and metrics.json when it finished, else its state (the last
+checkpoint's epoch, or the error a sweep job recorded). Writes report.md (also to stdout),
+runs.csv (one row per run), summary.csv (one row per setting: mean, std, n over seeds) and PNG
+plots (NLL vs M per M·K line, (M, K) heatmaps, training curves). Invariants: runs are grouped by
+every setting except vaexp.rundir.NOT_A_SETTING, so seeds of one setting share a row; runs are
+plotted together only when they agree on everything but objective, estimator, β, M, K and
+seed. Reading finished runs needs no torch.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import yaml
+from omegaconf import OmegaConf
+
 from vaexp.errors import VaexpError
+from vaexp.rundir import CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, covers, flatten
+from vaexp.schedule import epoch_learning_rates
 
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
-CHECKPOINT = "checkpoint.pt"
-ERROR_FILE = "error.txt"
-
-# Settings that do not change what a run computes (or are aggregated: seed). They are left out
-# when runs are grouped into settings and contexts.
-IGNORED = {"seed", "device", "progress", "log_every", "out_root", "resume", "sweep", "mk",
-           "dataset.path", "dataset.data_dir", "dataset.download", "eval.chunk", "eval.every"}
+# Settings that do not change what a run computes (or are aggregated: seed): runs are grouped
+# into settings and contexts without them (vaexp.rundir holds the list).
+IGNORED = tuple(NOT_A_SETTING)
 # What varies inside one plot: the lines, and the (M, K) axes.
 LINE_KEYS = ("objective.name", "estimator.name", "beta")
 GRID_KEYS = ("m", "k")
@@ -75,7 +64,7 @@ class Run:
 
     @property
     def context(self) -> Tuple:
-        return _key(self.flat, IGNORED | set(LINE_KEYS) | set(GRID_KEYS))
+        return _key(self.flat, IGNORED + LINE_KEYS + GRID_KEYS)
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -90,20 +79,9 @@ def check_dirs(dirs: Sequence[str]) -> None:
                               f"e.g. vaexp report outputs/multirun/<sweep>")
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def _key(flat: Dict[str, Any], drop: Iterable[str]) -> Tuple:
-    drop = set(drop)
-    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in drop))
+    drop = tuple(drop)
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if not covers(drop, k)))
 
 
 def _is_run_config(cfg: Any) -> bool:
@@ -114,14 +92,12 @@ def _is_run_config(cfg: Any) -> bool:
 
 
 def _load_yaml(path: Path) -> Any:
-    import yaml
-
     with open(path) as f:
         return yaml.safe_load(f)
 
 
 def _normalised_flat(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    flat = _flatten(cfg)
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(cfg).items()}
     if flat.get("objective.name") != "ciwae":
         flat["beta"] = None  # beta only weighs ciwae's VAE term: elsewhere it changes nothing
     return flat
@@ -133,15 +109,11 @@ def _checkpoint_state(run_dir: Path, cfg: Dict[str, Any]) -> str:
         return "no checkpoint yet"
     total = ""
     try:
-        from omegaconf import OmegaConf
-
-        from vaexp.schedule import epoch_learning_rates
-
         total = f"/{len(epoch_learning_rates(OmegaConf.create(cfg['schedule'])))}"
     except Exception:
         pass
     try:
-        import torch
+        import torch  # only for unfinished runs: a report of finished runs never loads torch
 
         state = torch.load(path, map_location="cpu", weights_only=False)["state"]
         return f"checkpoint at epoch {state['epoch']}{total}, step {state['global_step']}"
@@ -152,8 +124,6 @@ def _checkpoint_state(run_dir: Path, cfg: Dict[str, Any]) -> str:
 def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
     """(runs, skipped) under the given directories; skipped: (dir, reason) of run directories
     that cannot be reported (unreadable config.yaml or metrics.json)."""
-    import os
-
     runs: List[Run] = []
     skipped: List[Tuple[Path, str]] = []
     seen = set()
@@ -316,8 +286,8 @@ def _sort_key(run: Run) -> Tuple:
 
 def varying_keys(runs: Sequence[Run], exclude: Iterable[str]) -> List[str]:
     """Config keys whose values differ between the runs (other than those excluded)."""
-    exclude = set(exclude)
-    keys = sorted({k for r in runs for k in r.flat} - exclude)
+    exclude = tuple(exclude)
+    keys = sorted(k for k in {k for r in runs for k in r.flat} if not covers(exclude, k))
     out = []
     for key in keys:
         values = {repr(r.flat.get(key)) for r in runs}
@@ -495,7 +465,7 @@ def _contexts(groups: Sequence[Group]) -> List[Tuple[str, str, List[Group]]]:
     for g in groups:
         by.setdefault(g.first.context, []).append(g)
     firsts = [gs[0].first for gs in by.values()]
-    differing = varying_keys(firsts, IGNORED | set(LINE_KEYS) | set(GRID_KEYS))
+    differing = varying_keys(firsts, IGNORED + LINE_KEYS + GRID_KEYS)
     out = []
     for i, gs in enumerate(by.values()):
         f = gs[0].first.flat
@@ -703,7 +673,7 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
 
     groups = group_runs(finished)
     groups.sort(key=lambda g: _sort_key(g.first))
-    extra = varying_keys(finished, IGNORED | set(STANDARD_KEYS))
+    extra = varying_keys(finished, IGNORED + STANDARD_KEYS)
     extra = [k for k in extra if not k.startswith("eval.")] + [k for k in extra if k.startswith("eval.")]
     common = {}
     for key in ("dataset.name", "model.name", "estimator.name"):
@@ -726,7 +696,7 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
     notes = []
     contexts = _contexts(groups)
     if len(contexts) > 1:
-        keys = varying_keys([gs[0].first for _, _, gs in contexts], IGNORED | set(LINE_KEYS) | set(GRID_KEYS))
+        keys = varying_keys([gs[0].first for _, _, gs in contexts], IGNORED + LINE_KEYS + GRID_KEYS)
         notes.append(f"the runs differ in {', '.join(_short(k) for k in keys)}: their NLLs are not comparable in "
                      f"one plot, so each combination gets its own plots ({len(contexts)} sets)")
     plotted: List[Path] = []

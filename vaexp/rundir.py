@@ -1,13 +1,17 @@
-"""A run directory: its config (written once, the source of truth), metrics.json, TensorBoard.
+"""THE run-directory layout: file names, which config keys mean what, atomic writes, metrics.json.
 
-Layout of outputs/train/<time>_<dataset>_<model>_<objective>_m<M>_k<K>_<estimator>/:
-  config.yaml        resolved config of the run (never rewritten)
-  checkpoint.pt      model, optimizer, schedule position, RNG states (atomic)
-  metrics.json       final train/test metrics, plus every later `vaexp eval` under "evals"
-  test_log_px.pt     per-example test log-likelihood estimates (fp64) of the latest evaluation;
-                     test_log_px.<i>.pt of evaluation i (named in metrics.json's "evals")
-  events.out.tfevents.*  TensorBoard
-  .hydra/            Hydra's record of the command line
+A run directory (outputs/train/<time>_<dataset>_<model>_<objective>_m<M>_k<K>_<estimator>/, or a
+sweep job's <sweep>/<overrides>/) holds:
+  config.yaml      the resolved config (written on the first start; a resume that changes a
+                   RESUMABLE key keeps the old one as config.<time>.yaml)
+  checkpoint.pt    model, optimizer, schedule position, RNG states
+  metrics.json     the train summary, the latest test metrics, every evaluation under "evals"
+  test_log_px.<i>.pt / test_log_px.pt   per-image fp64 estimates of evaluation i / of the latest
+  error.txt        a failed sweep job's message;  events.out.tfevents.*  TensorBoard
+Invariants: every file is written to a temp file in the same folder and renamed over the old one,
+so a crash leaves the old file or the new one; the key classes below are the only lists of
+"which settings change what a run computes" - the trainer, the sweep planner, the report and
+train.yaml's exclude_keys (checked by a test) all read them from here.
 """
 from __future__ import annotations
 
@@ -16,48 +20,100 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vaexp.errors import VaexpError
+from vaexp.schedule import epoch_learning_rates
 
 CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 PER_EXAMPLE = "test_log_px.pt"
+ERROR_FILE = "error.txt"
 
-# Settings that may differ when a run is continued: they do not change what is trained.
-RESUMABLE = ("resume", "device", "progress", "log_every", "out_root", "schedule.epochs", "eval",
-             "fast", "stack")
+# -- key classes (dotted config keys; a key also covers everything below it) ---------------------
+# Settings that change how a run executes, never what it computes: left out of sweep job names
+# (train.yaml's exclude_keys, plus the `experiment` preset choice) and of report groupings.
+RUNTIME_ONLY = ("device", "progress", "log_every", "out_root", "resume", "sweep", "fast", "stack")
+# Settings a resume may change: the runtime ones, the length of training, and the evaluation.
+RESUMABLE = RUNTIME_ONLY + ("schedule.epochs", "eval")
+# Settings each run of a stack may have for itself (the rest, and M·K, must agree: one loop, one
+# batch of data indices, one optimizer configuration).
+STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval",
+                 "progress", "out_root", "sweep", "stack", "resume")
+# Settings that the report does not group runs by: the runtime ones, the seed (aggregated over),
+# mk (k and m carry it), where the data were read from, and evaluation knobs that change the
+# Monte Carlo draws but not what is estimated.
+NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk", "dataset.path", "dataset.data_dir", "dataset.download",
+                                "eval.chunk", "eval.every")
 
 
-def plain(cfg) -> Dict:
+def covers(keys: Iterable[str], key: str) -> bool:
+    """Whether dotted `key` is one of `keys` or lies below one of them."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def override_keys(overrides: Iterable[str]) -> List[str]:
+    """Keys of Hydra override strings: 'k=5' -> 'k', '+experiment=x' -> 'experiment'."""
+    return [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def as_dict(cfg) -> Dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def _flatten(d: Dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
+def flatten(d: Dict, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
 
 
-def _resumable(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+# -- atomic writes ----------------------------------------------------------------------------------
+
+def _atomic(path: Path, mode: str, write) -> None:
+    """write(f) into a temp file beside `path`, fsync, then rename over `path`: a crash at any
+    moment leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
-def _override_keys(overrides: Iterable[str]) -> List[str]:
-    keys = []
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        keys.append(key)
-    return keys
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, "w", lambda f: f.write(text))
 
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    import torch  # only the writers of tensors need torch; `vaexp report` reads metrics.json without it
+
+    _atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(run_dir: Path, map_location="cpu") -> Optional[Dict[str, Any]]:
+    import torch  # see atomic_save
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# -- config.yaml --------------------------------------------------------------------------------------
 
 def prepare(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) -> DictConfig:
     """The config to run with in `run_dir`; writes config.yaml on a first start, and again (the
@@ -65,13 +121,13 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) ->
     run_dir = Path(run_dir)
     saved_path = run_dir / CONFIG
     effective = effective_config(cfg, run_dir, overrides, schema)
-    text = OmegaConf.to_yaml(OmegaConf.create(plain(effective)))
+    text = OmegaConf.to_yaml(OmegaConf.create(as_dict(effective)))
     if not saved_path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(saved_path, text)
-    elif cfg.get("resume") and text != OmegaConf.to_yaml(OmegaConf.create(plain(OmegaConf.load(saved_path)))):
+        atomic_write_text(saved_path, text)
+    elif cfg.get("resume") and text != OmegaConf.to_yaml(OmegaConf.create(as_dict(OmegaConf.load(saved_path)))):
         saved_path.rename(run_dir / f"config.{time.strftime('%Y-%m-%d_%H-%M-%S')}.yaml")
-        _write_text(saved_path, text)
+        atomic_write_text(saved_path, text)
     return effective
 
 
@@ -89,23 +145,21 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
         return cfg
     if "hydra" in cfg:  # called from the validation callback: compare the task's settings only
         cfg = OmegaConf.masked_copy(cfg, [key for key in cfg.keys() if key != "hydra"])
-    saved = plain(OmegaConf.load(saved_path))
-    current = plain(cfg)
-    flat_saved, flat_cur = _flatten(saved), _flatten(current)
+    saved = as_dict(OmegaConf.load(saved_path))
+    current = as_dict(cfg)
+    flat_saved, flat_cur = flatten(saved), flatten(current)
     if cfg.get("resume"):
-        keys = _override_keys(overrides)
         changed = {}
-        for key in keys:
+        for key in override_keys(overrides):
             if key == "resume":
                 continue
-            hits = [k for k in flat_cur if k == key or k.startswith(key + ".")]
-            for k in hits:
-                if _resumable(k):
+            for k in [k for k in flat_cur if k == key or k.startswith(key + ".")]:
+                if covers(RESUMABLE, k):
                     changed[k] = flat_cur[k]
                 elif flat_cur[k] != flat_saved.get(k):
                     raise VaexpError(
                         f"resume={run_dir}: the run was trained with {k}={flat_saved.get(k)}, not {flat_cur[k]}; "
-                        f"drop {key}=... (only device, progress, log_every, fast, stack, schedule.epochs and eval.* may change "
+                        f"drop {key}=... (only {', '.join(RESUMABLE[:-1])} and eval.* may change "
                         f"when resuming) or start a new run")
         merged = OmegaConf.create(saved)
         for k, v in changed.items():
@@ -113,13 +167,15 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
         merged["resume"] = str(run_dir)
         return OmegaConf.merge(OmegaConf.structured(schema), merged)
     diffs = [k for k in sorted(set(flat_saved) | set(flat_cur))
-             if not _resumable(k) and flat_saved.get(k) != flat_cur.get(k)]
+             if not covers(RESUMABLE, k) and flat_saved.get(k) != flat_cur.get(k)]
     if diffs:
         shown = ", ".join(f"{k}={flat_cur.get(k)} (saved: {flat_saved.get(k)})" for k in diffs[:4])
         raise VaexpError(f"{run_dir} already holds a run with other settings: {shown}; "
                          f"use a new run directory, or resume={run_dir} to continue that run as it was")
     return cfg
 
+
+# -- metrics.json -------------------------------------------------------------------------------------
 
 def finished(run_dir: Path) -> Optional[Dict]:
     """metrics.json of a run that completed training and evaluation, else None."""
@@ -135,14 +191,11 @@ def finished(run_dir: Path) -> Optional[Dict]:
 def more_epochs(cfg, run_dir: Path) -> bool:
     """True when the schedule asks for more epochs than the run's checkpoint has done (a finished
     run resumed with a larger schedule.epochs)."""
-    from vaexp.checkpoint import load
-    from vaexp.schedule import epoch_learning_rates
-
-    saved = load(run_dir)
+    saved = load_checkpoint(run_dir)
     return saved is not None and saved["state"]["epoch"] < len(epoch_learning_rates(cfg.schedule))
 
 
-def write_metrics(run_dir: Path, summary: Dict, per_example: Optional[Dict[str, torch.Tensor]] = None,
+def write_metrics(run_dir: Path, summary: Dict, per_example: Optional[Dict[str, Any]] = None,
                   append_eval: bool = False) -> Dict:
     """Write metrics.json atomically. append_eval keeps what was there and records the new test
     metrics as the latest, adding them to the list of evaluations."""
@@ -156,18 +209,27 @@ def write_metrics(run_dir: Path, summary: Dict, per_example: Optional[Dict[str, 
     entry = dict(summary["test"])
     entry["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     data["evals"] = list(old.get("evals", [])) + [entry]
-    _write_text(run_dir / METRICS, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
     if per_example is not None:
-        from vaexp.checkpoint import atomic_save
-
         # One file per evaluation (named in its "evals" entry), and the latest as test_log_px.pt.
         tensors = {k: v.cpu() for k, v in per_example.items()}
         name = f"test_log_px.{len(data['evals']) - 1}.pt"
         data["evals"][-1]["per_example"] = name
-        _write_text(run_dir / METRICS, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
         atomic_save(tensors, run_dir / name)
         atomic_save(tensors, run_dir / PER_EXAMPLE)
+    atomic_write_text(run_dir / METRICS, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
     return data
+
+
+def json_safe(value):
+    """Plain JSON: NaN/inf (e.g. no validation set) become null, tensors and numpy scalars floats."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -176,7 +238,7 @@ def remove_unstarted(run_dir: Path) -> None:
     import shutil
 
     run_dir = Path(run_dir)
-    if (run_dir / "checkpoint.pt").exists() or (run_dir / METRICS).exists():
+    if (run_dir / CHECKPOINT).exists() or (run_dir / METRICS).exists():
         return
     for entry in run_dir.iterdir():
         if entry.name == ".hydra" and entry.is_dir():
@@ -187,31 +249,8 @@ def remove_unstarted(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def _json_safe(value):
-    """Plain JSON: NaN/inf (e.g. no validation set) become null, tensors and numpy scalars floats."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, bool, int)) or value is None:
-        return value
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def hparams(cfg) -> Dict:
+    """The settings shown in TensorBoard's HPARAMS table."""
     return {"dataset": cfg.dataset.name, "model": cfg.model.name, "objective": cfg.objective.name,
             "estimator": cfg.estimator.name, "m": cfg.m, "k": cfg.k, "beta": cfg.beta, "seed": cfg.seed,
             "schedule": cfg.schedule.name, "lr": cfg.schedule.lr, "batch_size": cfg.batch_size}
-
-
-def logger(run_dir: Path, purge_step: Optional[int] = None):
-    from vaexp.tblog import RunLogger
-
-    return RunLogger(run_dir, purge_step=purge_step)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

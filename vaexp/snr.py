@@ -1,27 +1,15 @@
 """`vaexp snr`: the signal-to-noise ratio of gradient estimates at fixed parameters.
 
-Definition (Rainforth et al. 2018): for one parameter, SNR = |E[Δ]| / std[Δ], where Δ is the
-gradient estimate of the objective's surrogate for a *fixed* minibatch (by default one training
-point, as in the paper) and the expectation and spread are over the Monte Carlo draws z ~ q only.
-We take R independent draws Δ_1..Δ_R per (M, K) cell, estimate E[Δ] and std[Δ] (ddof = 1) per
-parameter, and summarise the per-parameter SNRs over θ and over φ separately by their mean and
-median. θ gets the gradient of the θ surrogate and φ that of each estimator's φ surrogate, from
-vaexp.estimators.surrogate_losses: the trainer's own losses, nothing re-implemented here.
-
-The R draws are vectorised with torch.func.vmap (randomness="different"): one pass computes
-`chunk` independent draws, each with one forward (the model's log_weights) and one vector-Jacobian
-product per surrogate. All estimators share the forward pass of a draw (common random numbers):
-their θ gradients are identical by construction, so θ is reported once ("all").
-
-Theory (Rainforth et al., Theorem 1; Tucker et al. 2019): reparam IWAE has SNR_θ = O(√(MK)) and
-SNR_φ = O(√(M/K)); DReG makes SNR_φ grow with K. The table reports the least-squares slopes of
-log SNR on log K and log M over the grid (the model log SNR = a + s_K log K + s_M log M; M averages
-independent estimates, so s_M = 1/2 holds exactly at every K).
-
-Estimation floor: a parameter whose true mean gradient is 0 reads E|Z|/√R ≈ 0.8/√R, not 0.
-Summaries below ~3x that floor are marked '*' in the table: there the SNR is mostly noise and the
-slopes flatten towards 0. Raise `draws` (cost is linear in R·M·K) to push the floor down.
+Per parameter SNR = |E[Δ]| / std[Δ] (ddof 1) over R independent draws of the gradient estimate Δ
+for a *fixed* minibatch (Rainforth et al. 2018), summarised over θ and over φ by mean and median,
+per (M, K) cell and estimator; slopes of log SNR on log K and log M by least squares.
+Invariants: θ's and each estimator's φ gradient come from vaexp.estimators.surrogate_losses (the
+trainer's own losses); the draws are vectorised with torch.func.vmap and share the forward pass
+of a draw between estimators (common random numbers), so θ is reported once ("all"); every cell
+has its own seeded stream, so results do not depend on the other cells. A zero-mean gradient
+reads ≈ 0.8/√R (the floor): summaries below 3x that are marked '*'.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,12 +20,19 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from vaexp import rundir
+from vaexp.data import binarize, load_dataset
 from vaexp.errors import VaexpError
 from vaexp.estimators import Estimator, get_estimator, surrogate_losses
+from vaexp.models import build_model
 from vaexp.objectives import Objective, make_objective
+from vaexp.runtime import resolve_device
+from vaexp.schema import TrainConfig
+from vaexp.tblog import RunLogger
 
 CSV_NAME = "snr.csv"
 PNG_NAME = "snr.png"
@@ -267,19 +262,12 @@ def noise_floor(draws: int) -> float:
 def load_point(cfg, device: torch.device):
     """(model, data, description): a trained run's checkpoint, or the analytic model at its optimum
     for the training data plus N(0, perturb²) on every parameter (Rainforth et al.)."""
-    from omegaconf import OmegaConf
-
-    from vaexp import checkpoint
-    from vaexp.config import TrainConfig
-    from vaexp.data import load_dataset
-    from vaexp.models import build_model
-
     if cfg.run:
         run = Path(cfg.run)
-        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / "config.yaml"))
+        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / rundir.CONFIG))
         data = load_dataset(saved.dataset, device)
         model = build_model(saved.model, data).to(device)
-        state = checkpoint.load(run, map_location=device)
+        state = rundir.load_checkpoint(run, map_location=device)
         model.load_state_dict(state["model"])
         where = (f"run {run} (epoch {state['state']['epoch']}, step {state['state']['global_step']}; "
                  f"{saved.dataset.name}, {saved.model.name})")
@@ -297,8 +285,6 @@ def load_point(cfg, device: torch.device):
 def minibatch(data, index: int, batch: int, seed: int) -> Tensor:
     """The fixed minibatch: training rows index..index+batch-1, binarised once (seeded) for
     Bernoulli data, used as they are for real-valued data."""
-    from vaexp.data import binarize
-
     n = data.train.shape[0]
     if index + batch > n:
         raise VaexpError(f"index={index} batch={batch}: the minibatch runs past the {n} training points; "
@@ -313,10 +299,6 @@ def minibatch(data, index: int, batch: int, seed: int) -> Tensor:
 
 def snr(cfg, out_dir: Path) -> Dict:
     """`vaexp snr`: measure, then write snr.csv, snr.png, TensorBoard scalars and config.yaml."""
-    from omegaconf import OmegaConf
-
-    from vaexp.train import resolve_device
-
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,8 +374,6 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
 
 def write_tensorboard(out_dir: Path, rows: Sequence[Row], slopes: Dict) -> None:
     """snr_vs_k/<net>_<estimator>/<summary>_m<M> at step K, snr_vs_m/... at step M, and the slopes."""
-    from vaexp.tblog import RunLogger
-
     log = RunLogger(out_dir)
     for r in rows:
         for s in ("mean", "median"):

@@ -1,34 +1,13 @@
-"""ELBO surgery (Hoffman & Johnson, 2016): where the ELBO's KL term goes.
+"""ELBO surgery (Hoffman & Johnson, 2016): avgKL = I(x; z) + KL(q(z)‖p(z)) over N test images.
 
-Over N test images x_n, with the aggregate posterior q(z) = (1/N) Σ_n q(z|x_n):
-
-    ELBO        = recon − avgKL
-    recon       = (1/N) Σ_n E_q(z|x_n)[log p(x_n|z)]
-    avgKL       = (1/N) Σ_n KL(q(z|x_n) ‖ p(z))
-                = I(x; z) + KL(q(z) ‖ p(z))              (index-code mutual information + marginal KL)
-    I(x; z)     = (1/N) Σ_n E_q(z|x_n)[log q(z|x_n) − log q(z)]        (0 <= I <= log N)
-    KL(q‖p)     = (1/N) Σ_n E_q(z|x_n)[log q(z) − log p(z)]
-
-Estimators, from `samples` draws z ~ q(z|x_n) per image (fixed seed), sums in fp64:
-
-* avgKL = E[log q(z|x)] − E[log p(z)] in closed form where it exists: exactly for one stochastic
-  layer; for more, the Gaussian entropies and the top layer's cross-entropy are closed forms
-  given the sampled layer below, and the middle layers' log p(z_i | z_{i+1}) are Monte Carlo.
-* I = mean over n and draws of log q(z|x_n) − log q(z), both at the same draw. Each term is at
-  most log N (q(z) >= q(z|x_n)/N), so I <= log N exactly, and I = 0 exactly when all q(z|x_n)
-  coincide; the two logs are strongly correlated, so the estimate has a small variance.
-* KL(q(z)‖p(z)) = avgKL − I, so avgKL = I + KL(q(z)‖p(z)) holds by construction (to fp64
-  rounding); it is unbiased because both terms are.
-
-log q(z) is a log-sum-exp over all N components, computed in chunks of rows (O(N² · samples · D)
-work, fp64); recon is Monte Carlo over the same draws.
-
-z is the whole latent (z_1, ..., z_L). The encoder's upper layers see only the layer below,
-q(z|x) = q(z_1|x) Π q(z_i|z_{i−1}), so q(z) = q̂(z_1) Π q(z_i|z_{i−1}) with q̂(z_1) the mixture of
-the q(z_1|x_n): the upper factors cancel in I, and I(x; z) = I(x; z_1). For one stochastic layer
-(burda1) everything is about z_1; for burda2 avgKL and KL(q(z)‖p(z)) are about (z_1, z_2) — the
-KL the ELBO itself contains — and I is carried by z_1.
+recon = E[log p(x|z)], avgKL = (1/N) Σ KL(q(z|x_n)‖p(z)) in closed form given the sampled layer
+below, I = mean of log q(z|x_n) − log q(z) at the same draws (q(z) the aggregate posterior, an
+exact log-sum-exp over the N components in fp64 chunks), KL(q(z)‖p(z)) = avgKL − I.
+Invariants: 0 <= I <= log N term by term; the identity holds by construction (fp64 rounding);
+for more than one stochastic layer q(z2|z1) does not see x, so I(x; z) = I(x; z1) and avgKL is
+the KL the ELBO itself contains (docs/DESIGN.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +16,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from vaexp.models import VAE, bernoulli_log_prob, gaussian_log_prob
+from vaexp.models.base import bernoulli_log_prob, gaussian_log_prob
+from vaexp.models.burda import VAE
 
 _LOG_2PI = math.log(2 * math.pi)
 # log-density entries per chunk of the N_rows × N matrix (fp64: 8 bytes each).
@@ -45,7 +25,7 @@ _CHUNK_ENTRIES = 1 << 22
 
 
 def supported(model) -> bool:
-    """Surgery needs a Gaussian encoder, a Bernoulli decoder and p(z_L) = N(0, I): models.VAE."""
+    """Surgery needs a Gaussian encoder, a Bernoulli decoder and p(z_L) = N(0, I): vaexp.models.burda.VAE."""
     return isinstance(model, VAE)
 
 

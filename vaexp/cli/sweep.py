@@ -1,6 +1,5 @@
-"""Sweeps: the M·K budget, failed jobs that do not stop a sweep, and the end-of-sweep summary.
+"""Multirun jobs: failed jobs that do not stop a sweep, the job list, the end-of-sweep summary.
 
-* ``mk=64 m=1,2,4`` runs the M·K = 64 line: k is derived as mk / m (see :func:`derived_k`).
 * In a multirun, a job that fails records ``error.txt`` in its own directory and returns; the
   other jobs run on, and :func:`summary` (called when the sweep ends) lists what failed and
   makes the command exit non-zero. A job that is run again removes its old ``error.txt`` first.
@@ -14,76 +13,30 @@ import json
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from vaexp.errors import VaexpError
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 
-ERROR_FILE = "error.txt"
-METRICS = "metrics.json"
+from vaexp.rundir import ERROR_FILE, METRICS
 
+# The StackPlan (vaexp.cli.stacking) of the stack=true sweep running in this process, set by the
+# multirun callback and read by its jobs: Hydra offers no other channel between the two.
+stack_plan: Optional[Any] = None
 
-# --------------------------------------------------------------------------- the M·K budget
-
-def divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def override_keys(overrides: Iterable[str]) -> List[str]:
-    """Keys of Hydra override strings: 'k=5' -> 'k', '+experiment=x' -> 'experiment'."""
-    return [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
-
-
-def check_mk(mk: Optional[int], m: int, k: int, k_given: bool) -> Optional[int]:
-    """The k that `mk` implies for this m (None when mk is not set); raises VaexpError when m does
-    not divide mk, or when k was also given and disagrees."""
-    if mk is None:
-        return None
-    if mk < 1:
-        raise VaexpError(f"mk={mk}: must be >= 1; mk is the sample budget M*K, e.g. mk=64")
-    if m < 1:
-        return None  # validate() reports m itself
-    if mk % m:
-        raise VaexpError(f"mk={mk} with m={m}: k = mk/m must be a whole number; choose m among the divisors "
-                         f"of {mk} ({', '.join(map(str, divisors(mk)))}), or drop mk and give k")
-    k_mk = mk // m
-    if k_given and k != k_mk:
-        raise VaexpError(f"k={k} with mk={mk} m={m}: with mk set, k is derived as mk/m = {k_mk}; "
-                         f"drop k={k}, or drop mk={mk} and give m and k yourself")
-    return k_mk
-
-
-def derived_k(k: int, mk: Optional[int], m: int) -> int:
-    """k as the run will use it: mk/m when mk is set (and divisible), else k. Used by the
-    run-directory name, which is resolved before the checks can run."""
-    if mk is None or not m or m < 1 or mk % m:
-        return k
-    return mk // m
-
-
-def apply_mk(cfg: Any) -> Any:
-    """Set cfg.k = cfg.mk / cfg.m when mk is set (the checks have already run)."""
-    mk = cfg.get("mk") if hasattr(cfg, "get") else getattr(cfg, "mk", None)
-    if mk is not None:
-        cfg.k = derived_k(cfg.k, mk, cfg.m)
-    return cfg
-
-
-# --------------------------------------------------------------------------- jobs of a multirun
 
 def in_multirun() -> bool:
     """True inside a job of `-m` (whatever the launcher: the job's Hydra config says so)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:  # pragma: no cover - outside Hydra
         return False
 
 
 def current_job_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -138,10 +91,6 @@ def sweep_jobs(config: Any, config_name: Optional[str]) -> List[Tuple[List[str],
     """Every job of a multirun as (overrides, composed config with its hydra node), in the order
     the basic sweeper runs them: hydra.sweeper.params (e.g. from an experiment preset) first,
     then the command line, whose keys win."""
-    from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     params = config.hydra.sweeper.get("params") if "sweeper" in config.hydra else None
     arguments = [f"{key}={value}" for key, value in (params or {}).items()]
     arguments += list(config.hydra.overrides.task)

@@ -1,34 +1,16 @@
-"""The fast training step: the whole step (forward, both surrogates, backward, Adam) captured
-once as a CUDA graph and replayed, so a step costs one graph launch instead of hundreds of
-kernel launches and Python dispatches (at batch 20 a step is launch-bound, not FLOP-bound).
+"""The captured training step: the whole step replayed as one CUDA graph (fast=auto on CUDA).
 
-``fast=auto`` (the default) uses it on CUDA and the eager step everywhere else; ``fast=true``
-requires it (an error when it cannot be used); ``fast=false`` never uses it.
-
-What the graph holds and what stays outside:
-
-* inside: the ε draws (from the run's own CUDA generator, registered with the graph, so every
-  replay draws exactly what the eager step would have drawn from the same generator state),
-  the forward pass, both surrogates, both gradients and Adam with ``capturable=True``;
-* outside: the per-epoch binarisation and permutation (one kernel each per epoch, from the
-  epoch's own generator as in the eager trainer) and one gather of the batch into the graph's
-  static input buffer per step. Keeping them outside makes the captured step compute exactly
-  what the eager step computes, which is what is checked below.
-* Adam's learning rate is a device tensor (:func:`set_lr` fills it in place), so the schedule
-  changes it between replays without a new capture.
-
-Safety: the first call runs one eager step as a reference, restores parameters, Adam state and
-generators, warms up on a side stream, captures, restores again and replays the graph once; the
-graph is kept only if its parameters and outputs match the eager reference (float tolerance).
-Otherwise, or when capture raises, ``fast=auto`` warns once and continues eagerly from the
-restored state (``fast=true`` raises). The graph path has been written without a GPU at hand:
-it is exercised on CPU only through a stand-in for the graph (tests/test_fast.py), and on CUDA
-by tests that are skipped when no GPU is visible.
-
-Checkpoints are written in the eager optimizer's format (:func:`portable_state_dict`: lr a
-float, ``capturable`` off, step counts on the CPU), so a run checkpointed on the fast path
-resumes with ``fast=false``, on another device, or with a plain ``torch.optim.Adam``.
+Inside the graph: the ε draws (the run's own generators, registered with the graph), forward,
+both surrogates, both gradients, capturable Adam (lr a device tensor: :func:`set_lr` fills it
+in place). Outside: the epoch's binarisation and permutation and the batch gather into the
+static input. Invariants: the first call checks one replay against an eager reference step
+(parameters, Adam state and generators restored in place around it) and keeps the graph only if
+they match, else fast=auto warns and continues eagerly (fast=true raises); checkpoints are in
+the eager optimizer's format (:func:`portable_state_dict`), so runs move between fast settings
+and devices. On CPU it is tested through a stand-in backend (tests/test_capture.py); its CUDA
+tests skip without a GPU.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -39,8 +21,6 @@ from torch import Tensor
 
 from vaexp.errors import VaexpError
 
-MODES = ("auto", "true", "false")
-
 # The graph's first replay must reproduce the eager step this closely (parameters after one
 # Adam step move by ~lr = 1e-3, so 1e-6 is 0.1% of a step; outputs are bounds and norms).
 PARAM_ATOL, PARAM_RTOL = 1e-6, 1e-5
@@ -48,7 +28,7 @@ OUT_ATOL, OUT_RTOL = 1e-4, 1e-4
 WARMUP_STEPS = 3
 
 
-class FastStepError(VaexpError):
+class CaptureError(VaexpError):
     pass
 
 
@@ -64,7 +44,7 @@ def wanted(value, device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         if m == "true":
-            raise FastStepError(f"fast=true: the captured training step needs a CUDA device, this run uses "
+            raise CaptureError(f"fast=true: the captured training step needs a CUDA device, this run uses "
                                 f"{device}; use fast=auto (captured on CUDA, eager elsewhere) or fast=false")
         return False
     return True
@@ -228,7 +208,7 @@ class CapturedStep:
             self.backend.replay(graph)
             if not (_close([out], [reference], OUT_ATOL, OUT_RTOL)
                     and _close(self.params, after, PARAM_ATOL, PARAM_RTOL)):
-                raise FastStepError("the captured step's first result differs from the eager step's")
+                raise CaptureError("the captured step's first result differs from the eager step's")
         except Exception as err:  # noqa: BLE001 - any failure means: use the eager step
             snap.restore()
             self.graph, self.out, self.x = None, None, None
@@ -241,7 +221,7 @@ class CapturedStep:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         self.reason = f"{type(err).__name__}: {first}"
         if self.strict:
-            raise FastStepError(f"fast=true: the training step could not be captured as a CUDA graph "
+            raise CaptureError(f"fast=true: the training step could not be captured as a CUDA graph "
                                 f"({self.reason}); use fast=auto to fall back to the eager step") from err
         warnings.warn(f"vaexp: the training step could not be captured as a CUDA graph ({self.reason}); "
                       f"continuing with the eager step (set fast=false to skip the attempt)",

@@ -1,44 +1,25 @@
 """The linear-Gaussian model of Rainforth et al. (2018) and Tucker et al. (2019), with exact answers.
 
-Generative model (θ = μ), L stochastic layers, z_1 next to x:
-
-    p(z_L) = N(μ, I),   p(z_{i-1} | z_i) = N(z_i, I),   p(x | z_1) = N(z_1, I).
-
-L = 1 is the papers' model: p(x) = N(μ, 2I) and p(z|x) = N((x + μ)/2, I/2). In general z_i has the
-marginal N(μ, v_i I) with v_i = L - i + 1, and x has N(μ, (L + 1) I).
-
-Inference model (φ): q(z_i | z_{i-1}) = N(A_i z_{i-1} + b_i, σ_i² I) with z_0 = x, learnable A_i, b_i
-and a fixed σ_i (or a learnable one with model.learn_q_var=true). The exact posterior lies in this
-family for every L, because the chain is Markov and linear-Gaussian:
-
-    p(z_i | z_{i-1}, x) = p(z_i | z_{i-1}) = N((v_i z_{i-1} + μ) / (v_i + 1), v_i / (v_i + 1) I),
-
-so A_i* = v_i/(v_i+1) I, b_i* = μ/(v_i+1), σ_i*² = v_i/(v_i+1) (L = 1: A* = I/2, b* = μ/2, σ*² = 1/2).
-With q there, every log-weight equals log p(x) whatever z is: each bound is exact with zero variance.
-
-The default σ² = 2/3 is Rainforth et al.'s fixed inference variance (their q_φ(z|x) = N(Ax + b, 2/3 I)).
-Every bound is even in the offset of q's mean from the posterior mean, so A*, b* above are a
-stationary point of every bound for any fixed σ: the maximum for the ELBO (log p(x) − KL), and, as
-checked numerically, for IWAE; with σ² ≠ 1/2 the bounds stay below log p(x) there.
-
-The model plugs into the trainer, the objectives, the estimators and the evaluation through the
-same interface as models.VAE (log_weights, theta_parameters, phi_parameters, posterior_means,
-an `encoder` list with one entry per stochastic layer), and adds the exact answers: log p(x), the
-exact posterior, the ELBO, and the optimum for a dataset. The data (`dataset=gaussian`) are drawn
-from the L = 1 model with a seeded μ_true ~ N(0, I): see :func:`load_gaussian`.
+p(z_L) = N(μ, I), p(z_{i-1}|z_i) = N(z_i, I), p(x|z_1) = N(z_1, I) (θ = μ); q(z_i|z_{i-1}) =
+N(A_i z_{i-1} + b_i, σ_i² I) with z_0 = x (φ = A, b; log σ too with model.learn_q_var=true;
+default σ² = 2/3, Rainforth et al.'s). The exact posterior lies in q's family for every L:
+A_i* = v_i/(v_i+1) I, b_i* = μ/(v_i+1), σ_i*² = v_i/(v_i+1), v_i = L - i + 1 (docs/DESIGN.md).
+Invariants: the model follows vaexp.models.base's protocol, so trainer, objectives, estimators
+and evaluation use it unchanged; at q = p(z|x) every log-weight equals log p(x) exactly; the
+exact_* answers are computed in fp64. Its data: vaexp.data.gaussian.
 """
+
 from __future__ import annotations
 
 import math
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vaexp.models import LogWeights, sample_encoder, std_normal_log_prob
+from vaexp.errors import VaexpError
+from vaexp.models.base import HALF_LOG_2PI, LogWeights, sample_encoder, std_normal_log_prob
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 RAINFORTH_Q_VAR = 2.0 / 3.0
 
 
@@ -73,9 +54,7 @@ class LinearGaussianVAE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, dim: int) -> "LinearGaussianVAE":
-        if any(int(v) != dim for v in cfg.latents):  # also checked before a run starts (vaexp.config)
-            from vaexp.errors import VaexpError
-
+        if any(int(v) != dim for v in cfg.latents):  # also checked before a run starts (vaexp.cli.checks)
             raise VaexpError(f"model.latents={list(cfg.latents)}: every layer of the linear-Gaussian model has "
                              f"the data dimension {dim}; use model.latents=[{dim}] or [{dim},{dim}]")
         return cls(dim, len(cfg.latents), cfg.q_var, cfg.learn_q_var)
@@ -116,7 +95,7 @@ class LinearGaussianVAE(nn.Module):
         """log p_θ(x) = log N(x; μ, (L+1) I) per example, fp64 [B]."""
         x, mu = x.double(), self.mu.detach().double()
         var = self.layers + 1.0
-        return (-0.5 * (x - mu) ** 2 / var - 0.5 * math.log(var) - _HALF_LOG_2PI).sum(-1)
+        return (-0.5 * (x - mu) ** 2 / var - 0.5 * math.log(var) - HALF_LOG_2PI).sum(-1)
 
     @torch.no_grad()
     def exact_posterior(self) -> List[Tuple[Tensor, Tensor, float]]:
@@ -212,34 +191,3 @@ def _chain_gaussian(x: Tensor, steps) -> Tuple[Tensor, Tensor]:
             cov[: i * D, blk] = cross.T
             cov[blk, blk] = A @ cov[prev, prev] @ A.T + var * torch.eye(D, dtype=x.dtype, device=x.device)
     return torch.cat(means, -1), cov
-
-
-# -- the data -------------------------------------------------------------------------------------
-
-def true_mean(dim: int, seed: int) -> Tensor:
-    """μ_true ~ N(0, I), from its own stream of `seed` (fp64 [dim])."""
-    return torch.from_numpy(np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[0]).standard_normal(dim))
-
-
-def sample_points(dim: int, n: int, seed: int, stream: int) -> Tensor:
-    """n points of x = z + ε, z ~ N(μ_true, I), ε ~ N(0, I) (fp64 [n, dim]); streams 1-3 are
-    train, valid and test, independent of each other's sizes. Point by point (z and ε together),
-    so a larger n keeps the first points."""
-    mu = true_mean(dim, seed).numpy()
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[stream])
-    noise = rng.standard_normal((n, 2, dim))
-    return torch.from_numpy(mu + noise[:, 0] + noise[:, 1])
-
-
-def load_gaussian(cfg, device) -> "Dataset":
-    """dataset=gaussian: n_train training points (Rainforth et al.: N = 1024, the points that define
-    the optimum μ* = their mean), plus n_valid validation and n_test test points drawn separately
-    from the same true model (so the test NLL is on held-out data). float32, used as they are."""
-    from vaexp.data import Dataset
-
-    dim, seed = int(cfg.dim), int(cfg.seed)
-    parts = [sample_points(dim, int(n), seed, s).to(torch.float32).to(device)
-             for s, n in ((1, cfg.n_train), (2, cfg.n_valid), (3, cfg.n_test))]
-    return Dataset(name="gaussian", train=parts[0], valid=parts[1], test=parts[2], image_shape=None,
-                   source=f"gaussian (D={dim}, seed={seed}: mu_true ~ N(0, I), x ~ N(mu_true, 2I))",
-                   binary=False)

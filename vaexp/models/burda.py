@@ -6,35 +6,21 @@ example and only the layers above it (which condition on a sample) run per sampl
 """
 from __future__ import annotations
 
-import math
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
+from vaexp.models.base import LogWeights, bernoulli_log_prob, gaussian_log_prob, sample_encoder, std_normal_log_prob
 
-
-def gaussian_log_prob(z: Tensor, mu: Tensor, logsig: Tensor) -> Tensor:
-    """log N(z; mu, diag exp(logsig)^2), summed over the last axis."""
-    return (-0.5 * ((z - mu) * torch.exp(-logsig)) ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
-
-
-def std_normal_log_prob(z: Tensor) -> Tensor:
-    return (-0.5 * z ** 2 - _HALF_LOG_2PI).sum(-1)
-
-
-def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """log Bernoulli(x; sigmoid(logits)) summed over pixels, stable for large |logits|."""
-    return (x * logits - nn.functional.softplus(logits)).sum(-1)
+# The one list of activations (the config checks read it).
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
 
 
 def mlp(n_in: int, width: int, depth: int, activation: str) -> nn.Sequential:
     layers: List[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Linear(n_in if i == 0 else width, width), _ACTIVATIONS[activation]()]
+        layers += [nn.Linear(n_in if i == 0 else width, width), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -62,48 +48,6 @@ class BernoulliLayer(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.logits(self.net(h))
-
-
-class LogWeights(NamedTuple):
-    lw: Tensor                 # [M, K, B] log p(x, z) - log q(z|x), everything live
-    lw_bar: Optional[Tensor]   # same values, encoder parameters stopped, z still reparameterised
-    zs: List[Tensor]           # samples per stochastic layer, each [M, K, B, D_i]
-
-
-def sample_encoder(encoder, x: Tensor, m: int, k: int, need_bar: bool = False,
-                   generator: Optional[torch.Generator] = None, eps: Optional[List[Tensor]] = None):
-    """z ~ q(z|x) through a chain of Gaussian layers (each h -> (mu, log sigma)), bottom first.
-
-    Returns (zs, log_q, log_q_bar): samples [M, K, B, D_i] per layer and log q(z|x) [M, K, B];
-    with need_bar also log q with the layers' *parameters* detached while z (and z_{i-1} as the
-    input of q(z_i|z_{i-1})) stay live, which STL and DReG need. The first layer runs once per
-    example. eps: standard-normal draws to use instead of drawing them, one per layer.
-    """
-    B = x.shape[0]
-    h: Tensor = x
-    log_q = x.new_zeros(m, k, B)
-    log_q_bar = x.new_zeros(m, k, B) if need_bar else None
-    zs: List[Tensor] = []
-    for i, layer in enumerate(encoder):
-        mu, logsig = layer(h)
-        if eps is None:
-            e = torch.randn((m, k, B, mu.shape[-1]) if i == 0 else mu.shape,
-                            generator=generator, device=x.device, dtype=mu.dtype)
-        else:
-            e = eps[i]
-        z = mu + torch.exp(logsig) * e
-        # log q(z) at z = mu + sigma * eps, written in eps: the same value, fewer ops.
-        log_q = log_q + (-0.5 * e ** 2 - logsig - _HALF_LOG_2PI).sum(-1)
-        if need_bar:
-            if i == 0:  # the input x carries no parameters: detaching the outputs suffices
-                mu_s, logsig_s = mu.detach(), logsig.detach()
-            else:       # parameters stopped, the input z_{i-1} stays live
-                frozen = {n: p.detach() for n, p in layer.named_parameters()}
-                mu_s, logsig_s = functional_call(layer, frozen, (h,))
-            log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
-        zs.append(z)
-        h = z
-    return zs, log_q, log_q_bar
 
 
 class VAE(nn.Module):
@@ -204,14 +148,3 @@ class VAE(nn.Module):
         for layer in reversed(self.decoder[1:]):
             h, _ = layer(h)
         return torch.sigmoid(self.decoder[0](h))
-
-
-def build_model(cfg, data) -> nn.Module:
-    """The model named by cfg.name for `data` (a vaexp.data.Dataset): its input size, and the
-    training mean for the output bias. Every model exposes log_weights, theta_parameters,
-    phi_parameters, posterior_means and an `encoder` list (one entry per stochastic layer)."""
-    if cfg.name == "gaussian":  # the analytic linear-Gaussian model (vaexp.gaussian)
-        from vaexp.gaussian import LinearGaussianVAE
-
-        return LinearGaussianVAE.from_config(cfg, data.train.shape[1])
-    return VAE.from_config(cfg, data.train.shape[1], data.train_mean)

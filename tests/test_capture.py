@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from vaexp import evaluate as ev
-from vaexp import fast
+from vaexp.training import capture as fast
 from vaexp.estimators import get_estimator
-from vaexp.models import VAE
+from vaexp.models.burda import VAE
+from vaexp.models.stacked import StackedVAE
 from vaexp.objectives import make_objective
-from vaexp.stack import Member, StackedStep, StackedVAE
-from vaexp.train import adam, train_step
+from vaexp.training.step import StackedStep, StepSpec, adam, train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,7 +131,7 @@ def test_capture_errors_fall_back_under_auto_and_raise_under_true():
     model, opt, gen, step = setup()
     strict = fast.CapturedStep(step, list(model.parameters()), opt, [gen], strict=True,
                                backend=GraphStandIn(fail_capture=True))
-    with pytest.raises(fast.FastStepError, match="fast=true"):
+    with pytest.raises(fast.CaptureError, match="fast=true"):
         strict(batches(1)[0])
 
 
@@ -146,7 +146,7 @@ def test_the_stacked_step_captures_too():
         stack = StackedVAE(models)
         opt = adam(stack.parameters(), SCHEDULE, torch.device("cpu"))
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        return stack, opt, gens, StackedStep(stack, [Member("iwae", "stl", 1, 4)] * n, opt, gens)
+        return stack, opt, gens, StackedStep(stack, [StepSpec("iwae", "stl", 1, 4)] * n, opt, gens)
 
     g = torch.Generator().manual_seed(0)
     xs = [(torch.rand(n, 10, 20, generator=g) < 0.4).float() for _ in range(5)]
@@ -197,7 +197,7 @@ def test_learning_rate_and_checkpoint_format():
 def test_fast_setting():
     cpu = torch.device("cpu")
     assert not fast.wanted("auto", cpu) and not fast.wanted("false", cpu) and not fast.wanted(False, cpu)
-    with pytest.raises(fast.FastStepError, match="needs a CUDA device"):
+    with pytest.raises(fast.CaptureError, match="needs a CUDA device"):
         fast.wanted(True, cpu)
     assert fast.mode("True") == "true" and fast.mode(False) == "false"
     assert fast.captured_step("auto", cpu, None, [], [], lambda x: x) is None

@@ -1,0 +1,53 @@
+"""`vaexp <command> [hydra overrides]`: the first word picks the command, Hydra parses the rest.
+
+This package is the only one that uses Hydra's application machinery: argv handling (argv.py),
+completion (completion.py), the commands (commands.py), the checks (checks.py), the callback
+that runs them before any directory exists (callback.py), multirun jobs (sweep.py) and the
+stacks of a stack=true sweep (stacking.py).
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from vaexp.cli.argv import hydra_args
+from vaexp.cli.commands import COMMANDS, hydra_entry
+from vaexp.cli.completion import complete
+from vaexp.cli.configs import register_configs
+from vaexp.runtime import tune_cpu_allocator
+
+USAGE = """usage: vaexp <command> [-m] [key=value ...]
+
+commands:
+  train   train a model, then evaluate test NLL (K=5000) and active units
+  eval    re-evaluate a saved run:  vaexp eval <run dir> [eval.k=5000 ...]
+  snr     gradient signal-to-noise ratios over an (M, K) grid, per estimator:
+          vaexp snr [run=<run dir>] [k=[1,4,16,64] m=[1,4,16] draws=1000 ...]
+  report  tables (markdown, CSV) and plots of the runs under sweep/run directories:
+          vaexp report outputs/multirun/<sweep> [...] [out=<dir>] [plots=false]
+
+Sweeps: `vaexp train -m objective=miwae mk=64 m=1,2,4,8,16,32,64 sweep=<name>` (k = mk/m);
+presets: `vaexp train -m experiment=iwae_table1` (or rainforth_mk64); other launchers:
+hydra/launcher=parallel (joblib, local) or hydra/launcher=slurm (submitit).
+
+Every command takes Hydra overrides and flags: `vaexp train --help` lists the config groups and
+options, `vaexp train --cfg job` prints the composed config, `vaexp train -m k=1,5,50` sweeps.
+Shell completion:  eval "$(vaexp -sc install=bash)"
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    register_configs()
+    tune_cpu_allocator()
+    if "-sc" in argv[:1] or "--shell-completion" in argv[:1]:
+        return complete(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0]] + hydra_args(name, rest)
+    hydra_entry(COMMANDS[name])()

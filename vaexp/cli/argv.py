@@ -1,0 +1,91 @@
+"""What vaexp does to argv before Hydra parses it.
+
+Invariants: `vaexp eval <dir>` / `vaexp snr <dir>` / `vaexp report <dir>...` take directories
+positionally, and an existing directory counts as one whatever '=' or ',' its name holds (sweep
+job names do); such a path given as `resume=`/`run=`/... is quoted for Hydra's grammar; Hydra's
+flags may come anywhere (argparse wants them first); a launcher whose plugin is missing is
+refused with the extra to install.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import List
+
+# Launchers that come from optional Hydra plugins: choice -> (plugin module, vaexp extra, PyPI name).
+_LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib", "hydra-joblib-launcher"),
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
+}
+# Hydra's flags, with and without a value.
+_FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-i", "--info"}
+_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                     "-cd", "--config-dir", "--experimental-rerun"}
+_PATH_KEYS = ("resume", "run", "dataset.path", "dataset.data_dir", "out_root")
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _is_dir_arg(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" not in arg or os.path.isdir(arg))
+
+
+def check_launcher(args: List[str]) -> None:
+    """hydra/launcher=<x> whose plugin is missing: say which extra to install (Hydra itself would
+    only say that a config is missing). Unknown names are left to Hydra, which lists the options."""
+    for arg in args:
+        if arg.startswith("hydra/launcher="):
+            choice = arg.split("=", 1)[1]
+            if choice not in _LAUNCHER_PLUGINS:
+                continue
+            module, extra, package = _LAUNCHER_PLUGINS[choice]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                print(f"vaexp: hydra/launcher={choice} needs Hydra's {package} plugin, which is not installed; "
+                      f"pip install \"vaexp[{extra}]\" (or pip install {package})", file=sys.stderr)
+                sys.exit(2)
+
+
+def _quote_path_value(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    if sep and key in _PATH_KEYS and value and value[0] not in "'\"" and ("=" in value or "," in value) \
+            and os.path.exists(value):
+        return f"{key}={quote(value)}"
+    return arg
+
+
+def _flags_first(args: List[str]) -> List[str]:
+    """`vaexp train k=1 -m k=1,2` works like `vaexp train -m k=1 k=1,2`."""
+    flags, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += args[i:i + 2]
+            i += 2
+            continue
+        (flags if args[i] in _FLAGS else rest).append(args[i])
+        i += 1
+    return flags + rest
+
+
+def hydra_args(command: str, rest: List[str]) -> List[str]:
+    """The arguments Hydra gets for `vaexp <command> <rest>`."""
+    rest = list(rest)
+    if command in ("eval", "snr") and rest and _is_dir_arg(rest[0]):
+        rest = [f"run={quote(rest[0])}"] + rest[1:]
+    if command == "report":
+        dirs = []
+        while rest and _is_dir_arg(rest[0]):
+            dirs.append(rest.pop(0))
+        if dirs:
+            rest = [f"dirs=[{','.join(quote(d) for d in dirs)}]"] + rest
+    check_launcher(rest)
+    return _flags_first([_quote_path_value(a) for a in rest])

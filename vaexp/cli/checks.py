@@ -1,0 +1,259 @@
+"""Range and combination checks of a composed config: what a type cannot say.
+
+Invariants: every check runs from the Hydra callback (vaexp.cli.callback) *before* Hydra creates
+a directory, raises VaexpError with ``<setting>: <problem>; <fix>``, and reads the names it
+accepts from the registries (vaexp.objectives.OBJECTIVES, vaexp.estimators.ESTIMATORS,
+vaexp.data.DATASETS, vaexp.models.burda.ACTIVATIONS), never from a list of its own.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from vaexp import rundir
+from vaexp.data import DATASETS
+from vaexp.errors import VaexpError
+from vaexp.estimators import ESTIMATORS
+from vaexp.models.burda import ACTIVATIONS
+from vaexp.objectives import OBJECTIVES
+from vaexp.schema import DatasetConf, ModelConf, TrainConfig, check_mk
+
+
+def _fail(setting: str, problem: str, fix: str) -> None:
+    raise VaexpError(f"{setting}: {problem}; {fix}")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def validate_eval(ev: Any, prefix: str = "eval") -> None:
+    if ev.k < 1:
+        _fail(f"{prefix}.k={ev.k}", "must be >= 1", f"use e.g. {prefix}.k=5000")
+    for kk in ev.report_k:  # values >= k are simply not reported (L_k is the NLL estimate itself)
+        if kk < 1:
+            _fail(f"{prefix}.report_k", f"{kk} is not a sample count", "use values >= 1, e.g. [1,64]")
+    if ev.chunk < 0:
+        _fail(f"{prefix}.chunk={ev.chunk}", "must be >= 0", "use 0 to size chunks from free memory")
+    if ev.n_test is not None and ev.n_test < 1:
+        _fail(f"{prefix}.n_test={ev.n_test}", "must be >= 1", "or null for the whole test set")
+    if ev.every < 0:
+        _fail(f"{prefix}.every={ev.every}", "must be >= 0", "use 0 to evaluate only at the end")
+    if ev.au_samples < 1:
+        _fail(f"{prefix}.au_samples={ev.au_samples}", "must be >= 1", "use e.g. 100")
+    if ev.surgery_n < 0:
+        _fail(f"{prefix}.surgery_n={ev.surgery_n}", "must be >= 0", f"use 0 to skip ELBO surgery, e.g. {prefix}.surgery_n=1000")
+    if ev.surgery_samples < 1:
+        _fail(f"{prefix}.surgery_samples={ev.surgery_samples}", "must be >= 1", f"use e.g. {prefix}.surgery_samples=10")
+
+
+def validate_device(device: Any) -> None:
+    name = device.value if isinstance(device, Enum) else str(device)
+    if name == "cuda" and not cuda_available():
+        _fail("device=cuda", "no CUDA GPU is visible to PyTorch",
+              "use device=auto or device=cpu (or install a CUDA build of torch)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and combination checks for a composed train config; raises VaexpError."""
+    if cfg.k < 1:
+        _fail(f"k={cfg.k}", "must be >= 1", "use e.g. k=5")
+    if cfg.m < 1:
+        _fail(f"m={cfg.m}", "must be >= 1", "use e.g. m=1")
+    if not (0.0 <= cfg.beta <= 1.0) or math.isnan(cfg.beta):
+        _fail(f"beta={cfg.beta}", "must lie in [0, 1]", "beta weights the VAE term of ciwae, e.g. beta=0.5")
+    if cfg.batch_size < 1:
+        _fail(f"batch_size={cfg.batch_size}", "must be >= 1", "use e.g. batch_size=20")
+    if cfg.log_every < 1:
+        _fail(f"log_every={cfg.log_every}", "must be >= 1", "use e.g. log_every=200")
+    obj = cfg.objective.name
+    if obj not in OBJECTIVES:
+        _fail(f"objective.name={obj}", "unknown objective", f"choose one of {', '.join(OBJECTIVES)}")
+    if cfg.estimator.name not in ESTIMATORS:
+        _fail(f"estimator.name={cfg.estimator.name}", "unknown estimator",
+              f"choose one of {', '.join(ESTIMATORS)}")
+    if obj == "iwae" and cfg.m > 1:
+        _fail(f"objective=iwae with m={cfg.m}", "iwae averages K samples inside one log (m must be 1)",
+              f"use objective=miwae m={cfg.m} k={cfg.k} for M>1, or m=1")
+    if obj == "piwae" and cfg.m * cfg.k < 2:
+        _fail("objective=piwae with m*k=1", "piwae needs more than one sample", "use e.g. m=8 k=8")
+    if cfg.dataset.name not in DATASETS:
+        _fail(f"dataset.name={cfg.dataset.name}", "unknown dataset", f"choose one of {', '.join(DATASETS)}")
+    if cfg.dataset.n_valid < 0:
+        _fail(f"dataset.n_valid={cfg.dataset.n_valid}", "must be >= 0", "use e.g. dataset.n_valid=400")
+    if cfg.dataset.name == "synthetic":
+        for key in ("n_train", "n_test"):
+            if cfg.dataset[key] < 1:
+                _fail(f"dataset.{key}={cfg.dataset[key]}", "must be >= 1", f"use e.g. dataset.{key}=500")
+        if cfg.dataset.n_valid >= cfg.dataset.n_train:
+            _fail(f"dataset.n_valid={cfg.dataset.n_valid}", f"must be smaller than dataset.n_train={cfg.dataset.n_train}",
+                  "lower dataset.n_valid")
+    validate_model_and_data(cfg.model, cfg.dataset)
+    s = cfg.schedule
+    if s.lr <= 0:
+        _fail(f"schedule.lr={s.lr}", "must be > 0", "use e.g. schedule.lr=1e-3")
+    if s.stages < 1:
+        _fail(f"schedule.stages={s.stages}", "must be >= 1", "use e.g. schedule.stages=8")
+    if s.stage_epochs is not None and s.stage_epochs < 1:
+        _fail(f"schedule.stage_epochs={s.stage_epochs}", "must be >= 1", "or null for epochs_base**i")
+    if s.epochs is not None and s.epochs < 1:
+        _fail(f"schedule.epochs={s.epochs}", "must be >= 1", "or null for the whole schedule")
+    if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1) or s.eps <= 0:
+        _fail("schedule.beta1/beta2/eps", "Adam needs 0 <= beta < 1 and eps > 0", "e.g. schedule=burda")
+    validate_eval(cfg.eval)
+    validate_device(cfg.device)
+    validate_fast(cfg.get("fast", "auto"), cfg.device)
+
+
+def validate_fast(fast: Any, device: Any) -> None:
+    value = str(getattr(fast, "value", fast)).strip().lower()
+    if value not in ("auto", "true", "false"):
+        _fail(f"fast={fast}", "unknown setting", "use fast=auto (captured CUDA graph on CUDA), fast=true or fast=false")
+    name = device.value if isinstance(device, Enum) else str(device)
+    if value == "true" and (name == "cpu" or not cuda_available()):
+        _fail("fast=true", "the captured training step needs a CUDA GPU, and this run has none",
+              "use fast=auto (eager on CPU) or fast=false")
+
+
+def validate_model_and_data(m: Any, dataset: Any) -> None:
+    """The model's own settings, and whether it fits the data: the analytic Gaussian model and the
+    real-valued Gaussian data belong together; the Bernoulli models need binary images."""
+    if (m.name == "gaussian") != (dataset.name == "gaussian"):
+        if m.name == "gaussian":
+            _fail(f"model=gaussian with dataset={dataset.name}",
+                  "the linear-Gaussian model needs its real-valued data (p(x|z) = N(z, I))",
+                  "add dataset=gaussian, or use model=burda1 for image data")
+        _fail(f"dataset=gaussian with model={m.name}",
+              f"{m.name} has Bernoulli outputs for binary images; the gaussian data are real-valued",
+              "add model=gaussian (the analytic model)")
+    if m.name == "gaussian":
+        _validate_gaussian(m, dataset)
+        return
+    if len(m.latents) < 1 or len(m.latents) != len(m.hidden):
+        _fail("model.latents/model.hidden", "need one hidden width per stochastic layer",
+              "e.g. model.latents=[100,50] model.hidden=[200,100]")
+    if any(v < 1 for v in list(m.latents) + list(m.hidden)) or m.depth < 1:
+        _fail("model.latents/hidden/depth", "sizes must be >= 1", "e.g. model=burda1")
+    if m.activation not in ACTIVATIONS:
+        _fail(f"model.activation={m.activation}", "unknown activation", f"choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _validate_gaussian(m: Any, dataset: Any) -> None:
+    if dataset.dim < 1:
+        _fail(f"dataset.dim={dataset.dim}", "must be >= 1", "use e.g. dataset.dim=20")
+    for key in ("n_train", "n_test"):
+        if dataset[key] < 1:
+            _fail(f"dataset.{key}={dataset[key]}", "must be >= 1", f"use e.g. dataset.{key}=1024")
+    if dataset.n_valid < 0:
+        _fail(f"dataset.n_valid={dataset.n_valid}", "must be >= 0", "use e.g. dataset.n_valid=256")
+    latents = list(m.latents)
+    if len(latents) < 1 or any(v != dataset.dim for v in latents):
+        _fail(f"model.latents={latents}",
+              f"every latent layer of the linear-Gaussian model has the data dimension dataset.dim={dataset.dim}",
+              f"use model.latents=[{dataset.dim}] (one stochastic layer) or [{dataset.dim},{dataset.dim}] (two)")
+    if not m.q_var > 0 or math.isinf(m.q_var):
+        _fail(f"model.q_var={m.q_var}", "must be a positive variance", "use e.g. model.q_var=0.6667 (Rainforth et al.: 2/3)")
+
+
+def validate_snr(cfg: DictConfig) -> None:
+    """`vaexp snr`: the grid, the draws, and where the parameters come from."""
+    for key, example in (("k", "k=[1,4,16,64]"), ("m", "m=[1,4,16]")):
+        values = list(cfg[key])
+        if not values or any(v < 1 for v in values):
+            _fail(f"{key}={values}", "the grid needs sample counts >= 1", f"use e.g. {example}")
+    if cfg.grid not in ("axes", "cross"):
+        _fail(f"grid={cfg.grid}", "unknown grid", "use grid=axes (a K sweep and an M sweep) or grid=cross (every pair)")
+    if cfg.draws < 2:
+        _fail(f"draws={cfg.draws}", "a standard deviation needs at least 2 gradient draws", "use e.g. draws=1000")
+    if not cfg.estimators or any(e not in ESTIMATORS for e in cfg.estimators):
+        _fail(f"estimators={list(cfg.estimators)}", "unknown or no estimator", f"choose from {', '.join(ESTIMATORS)}")
+    if cfg.objective.name not in OBJECTIVES:
+        _fail(f"objective.name={cfg.objective.name}", "unknown objective", f"choose one of {', '.join(OBJECTIVES)}")
+    if not (0.0 <= cfg.beta <= 1.0) or math.isnan(cfg.beta):
+        _fail(f"beta={cfg.beta}", "must lie in [0, 1]", "beta weights the VAE term of ciwae, e.g. beta=0.5")
+    for key, low, fix in (("batch", 1, "use batch=1 (one training point, as Rainforth et al.) or more"),
+                          ("index", 0, "use index=0 (the first training point) or another row number"),
+                          ("chunk", 0, "use chunk=0 to size the vectorised passes automatically")):
+        if cfg[key] < low:
+            _fail(f"{key}={cfg[key]}", f"must be >= {low}", fix)
+    if not cfg.perturb >= 0:
+        _fail(f"perturb={cfg.perturb}", "must be >= 0", "use e.g. perturb=0.01 (Rainforth et al.)")
+    validate_device(cfg.device)
+    if cfg.run:
+        run = Path(cfg.run)
+        if not (run / rundir.CONFIG).is_file():
+            _fail(f"run={run}", "no config.yaml there, so it is not a vaexp run directory",
+                  "pass a directory made by vaexp train")
+        if not (run / rundir.CHECKPOINT).is_file():
+            _fail(f"run={run}", "no checkpoint.pt there (vaexp train writes one at the end of every epoch)",
+                  "train it for at least one epoch, or pass another run directory")
+        try:
+            saved = OmegaConf.load(run / rundir.CONFIG)
+            saved_model = OmegaConf.merge(OmegaConf.structured(ModelConf), saved.model)
+            saved_data = OmegaConf.merge(OmegaConf.structured(DatasetConf), saved.dataset)
+        except Exception as err:  # a hand-edited or foreign config.yaml: say so in one line
+            _fail(f"run={run}", f"its config.yaml has no usable model/dataset ({type(err).__name__})",
+                  "pass a directory made by vaexp train")
+        validate_model_and_data(saved_model, saved_data)
+        return
+    if cfg.model.name != "gaussian":
+        _fail(f"model={cfg.model.name} without run=",
+              "only the analytic model has a known point (its optimum) to measure at",
+              "pass run=<dir of a vaexp train run> for a trained model, or use model=gaussian dataset=gaussian")
+    validate_model_and_data(cfg.model, cfg.dataset)
+    if cfg.index + cfg.batch > cfg.dataset.n_train:
+        _fail(f"index={cfg.index} batch={cfg.batch}", f"the minibatch runs past dataset.n_train={cfg.dataset.n_train}",
+              "lower index or batch")
+
+
+
+def validate_command(cfg: DictConfig) -> None:
+    """Checks for the composed config of train, eval or snr, chosen by Hydra's job name."""
+    job = cfg.hydra.job.name if "hydra" in cfg else "train"
+    if job == "snr":
+        validate_snr(cfg)
+        return
+    if job == "eval":
+        if not cfg.run:
+            raise VaexpError("vaexp eval needs a run directory: vaexp eval outputs/train/<run>")
+        run = Path(cfg.run)
+        if not (run / rundir.CONFIG).is_file() or not (run / rundir.CHECKPOINT).is_file():
+            raise VaexpError(f"run={run}: not a vaexp run directory (needs config.yaml and checkpoint.pt); "
+                             f"pass a directory made by vaexp train")
+        validate_eval(cfg.eval)
+        validate_device(cfg.device)
+        return
+    cfg = with_mk(cfg)
+    validate(cfg)
+    if cfg.resume:
+        run = Path(cfg.resume)
+        if not (run / rundir.CONFIG).is_file():
+            raise VaexpError(f"resume={run}: no config.yaml there, so it is not a vaexp run directory; "
+                             f"pass a directory made by vaexp train")
+    if "hydra" in cfg and cfg.hydra.mode is not None and str(cfg.hydra.mode) == "RunMode.RUN":
+        # A run directory that already holds a run: refuse other settings before Hydra rewrites
+        # its .hydra/ record.
+        rundir.effective_config(cfg, Path(cfg.hydra.run.dir), cfg.hydra.overrides.task, TrainConfig)
+
+
+def with_mk(cfg: DictConfig) -> DictConfig:
+    """cfg with k = mk/m when the budget mk is set (checked: m divides mk, and a k given on the
+    command line agrees), so the checks below see the k the run will use."""
+    mk = cfg.get("mk")
+    if mk is None:
+        return cfg
+    given = list(cfg.hydra.overrides.task) if "hydra" in cfg else []
+    k = check_mk(mk, cfg.m, cfg.k, "k" in rundir.override_keys(given))
+    if k is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg), open_dict(cfg):
+        cfg.k = k
+    return cfg
+

@@ -1,0 +1,107 @@
+"""`vaexp train -m stack=true ...`: which jobs of a sweep train together as one stack.
+
+The multirun callback (on_multirun_start) makes a :class:`StackPlan` of the sweep's jobs and
+keeps it in vaexp.cli.sweep.stack_plan; Hydra's basic launcher then runs the jobs one by one in this same
+process, and each job asks the plan for its result: the first job of a group trains the whole
+group (vaexp.training.loop.train_stacked) and every job of the group reports its own result, or
+raises its own error. Hydra offers no other channel from the callback to the jobs, hence the one
+process-wide holder. Other launchers run jobs in other processes: there the plan is empty and
+every job trains alone. Invariant: a job is planned into a group only with jobs of the same
+stack key at the same checkpoint position; finished jobs are left out.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from vaexp import rundir
+from vaexp.errors import VaexpError
+from vaexp.evaluate import format_table
+from vaexp.schema import TrainConfig, apply_mk
+from vaexp.training.loop import train_stacked
+from vaexp.training.step import stack_key
+
+
+@dataclass
+class PlannedJob:
+    cfg: Any             # the job's task config (k derived from mk)
+    run_dir: Path
+    overrides: List[str]
+
+
+@dataclass
+class PlannedStack:
+    jobs: List[PlannedJob]
+    attempted: bool = False
+    results: Dict[str, Any] = field(default_factory=dict)  # run dir -> summary or error
+
+
+def _dir_key(path) -> str:
+    return os.path.abspath(str(path))
+
+
+class StackPlan:
+    """The sweep's stacks, by run directory."""
+
+    def __init__(self, jobs: Sequence, job_dirs: Sequence[Path]):
+        """`jobs`: (overrides, composed config with its hydra node) per job, in sweep order."""
+        self.by_dir: Dict[str, PlannedStack] = {}
+        groups: Dict[tuple, List[PlannedJob]] = {}
+        for (overrides, job_cfg), job_dir in zip(jobs, job_dirs):
+            if not job_cfg.get("stack"):
+                continue
+            task = apply_mk(OmegaConf.masked_copy(job_cfg, [key for key in job_cfg.keys() if key != "hydra"]))
+            key = stack_key(task)
+            if key is None:
+                continue
+            done = rundir.finished(job_dir)
+            if done is not None and "test" in done and not rundir.more_epochs(task, job_dir):
+                continue
+            saved = rundir.load_checkpoint(job_dir)
+            at = (saved["state"]["epoch"], saved["state"]["step"]) if saved is not None else (0, 0)
+            groups.setdefault((key, at), []).append(PlannedJob(task, Path(job_dir), list(overrides)))
+        for members in groups.values():
+            if len(members) > 1:
+                group = PlannedStack(members)
+                for job in members:
+                    self.by_dir[_dir_key(job.run_dir)] = group
+
+    def result(self, run_dir: Path, say: Callable[[str], None], stop=None) -> Optional[Dict]:
+        """This job's result when it belongs to a stack (training the stack first when this is
+        its first job to run), or None: train it alone as usual."""
+        me = _dir_key(run_dir)
+        group = self.by_dir.get(me)
+        if group is None:
+            return None
+        if not group.attempted:
+            group.attempted = True
+            ready: List[PlannedJob] = []
+            for job in group.jobs:
+                try:
+                    job.cfg = rundir.prepare(job.cfg, job.run_dir, job.overrides, TrainConfig)
+                    ready.append(job)
+                except VaexpError as err:
+                    group.results[_dir_key(job.run_dir)] = err
+            if len(ready) > 1:
+                say(f"vaexp: training {len(ready)} runs as one stacked model:\n" +
+                    "\n".join(f"  {job.run_dir}" for job in ready))
+                results = train_stacked([job.cfg for job in ready], [job.run_dir for job in ready], stop)
+                for job, result in zip(ready, results):
+                    group.results[_dir_key(job.run_dir)] = result
+        if me not in group.results:
+            return None  # the stack did not run (a single compatible job left, or it failed): train alone
+        result = group.results[me]
+        if isinstance(result, BaseException):
+            raise result
+        leader = _dir_key(group.jobs[0].run_dir)
+        if me == leader:
+            say(f"vaexp: {run_dir}: final train bound {result['train']['bound']:.3f} (trained stacked)\n"
+                f"{format_table(result['test'])}\n  metrics: {Path(run_dir) / rundir.METRICS}")
+        else:
+            say(f"vaexp: {run_dir} was trained in a stack with {Path(leader).name}; its results:\n"
+                f"{format_table(result['test'])}")
+        return result

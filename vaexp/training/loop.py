@@ -1,0 +1,308 @@
+"""THE training loop: ``fit(runs, ...)`` trains N >= 1 runs; a single run is a stack of one.
+
+Data sit on the device. Each epoch draws every run's binarisation and permutation from a
+generator seeded by (its seed, epoch), so any epoch can be rebuilt on resume. The step metrics
+(vaexp.training.step.METRICS, one row per run) are summed on the device and read - the only
+host sync - every ``log_every`` steps and at the end of each epoch. A run whose metrics or
+parameters turn non-finite stops (its last good checkpoint stays) and the others go on; SIGINT /
+SIGTERM stop every run after the current step and checkpoint it (:class:`Stop`). The end of an
+epoch checks, then validates, logs and checkpoints each run; the end of training evaluates each.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from vaexp import evaluate as ev
+from vaexp import rundir
+from vaexp.data import Dataset, binarize, load_dataset
+from vaexp.errors import Interrupted, VaexpError
+from vaexp.objectives import Objective
+from vaexp.runtime import resolve_device
+from vaexp.schedule import epoch_learning_rates
+from vaexp.training import capture
+from vaexp.training.run import NonFiniteBound, Run, epoch_seed, open_run
+from vaexp.training.step import METRICS, make_step, spec_of, stack_key
+
+
+class Stop:
+    """When the loop stops early. SIGINT/SIGTERM (while installed) ask it to stop after the
+    current step, so the checkpoint is consistent; a second signal stops at once.
+    ``at_step``: stop before this global step, a deterministic stand-in for Ctrl-C (the CLI sets
+    it from $VAEXP_INTERRUPT_AT_STEP; tests pass it directly)."""
+
+    def __init__(self, at_step: Optional[int] = None):
+        self.at_step, self.requested = at_step, False
+        self._old: Dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def before(self, global_step: int) -> bool:
+        """True when the loop must stop before running this global step."""
+        if self.at_step is not None and global_step == self.at_step:
+            self.requested = True
+        return self.requested
+
+
+class EpochData:
+    """Every run's training data for one epoch: the binarisation and the permutation drawn from
+    (its seed, epoch), exactly as the run draws them alone; runs with the same seed share them."""
+
+    def __init__(self, data: Dataset, seeds: Sequence[int], epoch: int, device: torch.device):
+        unique = list(dict.fromkeys(seeds))
+        xs, perms = [], []
+        for seed in unique:
+            gen = torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
+            xs.append(binarize(data.train, gen) if data.binary else data.train)
+            perms.append(torch.randperm(data.train.shape[0], generator=gen, device=device))
+        rows = torch.tensor([unique.index(s) for s in seeds], device=device)
+        self.x = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)  # [U, n_train, x_dim]
+        self.perm = torch.stack(perms).index_select(0, rows)              # [N, n_train]
+        self.rows = rows.unsqueeze(1)                                      # [N, 1]
+
+    def batch(self, i: int, size: int) -> Tensor:
+        """Batch i of every run: [N, size, x_dim]."""
+        if self.perm.shape[0] == 1:  # a lone run: the plain gather (~half the cost of the two-index one)
+            return self.x[0].index_select(0, self.perm[0, i * size:(i + 1) * size]).unsqueeze(0)
+        return self.x[self.rows, self.perm[:, i * size:(i + 1) * size]]
+
+
+@torch.no_grad()
+def valid_bound(model, obj: Objective, x: Tensor, m: int, k: int, gen: torch.Generator, batch: int = 100) -> float:
+    if x.shape[0] == 0:
+        return float("nan")
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], batch):
+        total += obj.theta(model.log_weights(x[start:start + batch], m, k, generator=gen).lw).double().sum()
+    return float(total / x.shape[0])
+
+
+def first_non_finite(values: Sequence[float], where: str, run: Run) -> Optional[str]:
+    """The message for the first non-finite step metric of a run, or None."""
+    for name, v in zip(METRICS, values):
+        if not math.isfinite(v):
+            return f"{name} became {v} at {where}; stopped, and {run.checkpoint_status()}; lower schedule.lr or check the data"
+    return None
+
+
+def position_message(state: Dict, n_epochs: int, steps_per_epoch: int) -> str:
+    """Where a resumed run stands, in the user's terms."""
+    done, step = state["epoch"], state["step"]
+    if done >= n_epochs:
+        return f"training is complete ({done}/{n_epochs} epochs); evaluating"
+    if step:
+        return f"{done} of {n_epochs} epochs done; continuing epoch {done + 1} at step {step}/{steps_per_epoch}"
+    return f"{done} of {n_epochs} epochs done; starting epoch {done + 1}"
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Stop] = None
+        ) -> List[Union[Dict, NonFiniteBound]]:
+    """Train `runs` (same stack key when N > 1, all at the same position) to the end of their
+    schedule and evaluate them; per run its summary, or the NonFiniteBound that stopped it.
+    Raises Interrupted when stopped (every run checkpointed)."""
+    cfg0, n_runs = runs[0].cfg, len(runs)
+    stop = stop or Stop()
+    step = make_step([r.model for r in runs], [spec_of(r.cfg) for r in runs], [r.eps_gen for r in runs],
+                     [r.saved_optimizer for r in runs], cfg0.schedule, device)
+    # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph.
+    step_fn = capture.captured_step(cfg0.fast, device, step.opt, step.params, step.generators, step) or step
+
+    lrs = epoch_learning_rates(cfg0.schedule)
+    n_epochs, n_train, batch = len(lrs), data.train.shape[0], cfg0.batch_size
+    steps_per_epoch = n_train // batch  # fixed batch shape; the remainder changes with every permutation
+    if steps_per_epoch < 1:
+        raise VaexpError(f"batch_size={batch}: larger than the {n_train} training images; lower batch_size")
+
+    position = {key: runs[0].state[key] for key in ("epoch", "step", "global_step")}
+    if runs[0].resumed:
+        where = position_message(runs[0].state, n_epochs, steps_per_epoch)
+        print(f"vaexp: resuming {runs[0].dir if n_runs == 1 else f'{n_runs} stacked runs'}: {where}", flush=True)
+    # Sums of the step metrics [N, 4] in float64: since the last log (acc) and over the epoch.
+    acc = torch.zeros(n_runs, len(METRICS), device=device, dtype=torch.float64)
+    acc_n = 0
+    epoch_acc = torch.zeros_like(acc)
+    if position["step"] > 0 and all(r.saved_epoch_acc is not None for r in runs):
+        epoch_acc.copy_(torch.stack([r.saved_epoch_acc for r in runs]))  # resumed mid-epoch
+
+    def alive() -> List[int]:
+        return [i for i, r in enumerate(runs) if r.error is None]
+
+    def check(means: List[List[float]], where: str) -> None:
+        for i in alive():
+            runs[i].error = first_non_finite(means[i], where, runs[i])
+
+    bar = _progress(cfg0.progress, n_epochs * steps_per_epoch, position["global_step"])
+    t_start = time.perf_counter() - runs[0].state["wall_time"]
+    stop.install()
+    try:
+        while position["epoch"] < n_epochs and alive() and not stop.requested:
+            epoch = position["epoch"]
+            step.set_lr(lrs[epoch])
+            if bar is not None:
+                bar.set_description(f"epoch {epoch + 1}/{n_epochs}", refresh=False)
+            epoch_data = EpochData(data, [int(r.cfg.seed) for r in runs], epoch, device)
+            if position["step"] == 0:
+                epoch_acc.zero_()
+            t_epoch = time.perf_counter()
+            for i in range(position["step"], steps_per_epoch):
+                if stop.before(position["global_step"]) or not alive():
+                    break
+                out = step_fn(epoch_data.batch(i, batch))  # [N, B, x_dim] -> [N, 4]
+                acc += out
+                epoch_acc += out
+                acc_n += 1
+                position["step"], position["global_step"] = i + 1, position["global_step"] + 1
+                if bar is not None:
+                    bar.update(1)
+                if acc_n == cfg0.log_every:
+                    means = (acc / acc_n).tolist()  # the one host sync per log_every steps
+                    check(means, f"epoch {epoch + 1}, step {i + 1}")
+                    for j in alive():
+                        runs[j].log_train(means[j], lrs[epoch], position["global_step"])
+                    if bar is not None and alive():
+                        bar.set_postfix(bound=f"{means[alive()[0]][0]:.2f}", refresh=False)
+                    acc.zero_()
+                    acc_n = 0
+            for j in alive():
+                runs[j].state.update(position)
+            if stop.requested or not alive():
+                break
+
+            # End of epoch: check before anything is written; then per run validate, log, checkpoint.
+            check((epoch_acc / steps_per_epoch).tolist(), f"the end of epoch {epoch + 1}")
+            finite = step.finite()
+            for j in alive():
+                if not finite[j]:
+                    runs[j].error = (f"parameters became non-finite in epoch {epoch + 1}; stopped, and "
+                                     f"{runs[j].checkpoint_status()}; lower schedule.lr")
+            step.sync([r.model for r in runs])
+            epoch_time = time.perf_counter() - t_epoch
+            train_bounds = (epoch_acc[:, 0] / steps_per_epoch).tolist()
+            position["epoch"], position["step"] = epoch + 1, 0
+            wall = time.perf_counter() - t_start
+            for j in alive():
+                r = runs[j]
+                vb = valid_bound(r.model, r.objective, data.valid, r.cfg.m, r.cfg.k, r.eval_gen)
+                r.state["history"].append({"epoch": epoch + 1, "train_bound": train_bounds[j], "valid_bound": vb,
+                                           "lr": lrs[epoch]})
+                r.log.scalars({"epoch/train_bound": train_bounds[j], "epoch/valid_bound": vb,
+                               "epoch/steps_per_s": steps_per_epoch / max(epoch_time, 1e-9),
+                               "epoch/lr": lrs[epoch]}, position["global_step"])
+                if data.image_shape is not None:
+                    r.log_pictures(data, position["global_step"])
+                r.state.update(position)
+                r.state["wall_time"] = wall
+                if r.cfg.eval.every and (epoch + 1) % r.cfg.eval.every == 0 and epoch + 1 < n_epochs:
+                    r.log_eval(ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"], position["global_step"])
+                r.save(step.optimizer_state(j), epoch_acc[j])
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t_start
+    for j in alive():
+        runs[j].state["wall_time"] = wall
+
+    if stop.requested:  # keep the work since the last checkpoint (mid-epoch too), unless it is not finite
+        step.sync([r.model for r in runs])
+        finite = step.finite()
+        for j in alive():
+            if finite[j]:
+                runs[j].save(step.optimizer_state(j), epoch_acc[j])
+        for r in runs:
+            r.log.close()
+        if n_runs == 1:
+            raise Interrupted(runs[0].dir, runs[0].state)
+        dirs = ", ".join(str(r.dir) for r in runs)
+        raise Interrupted(runs[0].dir, runs[0].state,
+                          f"interrupted at epoch {position['epoch'] + 1}, step {position['step']}; the checkpoints of "
+                          f"the {n_runs} stacked runs are saved ({dirs}). Run the same sweep again (same sweep=<name>) "
+                          f"to continue them stacked, or resume=<dir> to continue one alone")
+    return [_finish(r, runs, i, n_epochs, data, device, wall) for i, r in enumerate(runs)]
+
+
+def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, device: torch.device,
+            wall: float) -> Union[Dict, NonFiniteBound]:
+    """The end of one run: its test evaluation, metrics.json and hparams (or its error)."""
+    if r.error is not None:
+        r.log.close()
+        return NonFiniteBound(r.error)
+    stacked = len(runs) > 1
+    print(f"vaexp: training done ({n_epochs} epochs, {r.state['global_step']} steps, {r.state['wall_time']:.0f} s"
+          + (f", {len(runs)} runs stacked); evaluating {r.dir}" if stacked else "); evaluating")
+          + f" on the test set (K={r.cfg.eval.k})", flush=True)
+    try:
+        result = ev.evaluate(r.model, data.test, r.cfg.eval, device, progress=r.cfg.progress)
+    except KeyboardInterrupt:
+        for other in runs[i:]:
+            other.log.close()
+        if stacked:
+            raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation of {r.dir}; training of the "
+                                              f"stacked runs is complete and checkpointed: `vaexp eval <dir>` evaluates "
+                                              f"each, and running the sweep again finishes them") from None
+        raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation; training is complete and "
+                                          f"checkpointed in {r.dir}: `vaexp eval {r.dir}` evaluates it "
+                                          f"(re-running with resume={r.dir} does too, and writes metrics.json)") from None
+    r.log_eval(result["metrics"], r.state["global_step"])
+    summary = r.summary(n_epochs, device, data, result["metrics"],
+                        stacked_with=[o.dir.name for o in runs if o is not r] if stacked else None)
+    rundir.write_metrics(r.dir, summary, result["per_example"])
+    r.log_hparams(summary)
+    r.log.close()
+    return summary
+
+
+def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
+    """Train one run in `run_dir` (its config.yaml written) and evaluate it: fit of a stack of one."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, device)
+    result = fit([open_run(cfg, run_dir, data, device)], data, device, stop)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[Stop] = None
+                  ) -> List[Union[Dict, NonFiniteBound]]:
+    """Train compatible runs (one stack_key, each with its config.yaml written) as one stack; per
+    run its summary or, for a run whose bound became non-finite, the error it would raise alone."""
+    keys = {stack_key(c) for c in cfgs}
+    if None in keys or len(keys) != 1:
+        raise VaexpError("these runs cannot be stacked: they differ in a shared setting (see "
+                         "vaexp.training.step.stack_key)")
+    device = resolve_device(cfgs[0].device)
+    data = load_dataset(cfgs[0].dataset, device)
+    runs = [open_run(cfg, Path(d), data, device) for cfg, d in zip(cfgs, run_dirs)]
+    positions = {(r.state["epoch"], r.state["step"], r.state["global_step"]) for r in runs}
+    if len(positions) != 1 or len({r.resumed for r in runs}) != 1:
+        raise VaexpError(f"stacked runs must continue from the same point; their checkpoints are at "
+                         f"(epoch, step, global step) {sorted(positions)}")
+    return fit(runs, data, device, stop)

@@ -1,0 +1,153 @@
+"""One run's state: its directory, model, generators, position, logger, and its checkpoint.
+
+``state`` (saved in the checkpoint) is the run's position: ``epoch`` (epochs completed),
+``step`` (steps done in the current epoch; 0 between epochs), ``global_step``, ``wall_time``
+(training seconds so far) and ``history`` (per epoch: train bound, valid bound, lr). A
+checkpoint also holds ``epoch_acc``: the float64 sums of the step metrics over the steps done in
+a part-done epoch, so a resumed epoch's mean covers all its steps. Invariants: a run's model is
+initialised by ``torch.manual_seed(seed)`` then the model (alone or stacked, the same values);
+its ε come from ``eps`` and its validation/picture draws from ``eval``, generators seeded by its
+seed and restored from the checkpoint, so a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vaexp import rundir
+from vaexp.data import Dataset
+from vaexp.errors import VaexpError
+from vaexp.models import build_model
+from vaexp.objectives import Objective, make_objective
+from vaexp.tblog import RunLogger
+
+
+class NonFiniteBound(VaexpError):
+    pass
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s binarisation and permutation: any epoch can be rebuilt."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 63)
+
+
+def rng_states(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
+    states = {name: g.get_state() for name, g in generators.items()}
+    states["torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+    for name, g in generators.items():
+        g.set_state(states[name])
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+
+
+@dataclass
+class Run:
+    cfg: Any
+    dir: Path
+    model: nn.Module
+    objective: Objective
+    eps_gen: torch.Generator
+    eval_gen: torch.Generator
+    log: RunLogger
+    state: Dict = field(default_factory=dict)
+    saved_optimizer: Optional[Dict] = None     # the checkpoint's Adam state, for the step to load
+    saved_epoch_acc: Optional[Tensor] = None   # the checkpoint's part-done epoch sums [4]
+    last_saved: Optional[int] = None           # global step of the checkpoint on disk (None: none yet)
+    error: Optional[str] = None                # why this run stopped early (a non-finite bound)
+
+    @property
+    def resumed(self) -> bool:
+        return self.saved_optimizer is not None
+
+    def checkpoint_status(self) -> str:
+        if self.last_saved is None:
+            return f"no checkpoint had been written yet, so {self.dir} holds none"
+        return f"the last good checkpoint (after {self.last_saved} steps) is kept in {self.dir}"
+
+    def save(self, optimizer_state: Dict, epoch_acc: Tensor) -> None:
+        rundir.atomic_save({"model": self.model.state_dict(), "optimizer": optimizer_state,
+                            "state": {**self.state, "epoch_acc": epoch_acc.cpu().clone()},
+                            "rng": rng_states({"eps": self.eps_gen, "eval": self.eval_gen}),
+                            "config": rundir.as_dict(self.cfg)}, self.dir / rundir.CHECKPOINT)
+        self.last_saved = self.state["global_step"]
+
+    # -- TensorBoard ---------------------------------------------------------------------------
+    def log_train(self, means: List[float], lr: float, step: int) -> None:
+        values = {"train/bound": means[0], "train/lr": lr, "train/grad_norm_theta": means[2],
+                  "train/grad_norm_phi": means[3]}
+        if self.objective.split:
+            values["train/phi_bound"] = means[1]
+        self.log.scalars(values, step)
+
+    def log_eval(self, metrics: Dict, step: int) -> None:
+        values = {"eval/nll": metrics["nll"]}
+        for key, value in metrics.items():
+            if key.startswith("L") and key[1:].isdigit():
+                values[f"eval/{key}"] = value
+        for i, a in enumerate(metrics["active_units"]):
+            values[f"eval/active_units_{i + 1}"] = a
+        for key in ("recon", "avg_kl", "mutual_info", "marginal_kl"):  # ELBO surgery, when computed
+            if key in metrics:
+                values[f"eval/{key}"] = metrics[key]
+        self.log.scalars(values, step)
+
+    def log_pictures(self, data: Dataset, step: int) -> None:
+        model = self.model
+        model.eval()
+        self.log.images("samples", model.sample(64, generator=self.eval_gen), data.image_shape, step)
+        x = data.test[:32]
+        pairs = torch.stack([x, model.reconstruct(x)], 1).reshape(2 * x.shape[0], -1)  # original, reconstruction
+        self.log.images("reconstructions", pairs, data.image_shape, step, cols=8)
+        model.train()
+
+    def log_hparams(self, summary: Dict) -> None:
+        metrics = summary["test"]
+        self.log.hparams(rundir.hparams(self.cfg), {
+            "hparam/test_nll": metrics["nll"], "hparam/train_bound": summary["train"]["bound"],
+            **{f"hparam/active_units_{i + 1}": a for i, a in enumerate(metrics["active_units"])}})
+
+    def summary(self, n_epochs: int, device: torch.device, data: Dataset, test: Dict,
+                stacked_with: Optional[List[str]] = None) -> Dict:
+        history = self.state["history"]
+        train = {"bound": history[-1]["train_bound"] if history else float("nan"),
+                 "valid_bound": history[-1]["valid_bound"] if history else float("nan"),
+                 "epochs": n_epochs, "steps": self.state["global_step"], "wall_time_s": self.state["wall_time"],
+                 "device": str(device), "data_source": data.source}
+        if stacked_with is not None:
+            train["stacked_with"] = stacked_with
+        return {"train": train, "test": test}
+
+
+def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Run:
+    """The run in `run_dir` (config.yaml already written): a fresh model, or the checkpoint's."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)  # parameter init
+    model = build_model(cfg.model, data).to(device)
+    run = Run(cfg=cfg, dir=run_dir, model=model, objective=make_objective(cfg.objective.name, cfg.beta),
+              eps_gen=torch.Generator(device=device).manual_seed(cfg.seed),
+              eval_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1), log=None,
+              state={"epoch": 0, "step": 0, "global_step": 0, "wall_time": 0.0, "history": []})
+    saved = rundir.load_checkpoint(run_dir, map_location=device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        run.saved_optimizer = saved["optimizer"]
+        restore_rng_states(saved["rng"], {"eps": run.eps_gen, "eval": run.eval_gen})
+        run.state = saved["state"]
+        run.saved_epoch_acc = run.state.pop("epoch_acc", None)
+        run.last_saved = run.state["global_step"]
+    run.log = RunLogger(run_dir, purge_step=run.state["global_step"] if saved is not None else None)
+    if saved is None:
+        run.log.scalars({"params/theta": sum(p.numel() for p in model.theta_parameters()),
+                         "params/phi": sum(p.numel() for p in model.phi_parameters())}, 0)
+    return run

@@ -1,0 +1,273 @@
+"""The training step, for one run or a stack of runs, behind one interface.
+
+``step(x)`` takes every run's batch, x [N, B, x_dim], makes one Adam step of every run and
+returns the step metrics [N, 4] on the device (columns: METRICS, batch means). N = 1 is
+:class:`LoneStep`: the model's own log_weights and Adam, so a lone run computes exactly what it
+always has; N > 1 is :class:`StackedStep` on a vaexp.models.stacked.StackedVAE. Both expose
+``opt``, ``params``, ``generators`` (what a captured graph must know), ``set_lr``, ``sync`` (write
+the parameters into the runs' own models), ``optimizer_state(n)`` (run n's Adam state as a lone
+eager Adam writes it) and ``finite()``. Invariant: every run's θ and φ gradients come from its own
+objective and estimator (vaexp.estimators); runs share no parameter, so in a stack the gradient
+of the sum of the runs' losses is each run's own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vaexp import rundir
+from vaexp.errors import VaexpError
+from vaexp.estimators import Estimator, Losses, get_estimator, gradients, surrogate_losses
+from vaexp.models.stacked import StackedVAE, from_models, to_model
+from vaexp.objectives import Objective, make_objective
+from vaexp.training import capture
+
+# The columns of a step's metrics (and of the loop's accumulators): batch means.
+METRICS = ("training bound", "phi bound", "theta gradient norm", "phi gradient norm")
+
+
+def adam(params, sch, device: torch.device) -> torch.optim.Adam:
+    """Adam with the schedule's settings. On a CPU the fused kernel (one pass per parameter
+    instead of ~10; about 4x faster for Burda's models on 2 cores, same update up to float
+    rounding); on CUDA the default, which vaexp.training.capture makes capturable."""
+    fused = True if device.type == "cpu" else None
+    return torch.optim.Adam(params, lr=sch.lr, betas=(sch.beta1, sch.beta2), eps=sch.eps, fused=fused)
+
+
+def _norm(grads: Sequence[Tensor]) -> Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def train_step(model: nn.Module, obj: Objective, est: Estimator, opt: torch.optim.Optimizer,
+               theta: List[Tensor], phi: List[Tensor], x: Tensor, m: int, k: int,
+               gen: torch.Generator) -> Tensor:
+    """One Adam step of a lone model; returns its metrics [4] (see METRICS) on the device."""
+    lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, generator=gen)
+    losses = surrogate_losses(obj, est, lws.lw, lws.lw_bar)
+    g_theta, g_phi = gradients(losses, theta, phi)
+    for p, g in zip(theta + phi, g_theta + g_phi):
+        p.grad = g
+    opt.step()
+    return torch.stack([losses.bound.mean(), losses.phi_bound.mean(), _norm(g_theta), _norm(g_phi)])
+
+
+def params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class StepSpec(NamedTuple):
+    """What one run's step computes: its objective (name, beta), estimator and (M, K)."""
+
+    objective: str
+    estimator: str
+    m: int
+    k: int
+    beta: float = 0.5
+
+
+def spec_of(cfg) -> StepSpec:
+    return StepSpec(cfg.objective.name, cfg.estimator.name, int(cfg.m), int(cfg.k), float(cfg.beta))
+
+
+def stack_key(cfg) -> Optional[str]:
+    """Runs with the same key can share one StackedStep; None: this run never stacks (the
+    analytic model has no Linear layers to stack; a resume continues one run as it was)."""
+    if cfg.model.name == "gaussian" or cfg.get("resume"):
+        return None
+    shared = {key: value for key, value in rundir.as_dict(cfg).items() if not rundir.covers(rundir.STACK_PER_RUN, key)}
+    shared["mk"] = int(cfg.m) * int(cfg.k)
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+# ============================================================================ a lone run
+
+class LoneStep:
+    """One run: its model, its Adam, its ε generator. x [1, B, x_dim] -> [1, 4]."""
+
+    def __init__(self, model: nn.Module, spec: StepSpec, opt: torch.optim.Optimizer, generator: torch.Generator):
+        self.model, self.opt, self.spec = model, opt, spec
+        self.obj, self.est = make_objective(spec.objective, spec.beta), get_estimator(spec.estimator)
+        self.theta, self.phi = model.theta_parameters(), model.phi_parameters()
+        self.params = self.theta + self.phi
+        self.generators = [generator]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return train_step(self.model, self.obj, self.est, self.opt, self.theta, self.phi, x[0],
+                          self.spec.m, self.spec.k, self.generators[0]).unsqueeze(0)
+
+    def set_lr(self, lr: float) -> None:
+        capture.set_lr(self.opt, lr)
+
+    def sync(self, models: Sequence[nn.Module]) -> None:
+        pass  # the run's model is the one trained
+
+    def optimizer_state(self, n: int) -> Dict:
+        return capture.portable_state_dict(self.opt)
+
+    def finite(self) -> List[bool]:
+        return [params_finite(self.model)]
+
+
+# ============================================================================ a stack of runs
+
+class _SpecGroup:
+    """The runs of a stack with the same spec: their log-weights are reduced together."""
+
+    def __init__(self, index: List[int], spec: StepSpec, device: torch.device):
+        self.index, self.m, self.k = index, spec.m, spec.k
+        self.obj: Objective = make_objective(spec.objective, spec.beta)
+        self.est: Estimator = get_estimator(spec.estimator)
+        contiguous = index == list(range(index[0], index[0] + len(index)))
+        self.slice = slice(index[0], index[0] + len(index)) if contiguous else None
+        self.select = None if contiguous else torch.tensor(index, device=device)
+
+    def view(self, t: Tensor, batch: int) -> Tensor:
+        """[N, M·K, B] -> this group's [M, K, G·B] (runs side by side along the batch axis)."""
+        sub = t[self.slice] if self.slice is not None else t.index_select(0, self.select)
+        g = len(self.index)
+        if g == 1:
+            return sub.reshape(self.m, self.k, batch)
+        return sub.reshape(g, self.m, self.k, batch).permute(1, 2, 0, 3).reshape(self.m, self.k, g * batch)
+
+
+def _norms(grads: Sequence[Tensor], n: int) -> Tensor:
+    """Per-run gradient norms [N] (as train_step: the norm of the per-parameter norms)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.reshape(n, -1), dim=1)
+                                                 for g in grads]), dim=0)
+
+
+class StackedStep:
+    """N runs of one shape and one M·K as one StackedVAE with one Adam over the stacked tensors
+    (N independent Adams: the update is elementwise, and every run has the same step count and
+    learning rate). x [N, B, x_dim] -> [N, 4]."""
+
+    def __init__(self, stack: StackedVAE, specs: Sequence[StepSpec], opt: torch.optim.Optimizer,
+                 generators: Sequence[torch.Generator], templates: Optional[Sequence[Dict]] = None):
+        if len(specs) != stack.n or len(generators) != stack.n:
+            raise VaexpError("one spec and one generator per stacked model")
+        mks = {s.m * s.k for s in specs}
+        if len(mks) != 1:
+            raise VaexpError(f"stacked runs need the same M*K, got {sorted(mks)}")
+        self.stack, self.opt, self.generators = stack, opt, list(generators)
+        self.templates = list(templates) if templates is not None else None
+        self.mk = mks.pop()
+        device = stack.decoder[0].logits.bias.device
+        by_spec: Dict[StepSpec, List[int]] = {}
+        for i, spec in enumerate(specs):
+            by_spec.setdefault(spec, []).append(i)
+        self.groups = [_SpecGroup(index, spec, device) for spec, index in by_spec.items()]
+        order = [i for g in self.groups for i in g.index]
+        self.inverse = None if order == sorted(order) else torch.tensor(
+            [order.index(i) for i in range(stack.n)], device=device)
+        self.need_bar = any(g.est.needs_lw_bar for g in self.groups)
+        self.theta, self.phi = stack.theta_parameters(), stack.phi_parameters()
+        self.params = self.theta + self.phi
+        self.named = list(stack.named_parameters())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, batch = x.shape[0], x.shape[1]
+        eps = self.stack.draw_eps(self.generators, self.mk, batch)
+        lws = self.stack.log_weights(x, eps, need_bar=self.need_bar)
+        theta_loss: Any = 0.0
+        phi_loss: Any = 0.0
+        shared = True  # every group's φ loss is its θ loss (reparam on a non-split objective)
+        bounds, phi_bounds = [], []
+        for g in self.groups:
+            size = len(g.index)
+            lw_bar = g.view(lws.lw_bar, batch) if g.est.needs_lw_bar else None
+            losses = surrogate_losses(g.obj, g.est, g.view(lws.lw, batch), lw_bar)
+            # -mean over G·B examples, times G: the sum over the group's runs of each run's loss.
+            theta_loss = theta_loss + size * losses.theta_loss
+            shared = shared and losses.phi_loss is losses.theta_loss
+            phi_loss = phi_loss + size * losses.phi_loss
+            bounds.append(losses.bound.reshape(size, batch).mean(1))
+            phi_bounds.append(losses.phi_bound.reshape(size, batch).mean(1))
+        total = Losses(theta_loss, theta_loss if shared else phi_loss, None, None)
+        g_theta, g_phi = gradients(total, self.theta, self.phi)
+        for p, g in zip(self.params, g_theta + g_phi):
+            p.grad = g
+        self.opt.step()
+        bound, phi_bound = torch.cat(bounds), torch.cat(phi_bounds)
+        if self.inverse is not None:
+            bound, phi_bound = bound[self.inverse], phi_bound[self.inverse]
+        return torch.stack([bound, phi_bound, _norms(g_theta, n), _norms(g_phi, n)], dim=1)
+
+    def set_lr(self, lr: float) -> None:
+        capture.set_lr(self.opt, lr)
+
+    def sync(self, models: Sequence[nn.Module]) -> None:
+        self.stack.copy_to(models)
+
+    def optimizer_state(self, n: int) -> Dict:
+        if self.templates is None:
+            raise VaexpError("StackedStep was built without the runs' optimizer templates")
+        return model_optimizer_state(self.opt, self.named, n, self.templates[n])
+
+    def finite(self) -> List[bool]:
+        n = self.stack.n
+        return torch.stack([torch.isfinite(p).reshape(n, -1).all(1) for p in self.params]).all(0).tolist()
+
+
+# -- the stacked Adam's state, to and from the runs' own ------------------------------------------
+
+def stack_optimizer_states(opt: torch.optim.Optimizer, named_params: Sequence, states: Sequence[Dict]) -> None:
+    """Load N per-run Adam state_dicts (indexed in the VAE's parameter order) into the Adam over
+    the stacked parameters `named_params` ((name, parameter) in the same order)."""
+    for j, (name, p) in enumerate(named_params):
+        per = [sd["state"].get(j, sd["state"].get(str(j))) for sd in states]
+        if all(s is None for s in per):
+            continue
+        if any(s is None for s in per):
+            raise VaexpError("stacked runs must all have optimizer state, or none")
+        entry = {}
+        for key in per[0]:
+            values = [s[key] for s in per]
+            if key == "step":
+                if len({float(v) for v in values}) != 1:
+                    raise VaexpError("stacked runs must have made the same number of optimizer steps")
+                entry[key] = values[0].detach().clone()
+            else:
+                entry[key] = from_models(name, [v.detach().to(p.device) for v in values])
+        opt.state[p] = entry
+
+
+def model_optimizer_state(opt: torch.optim.Optimizer, named_params: Sequence, n: int, template: Dict) -> Dict:
+    """Run n's Adam state_dict, as a lone run's eager Adam would write it: `template` is the
+    state_dict of a fresh Adam over that run's VAE (param_groups, ids); lr the current one."""
+    state = {}
+    for j, (name, p) in enumerate(named_params):
+        s = opt.state.get(p)
+        if not s:
+            continue
+        state[j] = {key: (v.detach().to("cpu", copy=True) if key == "step"
+                          else to_model(name, v.detach(), n).contiguous().clone())
+                    for key, v in s.items()}
+    groups = []
+    for tg, g in zip(template["param_groups"], opt.param_groups):
+        tg = dict(tg)
+        tg["lr"] = float(g["lr"])
+        groups.append(tg)
+    return {"state": state, "param_groups": groups}
+
+
+# ============================================================================ building the step
+
+def make_step(models: Sequence[nn.Module], specs: Sequence[StepSpec], generators: Sequence[torch.Generator],
+              saved_optimizers: Sequence[Optional[Dict]], sch, device: torch.device):
+    """The step for these runs (their models, specs, ε generators and checkpointed Adam states,
+    all or none): a LoneStep for one run, a StackedStep for several."""
+    if len(models) == 1:
+        opt = adam(models[0].parameters(), sch, device)
+        if saved_optimizers[0] is not None:
+            opt.load_state_dict(saved_optimizers[0])
+        return LoneStep(models[0], specs[0], opt, generators[0])
+    templates = [adam(m.parameters(), sch, device).state_dict() for m in models]
+    stack = StackedVAE(models).to(device)
+    opt = adam(stack.parameters(), sch, device)  # the lone runs' Adam, over the stacked tensors
+    if any(s is not None for s in saved_optimizers):
+        stack_optimizer_states(opt, list(stack.named_parameters()), list(saved_optimizers))
+    return StackedStep(stack, specs, opt, generators, templates)
