@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vaexp.data import base, mnist
-from vaexp.schema import DatasetConf
+from vaexp.schema import ImagesConf
 from vaexp.data import DataError, Dataset, binarize, default_data_dir, load_dataset
 
 N_TRAIN, N_TEST = 1000, 100
@@ -253,7 +253,7 @@ def test_single_idx_file_and_pkl_file_as_path(tmp_path, idx_dir, pixels):
 
 
 def test_structured_dataset_conf_is_accepted(idx_dir):
-    conf = OmegaConf.structured(DatasetConf(name="mnist", path=str(idx_dir), n_valid=10))
+    conf = OmegaConf.structured(ImagesConf(name="mnist", path=str(idx_dir), n_valid=10))
     ds = load_dataset(conf, torch.device("cpu"))
     assert ds.valid.shape == (10, 784)
 

@@ -162,6 +162,24 @@ def test_every_config_option_is_in_its_registry_and_back(group):
     assert set(found) == set(registry), f"conf/{group}/*.yaml {sorted(found)} vs the registry {sorted(registry)}"
 
 
+def test_every_dataset_option_names_its_own_schema_and_sets_only_its_keys():
+    import dataclasses
+
+    from vaexp.cli.configs import DATASET_SCHEMAS, dataset_options, dataset_schema
+    from vaexp.data import DATASETS
+
+    assert dataset_options() == sorted(DATASETS)
+    used = set()
+    for option in dataset_options():
+        schema = dataset_schema(option)
+        assert schema is not None, f"conf/dataset/{option}.yaml names no schema of DATASET_SCHEMAS"
+        used.add(schema)
+        body = yaml.safe_load((CONF / "dataset" / f"{option}.yaml").read_text())
+        fields = {f.name for f in dataclasses.fields(schema)}
+        assert set(body) - {"defaults"} <= fields, (option, set(body) - fields)
+    assert used == set(DATASET_SCHEMAS.values()), "a schema no dataset uses"
+
+
 def test_exclude_keys_are_the_runtime_only_keys():
     from vaexp import rundir
 

@@ -139,7 +139,7 @@ def test_an_interrupted_sweep_resumes_when_run_again(vaexp_main, tmp_path, monke
     monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     res = vaexp_main(*cmd)
     assert res.code == 0, res.err
-    assert f"resuming {first}: 0 of 1 epochs done; continuing epoch 1 at step 2/5" in res.out
+    assert f"resuming {first}: 0 of 1 epochs done, and 2 of the 5 steps of epoch 1; continuing epoch 1" in res.out
     assert all(finished(j) for j in jobs(sweep)) and len(jobs(sweep)) == 2
 
 

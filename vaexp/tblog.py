@@ -1,9 +1,16 @@
-"""TensorBoard output of a run: scalars, image grids, and hparams for comparing sweeps."""
+"""TensorBoard output of a run: scalars, image grids, text cards, and the HPARAMS table.
+
+Invariants: the HPARAMS table's metric values are the last ``hparam/*`` scalars of each run, so
+every evaluation (training's and each later ``vaexp eval``) writes them again at the checkpoint's
+step, after the earlier ones: the table shows the latest. TensorBoard shows the first five hparam
+columns (those flagged as differing first) and the first five metric columns by default, so the
+experiment summary flags the keys the runs are compared on and lists the main metrics first.
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -39,19 +46,73 @@ class RunLogger:
     def images(self, tag: str, images: Tensor, shape, step: int, cols: Optional[int] = None) -> None:
         self.writer.add_image(tag, image_grid(images, shape, cols), step, dataformats="CHW")
 
-    def hparams(self, hparams: Dict, metrics: Dict[str, float]) -> None:
-        """Write the hparams summary into this run's own event file (not a sub-run), so one
-        TensorBoard over a sweep shows a table of every run with its final metrics."""
-        from torch.utils.tensorboard.summary import hparams as hp_summary
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, step)
 
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, metrics)
+    def metrics(self, metrics: Dict[str, float], step: int) -> None:
+        """The HPARAMS table's metric values (hparam/*) for the evaluation at `step`."""
+        self.scalars(metrics, step)
+
+    def hparams(self, hparams: Dict[str, Any], differs: Iterable[str], metrics: Dict[str, float], step: int) -> None:
+        """This run's row of the HPARAMS table, in its own event file (not a sub-run), so one
+        TensorBoard over a sweep shows every run: the session (its settings), the experiment
+        summary (columns: `differs` flagged so TensorBoard shows them first, metrics in the
+        order given), and the metric values."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        differs = set(differs)
+        start = plugin_data_pb2.SessionStartInfo()
+        infos = []
+        for name, value in hparams.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                start.hparams[name].bool_value, kind = value, api_pb2.DATA_TYPE_BOOL
+            elif isinstance(value, (int, float)):
+                start.hparams[name].number_value, kind = value, api_pb2.DATA_TYPE_FLOAT64
+            else:
+                start.hparams[name].string_value, kind = str(value), api_pb2.DATA_TYPE_STRING
+            infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in differs))
+        experiment = api_pb2.Experiment(hparam_infos=infos,
+                                        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag))
+                                                      for tag in metrics])
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
         fw = self.writer._get_file_writer()
-        for summary in (exp, ssi, sei):
-            fw.add_summary(summary)
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value)
+        for tag, data in ((metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+                          (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+                          (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end))):
+            data.version = metadata.PLUGIN_DATA_VERSION
+            meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                          content=data.SerializeToString()))
+            fw.add_summary(Summary(value=[Summary.Value(tag=tag, metadata=meta)]), step)
+        self.metrics(metrics, step)
 
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def hparam_metrics(test: Dict, train: Optional[Dict] = None) -> Dict[str, float]:
+    """The HPARAMS table's metric columns for one evaluation, in column order: test NLL, train
+    bound, active units (all layers), and which evaluation it was (test images, K) - the five
+    shown by default - then the L_k, the validation bound and the units per layer."""
+    out = {"hparam/test_nll": test["nll"]}
+    if train and train.get("bound") is not None:
+        out["hparam/train_bound"] = train["bound"]
+    out["hparam/active_units"] = sum(test["active_units"])
+    out["hparam/eval_n_test"] = test["n_test"]
+    out["hparam/eval_k"] = test["k"]
+    for key in sorted((k for k in test if k.startswith("L") and k[1:].isdigit()), key=lambda k: int(k[1:])):
+        if int(key[1:]) != test["k"]:  # L_K is the test NLL's own estimate
+            out[f"hparam/{key}"] = test[key]
+    if train and train.get("valid_bound") is not None:
+        out["hparam/valid_bound"] = train["valid_bound"]
+    if len(test["active_units"]) > 1:
+        out.update({f"hparam/active_units_{i + 1}": a for i, a in enumerate(test["active_units"])})
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+
+
+def eval_card(title: str, table: str) -> str:
+    """An evaluation as a TEXT card: its title, and the printed table as a code block."""
+    return f"**{title}**\n\n" + "\n".join("    " + line for line in table.splitlines())

@@ -49,5 +49,5 @@ def main(argv: Optional[List[str]] = None) -> None:
     if name not in COMMANDS:
         print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0]] + hydra_args(name, rest)
+    sys.argv = [sys.argv[0]] + hydra_args(name, rest, COMMANDS[name].config_name)
     hydra_entry(COMMANDS[name])()

@@ -4,14 +4,19 @@ Invariants: `vaexp eval <dir>` / `vaexp snr <dir>` / `vaexp report <dir>...` tak
 positionally, and an existing directory counts as one whatever '=' or ',' its name holds (sweep
 job names do); such a path given as `resume=`/`run=`/... is quoted for Hydra's grammar; Hydra's
 flags may come anywhere (argparse wants them first); a launcher whose plugin is missing is
-refused with the extra to install.
+refused with the extra to install; a dataset.<key> that the chosen dataset does not have is
+refused with the keys it does have (Hydra's own error does not list them).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
-from typing import List
+from typing import List, Optional, Tuple
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from vaexp.cli.configs import dataset_keys, dataset_options, group_default
 
 # Launchers that come from optional Hydra plugins: choice -> (plugin module, vaexp extra, PyPI name).
 _LAUNCHER_PLUGINS = {
@@ -63,8 +68,8 @@ def _quote_path_value(arg: str) -> str:
     return arg
 
 
-def _flags_first(args: List[str]) -> List[str]:
-    """`vaexp train k=1 -m k=1,2` works like `vaexp train -m k=1 k=1,2`."""
+def _split_flags(args: List[str]) -> Tuple[List[str], List[str]]:
+    """(Hydra's flags with their values, the overrides)."""
     flags, rest, i = [], [], 0
     while i < len(args):
         if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
@@ -73,11 +78,63 @@ def _flags_first(args: List[str]) -> List[str]:
             continue
         (flags if args[i] in _FLAGS else rest).append(args[i])
         i += 1
+    return flags, rest
+
+
+def _flags_first(args: List[str]) -> List[str]:
+    """`vaexp train k=1 -m k=1,2` works like `vaexp train -m k=1 k=1,2`."""
+    flags, rest = _split_flags(args)
     return flags + rest
 
 
-def hydra_args(command: str, rest: List[str]) -> List[str]:
-    """The arguments Hydra gets for `vaexp <command> <rest>`."""
+def _choices(overrides, group: str) -> Optional[List[str]]:
+    """The options of `group` chosen on the command line (several in a sweep), or None."""
+    for o in overrides:
+        if o.key_or_group == group and o.package is None and not o.is_delete():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            return [str(v) for v in values]
+    return None
+
+
+def dataset_choices(config_name: str, overrides) -> List[str]:
+    """The dataset option(s) that Hydra will compose: the command line's dataset=, else the
+    experiment presets' choice, else the primary config's default ([] when it has no dataset)."""
+    chosen = _choices(overrides, "dataset")
+    if chosen is not None:
+        return chosen
+    presets = _choices(overrides, "experiment") or [None]
+    found = [(group_default(f"experiment/{p}", "dataset") if p else None) or group_default(config_name, "dataset")
+             for p in presets]
+    return list(dict.fromkeys(c for c in found if c))
+
+
+def check_dataset_keys(config_name: str, args: List[str]) -> None:
+    """Refuse dataset.<key>=... when <key> is not a setting of the chosen dataset (each dataset
+    option carries only its own keys): one line listing the keys that do apply, exit 2."""
+    if not any("dataset." in a for a in args):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+        choices = dataset_choices(config_name, overrides)
+    except Exception:  # noqa: BLE001 - a syntax error, a glob(...) sweep: Hydra reports or resolves them
+        return
+    for o in overrides:
+        if not o.key_or_group.startswith("dataset.") or o.package is not None or o.is_delete():
+            continue
+        key = o.key_or_group.split(".")[1]
+        for choice in choices:
+            keys = dataset_keys(choice)
+            if not keys or key in keys:
+                continue  # an unknown dataset option is Hydra's to report (it lists the options)
+            elsewhere = [opt for opt in dataset_options() if key in dataset_keys(opt)]
+            hint = f" ({key} is a setting of dataset={', '.join(elsewhere)})" if elsewhere else ""
+            print(f"vaexp: {o.input_line}: dataset={choice} has no setting {key}; its settings are "
+                  f"{', '.join(k for k in keys if k != 'name')}{hint}", file=sys.stderr)
+            sys.exit(2)
+
+
+def named(command: str, rest: List[str]) -> List[str]:
+    """`rest` with the positional directories of eval / snr / report as run= / dirs= overrides."""
     rest = list(rest)
     if command in ("eval", "snr") and rest and _is_dir_arg(rest[0]):
         rest = [f"run={quote(rest[0])}"] + rest[1:]
@@ -87,5 +144,14 @@ def hydra_args(command: str, rest: List[str]) -> List[str]:
             dirs.append(rest.pop(0))
         if dirs:
             rest = [f"dirs=[{','.join(quote(d) for d in dirs)}]"] + rest
+    return rest
+
+
+def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None) -> List[str]:
+    """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config)."""
+    rest = named(command, rest)
     check_launcher(rest)
-    return _flags_first([_quote_path_value(a) for a in rest])
+    args = [_quote_path_value(a) for a in rest]
+    if config_name:
+        check_dataset_keys(config_name, _split_flags(args)[1])
+    return _flags_first(args)

@@ -22,7 +22,7 @@ from vaexp.errors import VaexpError
 from vaexp.estimators import ESTIMATORS
 from vaexp.models.burda import ACTIVATIONS
 from vaexp.objectives import OBJECTIVES
-from vaexp.schema import DatasetConf, ModelConf, TrainConfig, check_mk
+from vaexp.schema import TrainConfig, check_mk
 
 
 def _fail(setting: str, problem: str, fix: str) -> None:
@@ -194,9 +194,8 @@ def validate_snr(cfg: DictConfig) -> None:
             _fail(f"run={run}", "no checkpoint.pt there (vaexp train writes one at the end of every epoch)",
                   "train it for at least one epoch, or pass another run directory")
         try:
-            saved = OmegaConf.load(run / rundir.CONFIG)
-            saved_model = OmegaConf.merge(OmegaConf.structured(ModelConf), saved.model)
-            saved_data = OmegaConf.merge(OmegaConf.structured(DatasetConf), saved.dataset)
+            saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / rundir.CONFIG))
+            saved_model, saved_data = saved.model, saved.dataset
         except Exception as err:  # a hand-edited or foreign config.yaml: say so in one line
             _fail(f"run={run}", f"its config.yaml has no usable model/dataset ({type(err).__name__})",
                   "pass a directory made by vaexp train")

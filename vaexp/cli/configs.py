@@ -2,19 +2,87 @@
 
 Invariant: group schemas are stored at the root (``<group>_schema``), not inside the groups, so
 ``objective=...``, --help and tab completion list only the real options; every group option
-starts with ``- /<group>_schema@_here_``.
+starts with ``- /<group>_schema@_here_``, except the datasets: each ``conf/dataset/<option>.yaml``
+starts with ``- /dataset_<kind>_schema@_here_`` for one kind of DATASET_SCHEMAS, so its config
+holds only the keys that apply to it (:func:`dataset_schema` reads which).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from vaexp.schema import (DatasetConf, EstimatorConf, EvalCommandConfig, EvalConf, ModelConf, ObjectiveConf,
-                          ReportConfig, ScheduleConf, SnrConfig, TrainConfig, derived_k)
+from vaexp.schema import (EstimatorConf, EvalCommandConfig, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf,
+                          ObjectiveConf, OmniglotConf, ReportConfig, ScheduleConf, SnrConfig, SyntheticConf,
+                          TrainConfig, derived_k)
+
+# The kinds of dataset schema, stored as dataset_<kind>_schema; each dataset option names its kind.
+DATASET_SCHEMAS = {"files": FilesConf, "images": ImagesConf, "omniglot": OmniglotConf,
+                   "synthetic": SyntheticConf, "gaussian": GaussianConf}
+
+
+def _config_file(*parts: str):
+    return resources.files("vaexp.conf").joinpath(*parts)
+
+
+def group_default(config_name: str, group: str) -> Optional[str]:
+    """The option of `group` that conf/<config_name>.yaml (or an experiment preset, named
+    experiment/<x>) chooses in its defaults list; None when it chooses none."""
+    path = _config_file(*f"{config_name}.yaml".split("/"))
+    if not path.is_file():
+        return None
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.replace("override ", "").strip().lstrip("/") == group and isinstance(value, str):
+                    return value
+    return None
+
+
+def config_groups() -> List[str]:
+    """vaexp's config groups: the folders of conf/ that hold options (Hydra's own hydra/ aside)."""
+    return sorted(p.name for p in _config_file().iterdir()
+                  if p.is_dir() and p.name != "hydra" and any(q.name.endswith(".yaml") for q in p.iterdir()))
+
+
+def groups_of(config_name: str) -> List[str]:
+    """The config groups that conf/<config_name>.yaml's defaults list composes (hydra/ aside)."""
+    path = _config_file(f"{config_name}.yaml")
+    groups = []
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if path.is_file() else []:
+        for key in (entry if isinstance(entry, dict) else {}):
+            name = key.replace("override ", "").strip().lstrip("/")
+            if not name.startswith("hydra/"):
+                groups.append(name)
+    return groups
+
+
+def dataset_options() -> List[str]:
+    """The dataset options, conf/dataset/*.yaml."""
+    return sorted(p.name[:-len(".yaml")] for p in _config_file("dataset").iterdir() if p.name.endswith(".yaml"))
+
+
+def dataset_schema(option: str) -> Optional[type]:
+    """The schema dataclass of dataset=<option>, as its yaml names it; None for no such option."""
+    path = _config_file("dataset", f"{option}.yaml")
+    if not str(option).replace("_", "").isalnum() or not path.is_file():
+        return None
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/dataset_") and entry.endswith("_schema@_here_"):
+            return DATASET_SCHEMAS.get(entry[len("/dataset_"):-len("_schema@_here_")])
+    return None
+
+
+def dataset_keys(option: str) -> List[str]:
+    """The keys of dataset=<option>'s config (empty for no such option)."""
+    schema = dataset_schema(option)
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
 
 
 def _snr_tag(run: Optional[str], dataset: str, model: str) -> str:
@@ -41,6 +109,8 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvalCommandConfig)
     cs.store(name="snr_schema", node=SnrConfig)
     cs.store(name="report_schema", node=ReportConfig)
-    for group, node in [("dataset", DatasetConf), ("model", ModelConf), ("objective", ObjectiveConf),
-                        ("estimator", EstimatorConf), ("schedule", ScheduleConf), ("eval", EvalConf)]:
+    for group, node in [("model", ModelConf), ("objective", ObjectiveConf), ("estimator", EstimatorConf),
+                        ("schedule", ScheduleConf), ("eval", EvalConf)]:
         cs.store(name=f"{group}_schema", node=node)
+    for kind, node in DATASET_SCHEMAS.items():
+        cs.store(name=f"dataset_{kind}_schema", node=node)

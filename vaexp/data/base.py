@@ -80,7 +80,8 @@ def data_dir_of(cfg: Any) -> Path:
 
 
 def setting(cfg: Any, key: str, default: Any) -> Any:
-    """cfg.key, or `default` when absent or null (callers may pass plain namespaces)."""
+    """cfg.key, or `default` when absent or null: a dataset's config holds only its own keys
+    (vaexp.schema: e.g. mnist has no shuffle_seed), and callers may pass plain namespaces."""
     value = getattr(cfg, key, default)
     return default if value is None and default is not None else value
 

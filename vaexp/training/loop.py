@@ -105,22 +105,39 @@ def first_non_finite(values: Sequence[float], where: str, run: Run) -> Optional[
     return None
 
 
+def describe_position(state: Dict, n_epochs: int, steps_per_epoch: int) -> str:
+    """How far a run's checkpoint is, in the user's terms (epochs counted from 1, as on the bar)."""
+    done, step = state["epoch"], state["step"]
+    if step >= steps_per_epoch:
+        return f"{done} of {n_epochs} epochs done, and all {steps_per_epoch} steps of epoch {done + 1}"
+    if step:
+        return f"{done} of {n_epochs} epochs done, and {step} of the {steps_per_epoch} steps of epoch {done + 1}"
+    return f"{done} of {n_epochs} epochs done"
+
+
 def position_message(state: Dict, n_epochs: int, steps_per_epoch: int) -> str:
-    """Where a resumed run stands, in the user's terms."""
+    """Where a resumed run stands and what happens next."""
     done, step = state["epoch"], state["step"]
     if done >= n_epochs:
-        return f"training is complete ({done}/{n_epochs} epochs); evaluating"
-    if step:
-        return f"{done} of {n_epochs} epochs done; continuing epoch {done + 1} at step {step}/{steps_per_epoch}"
-    return f"{done} of {n_epochs} epochs done; starting epoch {done + 1}"
+        more = f"{done} epochs; the schedule asks for {n_epochs}" if done > n_epochs else f"{done}/{n_epochs} epochs"
+        return f"training is complete ({more}); evaluating"
+    where = describe_position(state, n_epochs, steps_per_epoch)
+    if step >= steps_per_epoch:
+        return f"{where}; finishing epoch {done + 1} (validation, checkpoint)"
+    return f"{where}; {'continuing' if step else 'starting'} epoch {done + 1}"
 
 
-def _progress(enabled: bool, total: int, initial: int):
+def progress_label(epoch: int, n_epochs: int) -> str:
+    """The progress bar's label while epoch `epoch` (0-based) trains: the epoch being trained."""
+    return f"epoch {epoch + 1}/{n_epochs}"
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Stop] = None
@@ -159,7 +176,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
         for i in alive():
             runs[i].error = first_non_finite(means[i], where, runs[i])
 
-    bar = _progress(cfg0.progress, n_epochs * steps_per_epoch, position["global_step"])
+    # No bar when no training step is left (only the evaluation): a full bar would say nothing.
+    bar = _progress(cfg0.progress and position["epoch"] < n_epochs, n_epochs * steps_per_epoch,
+                    position["global_step"], progress_label(position["epoch"], n_epochs))
     t_start = time.perf_counter() - runs[0].state["wall_time"]
     stop.install()
     try:
@@ -167,7 +186,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
             epoch = position["epoch"]
             step.set_lr(lrs[epoch])
             if bar is not None:
-                bar.set_description(f"epoch {epoch + 1}/{n_epochs}", refresh=False)
+                bar.set_description(progress_label(epoch, n_epochs), refresh=False)
             epoch_data = EpochData(data, [int(r.cfg.seed) for r in runs], epoch, device)
             if position["step"] == 0:
                 epoch_acc.zero_()
@@ -239,13 +258,16 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 runs[j].save(step.optimizer_state(j), epoch_acc[j])
         for r in runs:
             r.log.close()
+        where = describe_position(runs[0].state, n_epochs, steps_per_epoch)
         if n_runs == 1:
-            raise Interrupted(runs[0].dir, runs[0].state)
+            raise Interrupted(runs[0].dir, runs[0].state,
+                              f"interrupted with {where}; checkpoint saved in {runs[0].dir}. Re-run with "
+                              f"resume={runs[0].dir} to continue")
         dirs = ", ".join(str(r.dir) for r in runs)
         raise Interrupted(runs[0].dir, runs[0].state,
-                          f"interrupted at epoch {position['epoch'] + 1}, step {position['step']}; the checkpoints of "
-                          f"the {n_runs} stacked runs are saved ({dirs}). Run the same sweep again (same sweep=<name>) "
-                          f"to continue them stacked, or resume=<dir> to continue one alone")
+                          f"interrupted with {where}; the checkpoints of the {n_runs} stacked runs are saved ({dirs}). "
+                          f"Run the same sweep again (same sweep=<name>) to continue them stacked, or resume=<dir> "
+                          f"to continue one alone")
     return [_finish(r, runs, i, n_epochs, data, device, wall) for i, r in enumerate(runs)]
 
 
@@ -271,7 +293,7 @@ def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, devic
         raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation; training is complete and "
                                           f"checkpointed in {r.dir}: `vaexp eval {r.dir}` evaluates it "
                                           f"(re-running with resume={r.dir} does too, and writes metrics.json)") from None
-    r.log_eval(result["metrics"], r.state["global_step"])
+    r.log_eval(result["metrics"], r.state["global_step"], final=True)
     summary = r.summary(n_epochs, device, data, result["metrics"],
                         stacked_with=[o.dir.name for o in runs if o is not r] if stacked else None)
     rundir.write_metrics(r.dir, summary, result["per_example"])

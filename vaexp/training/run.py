@@ -23,7 +23,8 @@ from vaexp.data import Dataset
 from vaexp.errors import VaexpError
 from vaexp.models import build_model
 from vaexp.objectives import Objective, make_objective
-from vaexp.tblog import RunLogger
+from vaexp.evaluate import format_table
+from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
 
 class NonFiniteBound(VaexpError):
@@ -90,7 +91,12 @@ class Run:
             values["train/phi_bound"] = means[1]
         self.log.scalars(values, step)
 
-    def log_eval(self, metrics: Dict, step: int) -> None:
+    def log_eval(self, metrics: Dict, step: int, final: bool = False) -> None:
+        """eval/* scalars, and the evaluation as a TEXT card (eval/summary): a single point in a
+        line chart is hard to read, the card states every number."""
+        what = "the final evaluation" if final else "an evaluation during training"
+        self.log.text("eval/summary", eval_card(f"{what}: epoch {self.state['epoch']}, step {step}",
+                                                format_table(metrics)), step)
         values = {"eval/nll": metrics["nll"]}
         for key, value in metrics.items():
             if key.startswith("L") and key[1:].isdigit():
@@ -112,10 +118,11 @@ class Run:
         model.train()
 
     def log_hparams(self, summary: Dict) -> None:
-        metrics = summary["test"]
-        self.log.hparams(rundir.hparams(self.cfg), {
-            "hparam/test_nll": metrics["nll"], "hparam/train_bound": summary["train"]["bound"],
-            **{f"hparam/active_units_{i + 1}": a for i, a in enumerate(metrics["active_units"])}})
+        """The run's row of the HPARAMS table: its settings (the keys its sweep varies, or its
+        command line set, flagged) and the final evaluation's metrics (a later `vaexp eval`
+        writes them again)."""
+        values, differs = rundir.hparams(self.cfg, rundir.varied_keys(self.dir))
+        self.log.hparams(values, differs, hparam_metrics(summary["test"], summary["train"]), self.state["global_step"])
 
     def summary(self, n_epochs: int, device: torch.device, data: Dataset, test: Dict,
                 stacked_with: Optional[List[str]] = None) -> Dict:
