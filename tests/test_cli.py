@@ -390,8 +390,9 @@ def test_train_help_lists_config_groups(cli, tmp_path):
     res = cli("train", "--help")
     assert res.code == 0, res.err
     assert "== Config groups ==" in res.out
-    assert "objective: ciwae, iwae, miwae, piwae, vae" in res.out
-    assert "estimator: dreg, reparam, stl" in res.out
+    assert "objective: ciwae, iwae, jvi, miwae, piwae, vae" in res.out
+    assert "estimator: dreg, dreg_norm, gdreg, reparam, rws, rws_dreg, rws_dreg_norm, stl, vimco" in res.out
+    assert "not a bound" in res.out and "diagnostics.every" in res.out
     assert "model: burda1, burda2" in res.out
     assert not (tmp_path / "outputs").exists()
 
@@ -432,3 +433,89 @@ def test_completion_install_script(cli):
     res = cli("-sc", "install=bash")
     assert res.code == 0, res.err
     assert "complete" in res.out and "hydra_bash_completion" in res.out
+
+
+# --------------------------------------------------------------------------- the rest of the estimator family
+
+NEW_RUNS = [  # estimator, objective, extra overrides, two stochastic layers?
+    ("rws", "iwae", [], True),
+    ("rws_dreg", "miwae", ["m=2", "k=3"], False),
+    ("gdreg", "piwae", ["m=2", "k=2", "estimator.alpha=0.3"], True),
+    ("dreg_norm", "ciwae", ["m=2", "beta=0.3"], False),
+    ("rws_dreg_norm", "iwae", [], False),
+    ("vimco", "jvi", ["k=3"], True),
+    ("reparam", "jvi", ["m=2", "k=3"], False),
+    ("stl", "jvi", [], False),
+    ("dreg", "jvi", [], True),
+    ("rws", "jvi", ["k=2"], False),
+]
+
+
+@pytest.mark.parametrize("estimator,objective,extra,two", NEW_RUNS, ids=[f"{e}-{o}" for e, o, _, _ in NEW_RUNS])
+def test_train_one_epoch_new_estimators_and_jvi(estimator, objective, extra, two, tiny_args, tiny_args_2layer,
+                                                vaexp_main, tmp_path):
+    out_root = tmp_path / "out"
+    res = vaexp_main("train", *(tiny_args_2layer if two else tiny_args), f"objective={objective}",
+                     f"estimator={estimator}", *extra, f"out_root={out_root}")
+    assert res.code == 0, res.err
+    (run_dir,) = train_run_dirs(out_root)
+    metrics = load_metrics(run_dir)
+    check_test_metrics(metrics["test"], 10, [4, 3] if two else [4])
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["state"]["global_step"] == 5 and ckpt["config"]["estimator"]["name"] == estimator
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    if estimator == "gdreg":
+        assert ckpt["config"]["estimator"]["alpha"] == 0.3
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    if objective == "jvi":  # not a bound: never called one
+        assert metrics["train"]["quantity"] == "JVI estimate" and math.isfinite(metrics["train"]["jvi_estimate"])
+        assert "bound" not in metrics["train"] and "valid_bound" not in metrics["train"]
+        assert "final train JVI estimate" in res.out and "bound" not in res.out.split("test NLL")[0].lower()
+        assert {"epoch/train_jvi_estimate", "epoch/valid_jvi_estimate"} <= tags
+        assert not any("bound" in t for t in tags), tags
+    else:
+        assert metrics["train"]["quantity"] == "bound" and math.isfinite(metrics["train"]["bound"])
+        assert "epoch/train_bound" in tags
+
+
+REFUSED = [  # overrides, words the one line must contain
+    (["estimator=rws", "objective=vae"], ["estimator=rws with objective=vae", "plain mean", "expectation 0"]),
+    (["estimator=rws_dreg", "objective=ciwae"], ["objective=ciwae", "beta*vae term"]),
+    (["estimator=vimco", "objective=vae"], ["vimco", "leave-one-out"]),
+    (["estimator=vimco", "k=1"], ["estimator=vimco with objective=iwae k=1", "k >= 2"]),
+    (["estimator=vimco", "objective=jvi", "k=2"], ["objective=jvi k=2", "k >= 3"]),
+    (["estimator=rws", "k=1"], ["k=1", "expectation 0", "k >= 2"]),
+    (["estimator=gdreg", "k=1"], ["gdreg mixes in rws_dreg", "k >= 2"]),
+    (["estimator=dreg_norm", "objective=jvi"], ["dreg_norm", "non-negative weights", "jvi"]),
+    (["objective=jvi", "k=1"], ["objective=jvi with k=1", "k >= 2"]),
+    (["estimator=dreg", "estimator.alpha=0.3"], ["estimator.alpha=0.3 with estimator=dreg", "only gdreg"]),
+    (["estimator=gdreg", "estimator.alpha=1.5"], ["estimator.alpha=1.5", "[0, 1]"]),
+    (["-m", "estimator=dreg,rws", "objective=vae"], ["estimator=rws with objective=vae", "in the sweep job"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_undefined_combinations_are_refused_before_any_directory(overrides, words, vaexp_main, tiny_args, tmp_path):
+    out_root = tmp_path / "out"
+    flags = [o for o in overrides if o.startswith("-")]
+    rest = [o for o in overrides if not o.startswith("-")]
+    res = vaexp_main("train", *flags, *tiny_args, *rest, f"out_root={out_root}")
+    assert res.code != 0
+    assert_no_traceback(res)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vaexp: "), res.err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not out_root.exists()
+
+
+def test_refused_combination_exit_status_in_a_real_process(cli, tmp_path, tiny_args):
+    work, out_root = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    res = cli("train", *tiny_args, "estimator=rws", "objective=vae", f"out_root={out_root}", cwd=work)
+    assert res.code == 2 and res.err.strip().count("\n") == 0 and "estimator=rws with objective=vae" in res.err
+    _assert_nothing_created(work, out_root)

@@ -307,7 +307,8 @@ def test_gradients_match_reference(arch, objective, estimator):
 
 
 def test_every_estimator_is_covered():
-    assert sorted(ESTIMATORS) == sorted(EST_NAMES)
+    # reparam, stl, dreg here; the rest below (NEW_ESTIMATORS), each against its own paper's formula
+    assert sorted(ESTIMATORS) == sorted(EST_NAMES + NEW_ESTIMATORS)
 
 
 # -- properties the estimators must have --------------------------------------------------------
@@ -449,3 +450,305 @@ def test_stl_unbiased_for_vae(arch):
     seeds = range(200, 200 + MC_SEEDS)
     rep = _mc_phi_grads(arch, "vae", "reparam", seeds)
     assert _S(_mc_phi_grads(arch, "vae", "stl", seeds) - rep) < S_MAX
+
+
+# ================================================================================================
+# The rest of the family: RWS, RWS-DReG, GDReG, the renormalised heuristics, VIMCO, and the jvi
+# objective, each against a reference written from its paper's formula with explicit loops over
+# samples (leave-one-out sets spelled out), never the code's masks or closed forms.
+#   rws (Bornschein & Bengio 2015)   Σ_k w̃_k ∇φ log q(z̄_k|x), z̄ stopped (both layers), per M group
+#   rws_dreg (Tucker et al. 2019)    Σ_k (w̃_k − w̃_k²) ∂lw̄_k/∂φ
+#   gdreg(α)                         (1−α)·dreg + α·rws_dreg
+#   dreg_norm, rws_dreg_norm         the weights divided by their sum over K, per M group
+#   vimco (Mnih & Rezende 2016)      Σ_k (L − L̂_{−k}) ∇φ log q(z̄_k) + ∇φ L at fixed z̄, with
+#                                    L̂_{−k} = log((Σ_{j≠k} w_j + exp(mean_{j≠k} lw_j)) / K)
+#   jvi (Nowozin 2018)               K·L_K − (K−1)/K Σ_j L_{K−1}^(−j); every per-group weight above
+#                                    is jackknifed the same way (each log-mean-exp term contributes
+#                                    its own weights, with the term's coefficient)
+# ================================================================================================
+
+NEW_ESTIMATORS = ["rws", "rws_dreg", "gdreg", "dreg_norm", "rws_dreg_norm", "vimco"]
+ALPHA = 0.3
+LME_OBJECTIVES = ["iwae", "miwae", "piwae", "jvi"]  # φ bounds made of log-mean-exps only
+SUPPORTED = {
+    "rws": LME_OBJECTIVES, "rws_dreg": LME_OBJECTIVES, "gdreg": LME_OBJECTIVES,
+    "rws_dreg_norm": ["iwae", "miwae", "piwae"], "vimco": LME_OBJECTIVES,
+    "dreg_norm": ["vae", "iwae", "miwae", "ciwae", "piwae"],
+}
+
+
+def ref_jvi(lw):
+    k = lw.shape[1]
+    loo = [_lme(lw[:, [i for i in range(k) if i != j]], (1,)) for j in range(k)]
+    return (k * _lme(lw, (1,)) - (k - 1) / k * sum(loo)).mean(0)
+
+
+def ref_phi_all(name, lw):
+    return ref_jvi(lw) if name == "jvi" else ref_phi(name, lw)
+
+
+def ref_theta_all(name, lw):
+    return ref_jvi(lw) if name == "jvi" else ref_theta(name, lw)
+
+
+def ref_norm_weights(v):
+    """softmax over the K axis (dim 1), the schoolbook way."""
+    e = torch.exp(v - v.max(dim=1, keepdim=True).values)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def ref_vimco_signal(v):
+    """L − L̂_{−k} per sample of each group [M, n, B] (Mnih & Rezende's learning signal)."""
+    n = v.shape[1]
+    big_l = _lme(v, (1,))
+    out = torch.zeros_like(v)
+    for k in range(n):
+        rest = v[:, [j for j in range(n) if j != k]]
+        l_hat = torch.log((torch.exp(rest).sum(1) + torch.exp(rest.mean(1))) / n)
+        out[:, k] = big_l - l_hat
+    return out
+
+
+def per_group(objective, lw, fn):
+    """Σ over the φ bound's log-mean-exp terms of coef·fn(term's samples), per M group, / M: for
+    iwae/miwae/piwae one term (all K); for jvi K·fn(all) − (K−1)/K Σ_j fn(all but j)."""
+    m, k = lw.shape[:2]
+    if objective != "jvi":
+        return fn(lw) / m
+    out = k * fn(lw)
+    for j in range(k):
+        idx = [i for i in range(k) if i != j]
+        part = torch.zeros_like(lw)
+        part[:, idx] = fn(lw[:, idx])
+        out = out - (k - 1) / k * part
+    return out / m
+
+
+def ref_log_q_stopped(model, x, zs):
+    """log q_φ(z̄|x) with every z stopped (z1 too, as the input of q(z2|z1)), the encoder live."""
+    m, k = zs[0].shape[:2]
+    h = x.expand(m, k, *x.shape)
+    out = 0.0
+    for i, layer in enumerate(model.encoder):
+        mu, logsig = layer(h if i == 0 else zs[i - 1].detach())
+        out = out + normal_lp(zs[i].detach(), mu, logsig)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def score_reference(arch: str, m: int, seed: int = SEED):
+    """(log p at the samples (values), ∂ log q(z̄_{m,k,b})/∂φ per entry, the stopped-z lw as a
+    function of φ for the explicit term)."""
+    model = make_model(arch)
+    x = make_x()
+    _, _, zs, log_p, _ = ref_log_weights(model, x, draw_eps(model, m, K, B, seed))
+    log_q = ref_log_q_stopped(model, x, zs)
+    phi = model.phi_parameters()
+    jac = {}
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in log_q.shape]).tolist():
+        jac[tuple(idx)] = torch.autograd.grad(log_q[tuple(idx)], phi, retain_graph=True)
+    return log_p.detach(), jac
+
+
+def weighted_score(jac, weights):
+    out = None
+    for idx, grads in jac.items():
+        term = [weights[idx] * gr for gr in grads]
+        out = term if out is None else [o + t for o, t in zip(out, term)]
+    return tuple(out)
+
+
+def ref_new_phi_grads(arch, objective, estimator, m, seed=SEED):
+    """The φ gradient of the *loss* (minus the batch mean), from the formulas above."""
+    model = make_model(arch)
+    ref = reference(arch, m, seed)
+    lw = ref.lw
+    w_sq = lambda v: ref_norm_weights(v) ** 2  # noqa: E731
+    w_rd = lambda v: ref_norm_weights(v) - ref_norm_weights(v) ** 2  # noqa: E731
+    if estimator in ("rws", "vimco"):
+        log_p, jac = score_reference(arch, m, seed)
+        g = per_group(objective, lw, ref_norm_weights)
+        if estimator == "rws":
+            return weighted_score(jac, -g / B)
+        s = per_group(objective, lw, ref_vimco_signal)
+        score_part = weighted_score(jac, -s / B)
+        # ∇φ L at fixed z̄: autograd through log p(x, z̄) − log q_φ(z̄|x)
+        x = make_x()
+        _, _, zs, _, _ = ref_log_weights(model, x, draw_eps(model, m, K, B, seed))
+        lw_fixed = log_p - ref_log_q_stopped(model, x, zs)
+        explicit = torch.autograd.grad(-ref_phi_all(objective, lw_fixed).mean(), model.phi_parameters())
+        return tuple(a + b for a, b in zip(score_part, explicit))
+    if objective == "jvi" or objective in LME_OBJECTIVES:
+        c = per_group(objective, lw, w_sq)
+    if estimator == "dreg_norm" and objective in ("vae", "ciwae"):
+        _, c = g_and_c(lambda v: ref_phi(objective, v), lw)  # the DReG weights of the mixed bound
+    r = per_group(objective, lw, w_rd) if objective in LME_OBJECTIVES else None
+    weights = {"rws_dreg": lambda: r,
+               "gdreg": lambda: (1 - ALPHA) * c + ALPHA * r,
+               "dreg_norm": lambda: c / c.sum(1, keepdim=True) / m,
+               "rws_dreg_norm": lambda: r / r.sum(1, keepdim=True) / m}[estimator]()
+    return weighted_jacobian(ref, -weights / B)
+
+
+def vaexp_all_grads(arch, objective, estimator, m, seed=SEED, alpha=None):
+    model = make_model(arch)
+    obj = make_objective(objective, beta=BETA)
+    est = get_estimator(estimator, ALPHA if estimator == "gdreg" and alpha is None else alpha)
+    lws = model.log_weights(make_x(), m, K, need_bar=est.needs_lw_bar, need_score=est.needs_score,
+                            generator=torch.Generator().manual_seed(seed))
+    losses = surrogate_losses(obj, est, lws.lw, lws.lw_bar, lws.log_q_score)
+    gt, gp = gradients(losses, model.theta_parameters(), model.phi_parameters())
+    return losses, lws, gt, gp
+
+
+def test_support_table_is_the_estimators_own():
+    """SUPPORTED (what these tests cover) is exactly where vaexp.estimators says it is defined."""
+    from vaexp.estimators import undefined_because
+
+    for est in NEW_ESTIMATORS:
+        ok = [o for o in OBJECTIVES + ["jvi"] if undefined_because(get_estimator(est), make_objective(o), K) is None]
+        assert ok == [o for o in OBJECTIVES + ["jvi"] if o in SUPPORTED[est]], est
+
+
+def test_reference_weights_are_the_bound_s_own():
+    """The reference's per-group weights are ∂f/∂lw (g), and its w̃² weights jvi's DReG c: checked
+    by autograd, so the references below rest on the bound alone."""
+    for objective in LME_OBJECTIVES:
+        lw = reference("burda1", m_for(objective)).lw
+        g, c = g_and_c(lambda v: ref_phi_all(objective, v), lw)
+        torch.testing.assert_close(per_group(objective, lw, ref_norm_weights), g, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(per_group(objective, lw, lambda v: ref_norm_weights(v) ** 2), c,
+                                   rtol=1e-10, atol=1e-12)
+
+
+CASES = [(e, o) for e in NEW_ESTIMATORS for o in SUPPORTED[e]]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("estimator,objective", CASES)
+def test_new_estimators_match_their_papers(arch, estimator, objective):
+    m = m_for(objective)
+    model = make_model(arch)
+    losses, _, gt, gp = vaexp_all_grads(arch, objective, estimator, m)
+    eps = draw_eps(model, m, K, B)
+    lw_ref, *_ = ref_log_weights(model, make_x(), eps)
+    assert_grads_close(gt, torch.autograd.grad(-ref_theta_all(objective, lw_ref).mean(), model.theta_parameters()))
+    ref = ref_new_phi_grads(arch, objective, estimator, m)
+    assert_grads_close(gp, ref)
+    # the logged value is the true θ bound (for jvi the JVI estimate), not the surrogate
+    torch.testing.assert_close(losses.bound, ref_theta_all(objective, lw_ref).detach(), rtol=1e-12, atol=1e-12)
+    if objective != "vae":  # on vae dreg_norm's Σ (1/MK)·lw̄ has the bound's value (only its gradient differs)
+        assert (-losses.phi_loss.detach() - losses.bound.mean()).abs() > 1e-3
+    assert flat(gp).norm() > 1e-3
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("estimator", EST_NAMES)
+def test_jvi_with_reparam_stl_dreg_match_the_reference(arch, estimator):
+    """jvi with the three original estimators: reparam ∇φ jvi, stl Σ g ∂lw̄/∂φ, dreg Σ c ∂lw̄/∂φ,
+    g and c of the reference jvi by autograd (jvi-dreg = dreg_estimators' jk-dreg)."""
+    m = 2
+    model = make_model(arch)
+    _, _, gt, gp = vaexp_all_grads(arch, "jvi", estimator, m)
+    eps = draw_eps(model, m, K, B)
+    lw, *_ = ref_log_weights(model, make_x(), eps)
+    assert_grads_close(gt, torch.autograd.grad(-ref_jvi(lw).mean(), model.theta_parameters(), retain_graph=True))
+    if estimator == "reparam":
+        want = torch.autograd.grad(-ref_jvi(lw).mean(), model.phi_parameters())
+    else:
+        ref = reference(arch, m)
+        g, c = g_and_c(ref_jvi, ref.lw)
+        want = weighted_jacobian(ref, -(g if estimator == "stl" else c) / B)
+    assert_grads_close(gp, want)
+
+
+def test_log_q_score_is_the_score():
+    """The new LogWeights field: values log q(z|x); φ-gradient with every z stopped; none without
+    need_score."""
+    for arch in ARCHS:
+        model, x, m = make_model(arch), make_x(), 2
+        lws = model.log_weights(x, m, K, need_score=True, generator=torch.Generator().manual_seed(SEED))
+        _, _, zs, log_p, log_q = ref_log_weights(model, x, draw_eps(model, m, K, B))
+        torch.testing.assert_close(lws.log_q_score, log_q, rtol=1e-12, atol=1e-12)
+        _, jac = score_reference(arch, m)
+        idx = (1, 2, 0)
+        assert_grads_close(torch.autograd.grad(lws.log_q_score[idx], model.phi_parameters(), retain_graph=True),
+                           jac[idx])
+        assert all(float(g.abs().max()) == 0 for g in torch.autograd.grad(
+            lws.log_q_score.sum(), model.theta_parameters(), allow_unused=True, materialize_grads=True))
+        assert model.log_weights(x, m, K).log_q_score is None
+
+
+# -- identities ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("objective", LME_OBJECTIVES)
+def test_gdreg_endpoints_are_dreg_and_rws_dreg(arch, objective):
+    m = m_for(objective)
+    gd0 = vaexp_all_grads(arch, objective, "gdreg", m, alpha=0.0)[3]
+    gd1 = vaexp_all_grads(arch, objective, "gdreg", m, alpha=1.0)[3]
+    assert_grads_close(gd0, vaexp_all_grads(arch, objective, "dreg", m)[3], rtol=1e-14, atol=1e-16)
+    assert_grads_close(gd1, vaexp_all_grads(arch, objective, "rws_dreg", m)[3], rtol=1e-14, atol=1e-16)
+    # and it is linear in α in between
+    half = vaexp_all_grads(arch, objective, "gdreg", m, alpha=0.5)[3]
+    assert_grads_close(half, tuple(0.5 * a + 0.5 * b for a, b in zip(gd0, gd1)), rtol=1e-10, atol=1e-13)
+    assert rel_diff(gd0, gd1) > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("objective", LME_OBJECTIVES)
+def test_stl_is_reparam_plus_rws_and_dreg_plus_rws_dreg(arch, objective):
+    """Draw by draw: ∂lw/∂φ = ∂lw̄/∂φ − ∇φ log q(z̄), so Σ g ∂lw̄/∂φ (stl) = reparam +
+    Σ g ∇φ log q (rws); and g = c + r, so stl = dreg + rws_dreg. Pins rws's and rws_dreg's signs
+    and factors."""
+    m = m_for(objective)
+    g = {e: flat(vaexp_all_grads(arch, objective, e, m)[3]) for e in ("reparam", "stl", "dreg", "rws", "rws_dreg")}
+    torch.testing.assert_close(g["stl"], g["reparam"] + g["rws"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g["stl"], g["dreg"] + g["rws_dreg"], rtol=1e-10, atol=1e-12)
+    assert g["rws"].norm() > 1e-2 and g["rws_dreg"].norm() > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_norm_variants_on_one_group_are_tuckers(arch):
+    """dreg_norm on iwae: w̃²/Σw̃²; on vae (uniform weights) it is dreg = stl."""
+    assert_grads_close(vaexp_all_grads(arch, "vae", "dreg_norm", 2)[3], vaexp_all_grads(arch, "vae", "stl", 2)[3],
+                       rtol=1e-10, atol=1e-13)
+    norm, plain = vaexp_all_grads(arch, "iwae", "dreg_norm", 1)[3], vaexp_all_grads(arch, "iwae", "dreg", 1)[3]
+    assert rel_diff(norm, plain) > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_rws_at_k1_degenerates(arch):
+    """K = 1: the one normalised weight is 1, so rws is ∇φ log q(z̄) (expectation 0: the score,
+    tests/test_gaussian.py measures it) and rws_dreg's weights w̃ − w̃² are 0: exactly no update.
+    (The CLI refuses both, with this reason.)"""
+    model = make_model(arch)
+    obj = make_objective("miwae")
+    for name in ("rws_dreg", "rws_dreg_norm"):
+        est = get_estimator(name)
+        lws = model.log_weights(make_x(), 3, 1, need_bar=True, generator=torch.Generator().manual_seed(1))
+        gp = gradients(surrogate_losses(obj, est, lws.lw, lws.lw_bar), model.theta_parameters(),
+                       model.phi_parameters())[1]
+        assert float(flat(gp).abs().max()) == 0.0
+    lws = model.log_weights(make_x(), 3, 1, need_score=True, generator=torch.Generator().manual_seed(1))
+    gp = gradients(surrogate_losses(obj, get_estimator("rws"), lws.lw, None, lws.log_q_score),
+                   model.theta_parameters(), model.phi_parameters())[1]
+    lws = model.log_weights(make_x(), 3, 1, need_score=True, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(-lws.log_q_score.mean(dim=(0, 1)).mean(), model.phi_parameters())
+    assert_grads_close(gp, want)
+
+
+def test_get_estimator_alpha():
+    assert get_estimator("gdreg").alpha == 0.5
+    assert get_estimator("gdreg", 0.2).alpha == 0.2 and ESTIMATORS["gdreg"].alpha == 0.5
+    with pytest.raises(ValueError):
+        get_estimator("dreg", 0.2)
+
+
+def test_rws_dreg_norm_with_one_dominant_weight_is_finite():
+    """fp32, one weight exp(200) times the others: Σ(w̃ − w̃²) underflows to 0; no NaN, no update."""
+    from vaexp.estimators import _per_group_normalised, rws_dreg_weights
+
+    lw = torch.tensor([[[0.0], [-200.0], [-200.0]]])
+    r = _per_group_normalised(rws_dreg_weights(make_objective("iwae"), lw))
+    assert torch.isfinite(r).all()

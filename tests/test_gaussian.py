@@ -399,3 +399,96 @@ def test_train_and_eval_end_to_end(layers, vaexp_main, tmp_path):
     assert res.code == 0, res.err
     again = json.loads((run / "metrics.json").read_text())["test"]
     assert again["nll"] == test["nll"]
+
+
+# -- the rest of the family on the analytic model: means against known-unbiased estimators --------------
+#
+# Every check pairs draws (one draw feeds every estimator) and applies S to the difference; S_MAX as
+# above. "Biased" checks ask for S > 4·S_MAX or 20·S_MAX (P ≪ 1e-10 under no bias), so a pass is no
+# accident either.
+
+def _draws(model, x, objective, m, k, names, n=MC_DRAWS, seed=31, alpha=0.5):
+    ests = [get_estimator(e, alpha if e == "gdreg" else None) for e in names]
+    sampler = GradientSampler(model, x, make_objective(objective, beta=0.3), ests)
+    _, g_phi = sampler.draw(m, k, n, torch.Generator().manual_seed(seed))
+    return dict(zip(names, g_phi))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("objective", ["iwae", "miwae", "jvi"])
+def test_rws_dreg_has_the_mean_of_rws(objective, layers):
+    """Tucker et al.: E[Σ (w̃ − w̃²) ∂lw̄/∂φ] = E[Σ w̃ ∇φ log q(z̄)]; both estimate another quantity
+    than ∇φ of the bound (the inclusive-KL direction), so they are biased against reparam."""
+    model, x = generic_model(layers=layers), points(3, 2)
+    g = _draws(model, x, objective, m_for(objective), 3, ["reparam", "rws", "rws_dreg"], seed=32 + layers)
+    assert _S(g["rws_dreg"] - g["rws"]) < S_MAX
+    assert _S(g["rws"]) > 4 * S_MAX  # a non-zero mean: the check has signal
+    assert _S(g["rws"] - g["reparam"]) > 4 * S_MAX
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+def test_gdreg_interpolates_between_the_bound_gradient_and_rws(alpha):
+    """E[gdreg(α)] = (1 − α)·∇φ bound + α·E[rws]: against reparam and rws, not against its own parts."""
+    model, x = generic_model(layers=2), points(3, 2)
+    g = _draws(model, x, "miwae", 2, 3, ["reparam", "rws", "gdreg"], seed=35, alpha=alpha)
+    assert _S(g["gdreg"] - ((1 - alpha) * g["reparam"] + alpha * g["rws"])) < S_MAX
+    assert _S(g["gdreg"] - g["reparam"]) > 20 * S_MAX and _S(g["gdreg"] - g["rws"]) > 20 * S_MAX
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("objective,k", [("iwae", 3), ("miwae", 3), ("piwae", 3), ("jvi", 3)])
+def test_vimco_is_unbiased_for_the_bound(objective, k, layers):
+    """The score function with leave-one-out baselines has the mean of the reparameterisation
+    gradient of the same φ bound (Mnih & Rezende): z is not reparameterised, but E is the same."""
+    model, x = generic_model(layers=layers), points(3, 2)
+    g = _draws(model, x, objective, m_for(objective), k, ["reparam", "vimco"], seed=40 + layers)
+    assert _S(g["vimco"] - g["reparam"]) < S_MAX
+    assert _S(g["reparam"]) > 4 * S_MAX
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_jvi_dreg_has_the_mean_of_jvi_reparam_and_stl_does_not(layers):
+    """JVI-DReG (jk-dreg): the closed-form weights K·w̃² − (K−1)·mean_j (w̃^(−j))² are unbiased for
+    ∇φ of the JVI estimate; STL on jvi drops a score term with non-zero mean."""
+    model, x = generic_model(layers=layers), points(3, 2)
+    g = _draws(model, x, "jvi", 2, 3, ["reparam", "stl", "dreg"], seed=45 + layers)
+    assert _S(g["dreg"] - g["reparam"]) < S_MAX
+    assert _S(g["reparam"]) > 4 * S_MAX
+    assert _S(g["stl"] - g["reparam"]) > 20 * S_MAX
+
+
+def test_the_known_biases_show():
+    """dreg_norm (w̃²/Σw̃²) is biased for ∇φ IWAE, rws_dreg_norm for rws' mean; stl on iwae (also
+    above) with the same draws."""
+    model, x = generic_model(layers=1), points(3, 2)
+    g = _draws(model, x, "iwae", 1, 3, ["reparam", "stl", "dreg", "dreg_norm", "rws", "rws_dreg_norm"], seed=50)
+    assert _S(g["dreg"] - g["reparam"]) < S_MAX
+    assert _S(g["dreg_norm"] - g["reparam"]) > 20 * S_MAX
+    assert _S(g["stl"] - g["reparam"]) > 20 * S_MAX
+    assert _S(g["rws_dreg_norm"] - g["rws"]) > 20 * S_MAX
+
+
+def test_rws_at_k1_has_mean_zero():
+    """K = 1: rws is the score ∇φ log q(z̄|x), whose expectation is 0 (why the CLI refuses it)."""
+    model, x = generic_model(layers=2), points(3, 2)
+    g = _draws(model, x, "miwae", 2, 1, ["reparam", "rws"], seed=55)
+    assert _S(g["rws"]) < S_MAX
+    assert _S(g["reparam"]) > 4 * S_MAX
+
+
+def test_jvi_estimate_has_a_smaller_bias_than_iwae():
+    """Nowozin 2018: E[IWAE_K] = log p(x) − (ρ−1)/(2K) + O(1/K²); the first-order jackknife removes
+    the 1/K term, so at K = 4 the JVI estimate's gap is a fraction of IWAE's (within 4 se)."""
+    model, data = rainforth_model()
+    x = data.train[:1].double()
+    log_px = model.exact_log_px(x).item()
+    g = torch.Generator().manual_seed(12)
+    lw = torch.cat([model.log_weights(x.expand(4000, -1), 1, 4, generator=g).lw for _ in range(10)], dim=2)
+    gaps = {}
+    for name in ("iwae", "jvi"):
+        v = make_objective(name).theta(lw)
+        gaps[name] = (log_px - v.mean().item(), v.std().item() / math.sqrt(v.numel()))
+    iwae_gap, iwae_se = gaps["iwae"]
+    jvi_gap, jvi_se = gaps["jvi"]
+    assert iwae_gap > 4 * iwae_se  # the O(1/K) bias is resolved
+    assert abs(jvi_gap) < iwae_gap / 3 + 4 * jvi_se, gaps

@@ -20,8 +20,8 @@ CONF = ROOT / "conf"
 LAYERS = [
     ("floor", ["vaexp", "vaexp.errors", "vaexp.schema", "vaexp.schedule", "vaexp.runtime"]),
     ("run directory", ["vaexp.rundir"]),
-    ("maths, models, data, logging", ["vaexp.objectives", "vaexp.estimators", "vaexp.models", "vaexp.data",
-                                      "vaexp.tblog"]),
+    ("maths, models, data, logging", ["vaexp.objectives", "vaexp.estimators", "vaexp.gradstats", "vaexp.models",
+                                      "vaexp.data", "vaexp.tblog"]),
     ("evaluation", ["vaexp.surgery", "vaexp.evaluate"]),
     ("training", ["vaexp.training"]),
     ("libraries on top", ["vaexp.snr", "vaexp.report"]),

@@ -287,3 +287,88 @@ def test_dreg_weight_totals():
     for name in ("vae", "iwae", "miwae", "ciwae", "piwae"):
         _, g = autograd_dreg_weights(make_objective(name, beta=BETA).phi, lw)
         close(g.sum((0, 1)), torch.ones(3, dtype=torch.float64))
+
+
+# -- jvi: jackknife variational inference (Nowozin 2018), first order ----------------------------
+
+def py_jvi(lw, b):
+    """Per m: K·L_K − (K−1)/K · Σ_j L_{K−1}^(−j), the leave-one-out log-mean-exps spelled out;
+    mean over m."""
+    out = 0.0
+    for m in range(len(lw)):
+        xs = [lw[m][k][b] for k in range(len(lw[0]))]
+        n = len(xs)
+        loo = [py_lme(xs[:j] + xs[j + 1:]) for j in range(n)]
+        out += n * py_lme(xs) - (n - 1) / n * sum(loo)
+    return out / len(lw)
+
+
+def test_jvi_exact_values_on_hand_made_log_weights():
+    obj = make_objective("jvi")
+    lw = lw_tensor()
+    assert not obj.split and obj.quantity == "JVI estimate" and obj.slug == "jvi_estimate"
+    assert not obj.convex
+    for b in range(B):
+        assert obj.theta(lw)[b].item() == pytest.approx(py_jvi(LW, b), rel=1e-13, abs=1e-13)
+        assert obj.phi(lw)[b].item() == pytest.approx(py_jvi(LW, b), rel=1e-13, abs=1e-13)
+
+
+def test_jvi_k2_spelled_out():
+    """K = 2: 2·log((e^a + e^b)/2) − (a + b)/2 (each leave-one-out term is the other sample)."""
+    a, b = -1.0, -4.0
+    lw = torch.tensor([[[a], [b]]], dtype=torch.float64)
+    want = 2 * math.log((math.exp(a) + math.exp(b)) / 2) - (a + b) / 2
+    assert make_objective("jvi").theta(lw)[0].item() == pytest.approx(want, rel=1e-14)
+    # it is not a lower bound of the iwae kind: it exceeds the K = 2 iwae bound here
+    assert make_objective("jvi").theta(lw)[0] > make_objective("iwae").theta(lw)[0]
+
+
+def test_jvi_with_k1_is_the_elbo():
+    """The documented reduction: with K = 1 the correction has weight K − 1 = 0, so jvi = L_1."""
+    lw = rand_lw(3, 1, 4, seed=10)
+    jvi = make_objective("jvi")
+    close(jvi.theta(lw), make_objective("vae").theta(lw))
+    close(jvi.dreg_weights(lw), make_objective("vae").dreg_weights(lw))
+
+
+def test_jvi_removes_the_first_order_bias_of_iwae():
+    """Constant log-weights give their value exactly. For lw = ε·x, lme(ε x) = ε x̄ + ε² s²/2 +
+    O(ε³) with s² the 1/K (biased) variance over the K samples, whose expectation is (1 − 1/K)
+    σ²: the O(1/K) bias of IWAE. The jackknife K·s²_K − (K−1)·mean_j s²_{K−1} is the unbiased
+    (1/(K−1)) variance, so jvi = ε x̄ + ε² var_unbiased/2 + O(ε³): that closed form to 1e-9."""
+    c = torch.full((1, 5, 2), -3.0, dtype=torch.float64)
+    close(make_objective("jvi").theta(c), torch.full((2,), -3.0, dtype=torch.float64))
+    # second order in ε: lme(ε x) = ε x̄ + ε² s²/2 (s² the population variance over K), and the
+    # jackknife's K·s²_K − (K−1)·mean s²_{K−1} = the unbiased variance: a closed form to 1e-9
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 6, 3, generator=g, dtype=torch.float64)
+    eps = 1e-3
+    got = make_objective("jvi").theta(eps * x)
+    want = eps * x.mean(1)[0] + eps ** 2 * x.var(1, unbiased=True)[0] / 2
+    close(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 3), (2, 3, 2), (2, 2, 2)])
+def test_jvi_dreg_weights_match_double_backward(shape):
+    obj = make_objective("jvi")
+    lw = rand_lw(*shape, seed=12)
+    c_auto, g = autograd_dreg_weights(obj.phi, lw)
+    close(obj.dreg_weights(lw), c_auto)
+    # g sums to 1 per group over K: K·1 − (K−1)/K·K·1 = 1, then the mean over M
+    close(g.sum((0, 1)), torch.ones(shape[2], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("offset", [-1000.0, 100.0])
+def test_jvi_fp32_extreme_log_weights(offset):
+    """Finite, and equal to the fp64 computation on the same (fp32-rounded) inputs up to fp32
+    arithmetic: K·L_K − (K−1)·mean L_{K−1} and K·w̃² − (K−1)·mean (w̃^(−j))² nearly cancel, so the
+    tolerance is on the scale of the terms (K·|lw|·ulp), not of the result."""
+    lw32 = (offset + rand_lw(2, 5, 3, seed=6, scale=2.0) + 2.0).float()
+    lw64 = lw32.double()
+    obj = make_objective("jvi")
+    v32 = obj.theta(lw32)
+    assert torch.isfinite(v32).all()
+    torch.testing.assert_close(v32.double(), obj.theta(lw64), rtol=0, atol=5 * abs(offset) * 1.2e-7 * 4)
+    c32 = obj.dreg_weights(lw32)
+    assert torch.isfinite(c32).all()
+    torch.testing.assert_close(c32.double(), obj.dreg_weights(lw64), rtol=0, atol=5 * 1.2e-7 * 8)

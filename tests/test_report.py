@@ -221,3 +221,31 @@ def test_nothing_to_report(case, tmp_path, vaexp_main):
 def test_unknown_report_option_is_hydras_message(tmp_path, vaexp_main):
     res = vaexp_main("report", str(tmp_path), "outt=x")
     assert res.code != 0 and "Traceback" not in res.err and "outt" in res.err
+
+
+def test_jvi_runs_report_a_jvi_estimate_never_a_bound(tmp_path, vaexp_main):
+    """objective=jvi trains on the JVI estimate (metrics.json train.quantity / train.jvi_estimate):
+    its own column in report.md and the CSVs; the train bound column stays for the bounds, and
+    diagnostics settings do not split a setting."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "iwae", objective="iwae", nll=85.0)
+    d = fake_run(sweep, "jvi", objective="jvi", nll=84.5, diagnostics={"every": 100, "draws": 10})
+    fake_run(sweep, "jvi1", objective="jvi", nll=84.7, seed=1)
+    for run, value in ((d, -83.0), (sweep / "jvi1", -83.2)):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["train"] = {"quantity": "JVI estimate", "jvi_estimate": value, "valid_jvi_estimate": value - 1,
+                            "epochs": 3280, "steps": 10, "wall_time_s": 10.0, "device": "cuda"}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    header = [line for line in res.out.splitlines() if line.startswith("| objective")][0]
+    assert "train bound" in header and "train JVI estimate" in header and "diagnostics" not in header
+    jvi_row = [line for line in res.out.splitlines() if line.startswith("| jvi")][0]
+    cells = [c.strip() for c in jvi_row.split("|")]
+    assert cells[header.split("|").index(" train JVI estimate ")] == "-83.10 ± 0.14"
+    assert cells[header.split("|").index(" train bound ")] == "–"
+    rows = {r["objective"]: r for r in read_csv(sweep / "report" / "summary.csv")}
+    assert float(rows["jvi"]["train_jvi_estimate_mean"]) == pytest.approx(-83.1)
+    assert rows["jvi"]["train_bound_mean"] == "" and float(rows["iwae"]["train_bound_mean"]) == -87.0
+    runs = {r["run"]: r for r in read_csv(sweep / "report" / "runs.csv")}
+    assert float(runs["jvi"]["valid_jvi_estimate"]) == -84.0 and runs["jvi"]["train_bound"] == ""

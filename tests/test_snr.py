@@ -234,3 +234,71 @@ def test_bad_snr_input_exit_status_in_a_real_process(tmp_path, data_dir):
     assert res.code == 2 and "Traceback" not in res.err
     assert res.err.strip().splitlines() == [res.err.strip()] and "draws=1" in res.err
     assert not (tmp_path / "out").exists()
+
+
+# -- the rest of the family: the same draws, the bias column ----------------------------------------------
+
+NEW = ["rws", "rws_dreg", "gdreg", "vimco", "dreg_norm"]
+
+
+@pytest.mark.parametrize("name", ["gaussian2", "burda2"])
+def test_batched_draws_of_the_new_estimators_equal_the_trainers(name, monkeypatch):
+    """As above, for the estimators that need log q at the stopped samples (rws, vimco) and the
+    jackknife objective: draw r's slice through the plain model equals the trainer's gradients."""
+    model, x = _models()[name]
+    m, k, n = 2, 3, 3
+    for objective, names in (("miwae", NEW), ("jvi", ["rws", "vimco", "dreg"])):
+        obj, ests = make_objective(objective), [get_estimator(e) for e in names]
+        sampler = GradientSampler(model, x, obj, ests)
+        assert sampler.need_score
+        g_theta, g_phi = sampler.draw(m, k, n, torch.Generator().manual_seed(6))
+        gen = torch.Generator().manual_seed(6)
+        layer_eps = [torch.randn((n, m, k, x.shape[0], d), generator=gen, dtype=F64) for d in model.latents]
+        real_randn = torch.randn
+        for r in range(n):
+            for e, est in enumerate(ests):
+                queue = [eps[r] for eps in layer_eps]
+                monkeypatch.setattr(torch, "randn", lambda *a, **kw: queue.pop(0))
+                lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, need_score=est.needs_score)
+                monkeypatch.setattr(torch, "randn", real_randn)
+                gt, gp = gradients(surrogate_losses(obj, est, lws.lw, lws.lw_bar, lws.log_q_score),
+                                   model.theta_parameters(), model.phi_parameters())
+                torch.testing.assert_close(g_theta[r], torch.cat([g.reshape(-1) for g in gt]), rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(g_phi[e][r], torch.cat([g.reshape(-1) for g in gp]), rtol=1e-10, atol=1e-12)
+
+
+def test_snr_command_with_the_new_estimators_and_the_bias_column(vaexp_main, tmp_path):
+    """reparam not listed: drawn anyway as the bias reference, and given no row. vimco is unbiased
+    for the bound's gradient (z small), rws is not (it estimates the wake-phi direction)."""
+    out = tmp_path / "out"
+    res = vaexp_main("snr", "draws=4000", "k=[2,4]", "m=[1]", "estimators=[rws,vimco,gdreg]", "alpha=0.3",
+                     "dataset.dim=5", "model.latents=[5]", "perturb=0.3", "progress=false", f"out_root={out}")
+    assert res.code == 0, res.err
+    (run,) = (out / "snr").iterdir()
+    rows = read_rows(run / "snr.csv")
+    assert {(r.estimator, r.network) for r in rows} == {(ALL, THETA), ("rws", PHI), ("vimco", PHI), ("gdreg", PHI)}
+    with open(run / "snr.csv") as f:
+        bias = {(r["estimator"], int(r["k"])): float(r["bias_z"]) for r in csv.DictReader(f)}
+    assert all(math.isnan(v) for (e, _), v in bias.items() if e == ALL)
+    for k in (2, 4):
+        assert bias[("vimco", k)] < 4, bias
+        assert bias[("rws", k)] > 10 and bias[("gdreg", k)] > 4, bias
+    text = (run / "snr.txt").read_text()
+    assert "bias of the mean phi gradient against reparam's" in text and "gdreg: alpha=0.3" in text
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["estimators=[vimco]", "k=[1,4]"], ["estimators=[...vimco...] with objective=iwae k=1", "k >= 2"]),
+    (["estimators=[rws]", "objective=vae"], ["rws", "objective=vae", "plain mean"]),
+    (["objective=jvi", "k=[1,2]"], ["objective=jvi with k=1"]),
+    (["estimators=[gdreg]", "alpha=2"], ["alpha=2"]),
+])
+def test_snr_refuses_undefined_combinations(overrides, words, vaexp_main, tmp_path):
+    out = tmp_path / "out"
+    res = vaexp_main("snr", *overrides, f"out_root={out}")
+    assert res.code != 0 and "Traceback" not in res.out + res.err
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1, res.err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()

@@ -27,7 +27,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from vaexp.errors import VaexpError
-from vaexp.rundir import CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, covers, flatten
+from vaexp.rundir import CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, covers, flatten, quantity_key
 from vaexp.schedule import epoch_learning_rates
 
 # Settings that do not change what a run computes (or are aggregated: seed): runs are grouped
@@ -207,8 +207,9 @@ def metric_values(run: Run) -> Dict[str, Any]:
     for key, _ in SURGERY:
         if key in t:
             out[key] = _num(t.get(key))
-    out["train_bound"] = _num(tr.get("bound"))
-    out["valid_bound"] = _num(tr.get("valid_bound"))
+    q = quantity_key(tr.get("quantity", "bound"))  # "bound", or "jvi_estimate": jvi's is not a bound
+    out[f"train_{q}"] = _num(tr.get(q))
+    out[f"valid_{q}"] = _num(tr.get(f"valid_{q}"))
     out["epochs"] = _num(tr.get("epochs"))
     out["wall_time_s"] = _num(tr.get("wall_time_s"))
     return out
@@ -338,12 +339,14 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
                      if k.startswith("L") and k[1:].isdigit()}, key=lambda s: int(s[1:]))
     surgery = [(key, title) for key, title in SURGERY[1:]
                if any(key in r.test for g in finished_groups for r in g.runs)]
+    jvi = any("train_jvi_estimate" in metric_values(r) for g in finished_groups for r in g.runs)
     hoisted = [k for k in ("dataset.name", "model.name", "estimator.name") if k in common]
     header = [("dataset", "dataset.name"), ("model", "model.name"), ("objective", "objective.name"),
               ("estimator", "estimator.name")]
     header = [(title, key) for title, key in header if key not in hoisted]
     cols = [t for t, _ in header] + ["M", "K", "β", "seeds", "test NLL"] + l_keys + ["active units"] \
-        + [t for _, t in surgery] + ["train bound", "wall time"] + [_short(k) for k in extra_keys]
+        + [t for _, t in surgery] + ["train bound"] + (["train JVI estimate"] if jvi else []) + ["wall time"] \
+        + [_short(k) for k in extra_keys]
     lines = []
     if common:
         desc = ", ".join(f"{_short(k)}={_fmt_value(v)}" for k, v in common.items())
@@ -366,6 +369,8 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
         for key, _ in surgery:
             row.append(_fmt(*g.stats(key)[:2]))
         row.append(_fmt(*g.stats("train_bound")[:2]))
+        if jvi:
+            row.append(_fmt(*g.stats("train_jvi_estimate")[:2]))
         row.append(_fmt_time(g.stats("wall_time_s")[0]))
         row += [_md_escape(_fmt_value(f.get(k))) for k in extra_keys]
         lines.append("| " + " | ".join(row) + " |")
@@ -409,7 +414,8 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
                     if runs else [], key=lambda s: int(s[1:]))
     surgery = [key for key, _ in SURGERY if any(key in r.test for r in runs)]
     cols = RUN_COLUMNS + l_keys + ["active_units", "latent_units"] + surgery + \
-        ["train_bound", "valid_bound", "wall_time_s", "device"] + list(extra_keys) + ["detail", "path"]
+        ["train_bound", "valid_bound"] + _jvi_columns(runs) + ["wall_time_s", "device"] + list(extra_keys) \
+        + ["detail", "path"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -427,11 +433,17 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def _jvi_columns(runs: Sequence[Run]) -> List[str]:
+    """objective=jvi trains on the JVI estimate, not a bound: its own columns, when there are such runs."""
+    has = any("train_jvi_estimate" in metric_values(r) for r in runs if r.status == "finished")
+    return ["train_jvi_estimate", "valid_jvi_estimate"] if has else []
+
+
 def summary_csv(groups: Sequence[Group], extra_keys: Sequence[str]) -> str:
     metrics = ["test_nll"] + sorted({k for g in groups for r in g.runs for k in metric_values(r)
                                      if k.startswith("L") and k[1:].isdigit()}, key=lambda s: int(s[1:]))
     metrics += [key for key, _ in SURGERY if any(key in r.test for g in groups for r in g.runs)]
-    metrics += ["train_bound", "valid_bound", "wall_time_s"]
+    metrics += ["train_bound", "valid_bound"] + _jvi_columns([r for g in groups for r in g.runs]) + ["wall_time_s"]
     cols = ["dataset", "model", "latents", "objective", "estimator", "m", "k", "mk", "beta", "eval_k", "n_test",
             "n_seeds", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + \
         ["active_units_mean", "latent_units"] + list(extra_keys)
@@ -586,7 +598,8 @@ def plot_heatmaps(groups: Sequence[Group], title: str, out: Path, suffix: str) -
     return written
 
 
-def read_curves(run_dir: Path, tags: Sequence[str] = ("epoch/train_bound", "epoch/valid_bound")
+def read_curves(run_dir: Path, tags: Sequence[str] = ("epoch/train_bound", "epoch/valid_bound",
+                                                     "epoch/train_jvi_estimate", "epoch/valid_jvi_estimate")
                 ) -> Dict[str, List[Tuple[int, float]]]:
     """{tag: [(step, value), ...]} from the run's TensorBoard event files ({} when there are none)."""
     if not any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()):
@@ -624,11 +637,17 @@ def plot_curves(runs: Sequence[Run], title: str, out: Path, suffix: str) -> List
         if first:
             labels[key] = cmap(len(labels) % cmap.N)
         label = f"{_line_label(key[0])} M={key[1]} K={key[2]}" + ("" if r.status == "finished" else " (running)")
-        for ax, tag in zip(axes, ("epoch/train_bound", "epoch/valid_bound")):
+        q = "jvi_estimate" if "epoch/train_jvi_estimate" in c else "bound"  # jvi: the JVI estimate, dashed
+        for ax, tag in zip(axes, (f"epoch/train_{q}", f"epoch/valid_{q}")):
             if tag in c:
                 steps, values = zip(*c[tag])
-                ax.plot(steps, values, color=labels[key], lw=1.2, label=label if first else None)
-    for ax, name in zip(axes, ("training bound (epoch mean)", "validation bound")):
+                ax.plot(steps, values, color=labels[key], lw=1.2, label=label if first else None,
+                        linestyle="--" if q != "bound" else "-")
+    jvi = any("epoch/train_jvi_estimate" in c for _, c in curves)
+    names = ("training bound (epoch mean)", "validation bound")
+    if jvi:
+        names = tuple(n + "; dashed: JVI estimate" for n in names)
+    for ax, name in zip(axes, names):
         ax.set_xlabel("step")
         ax.set_title(name, fontsize=10)
         ax.grid(True, alpha=0.3)

@@ -38,17 +38,30 @@ ERROR_FILE = "error.txt"
 # Settings that change how a run executes, never what it computes: left out of sweep job names
 # (train.yaml's exclude_keys, plus the `experiment` preset choice) and of report groupings.
 RUNTIME_ONLY = ("device", "progress", "log_every", "out_root", "resume", "sweep", "fast", "stack")
-# Settings a resume may change: the runtime ones, the length of training, and the evaluation.
-RESUMABLE = RUNTIME_ONLY + ("schedule.epochs", "eval")
+# Settings a resume may change: the runtime ones, the length of training, the evaluation and
+# the gradient diagnostics (they only measure; the training is the same with or without them).
+RESUMABLE = RUNTIME_ONLY + ("schedule.epochs", "eval", "diagnostics")
 # Settings each run of a stack may have for itself (the rest, and M·K, must agree: one loop, one
 # batch of data indices, one optimizer configuration).
 STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval",
                  "progress", "out_root", "sweep", "stack", "resume")
 # Settings that the report does not group runs by: the runtime ones, the seed (aggregated over),
-# mk (k and m carry it), where the data were read from, and evaluation knobs that change the
-# Monte Carlo draws but not what is estimated.
+# mk (k and m carry it), where the data were read from, evaluation knobs that change the
+# Monte Carlo draws but not what is estimated, and the gradient diagnostics.
 NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk", "dataset.path", "dataset.data_dir", "dataset.download",
-                                "eval.chunk", "eval.every")
+                                "eval.chunk", "eval.every", "diagnostics")
+
+
+def quantity_key(quantity: str) -> str:
+    """The key of what a run trains on, in metrics.json's train section and TensorBoard tags:
+    "bound" -> train.bound, epoch/train_bound; "JVI estimate" (jvi: not a bound) -> jvi_estimate."""
+    return quantity.lower().replace(" ", "_")
+
+
+def final_train(train: Dict[str, Any]) -> str:
+    """'final train bound -93.512' (or 'final train JVI estimate ...') from metrics.json's train."""
+    q = train.get("quantity", "bound")
+    return f"final train {q} {train[quantity_key(q)]:.3f}"
 
 
 def covers(keys: Iterable[str], key: str) -> bool:

@@ -107,6 +107,26 @@ class ObjectiveConf:
 @dataclass
 class EstimatorConf:
     name: str = MISSING
+    # gdreg only: (1 - alpha)*dreg + alpha*rws_dreg, alpha in [0, 1] (conf/estimator/gdreg.yaml: 0.5).
+    alpha: Optional[float] = None
+
+
+@dataclass
+class DiagnosticsConf:
+    """Gradient diagnostics during training (vaexp.training.diagnostics): every `every` steps, at
+    the current parameters and a fixed held-out batch, `draws` gradient draws of θ and φ per
+    estimator, logged to TensorBoard (diag/...). Off unless `every` is set."""
+
+    every: Optional[int] = None
+    draws: int = 100
+    # φ estimators to measure ([]: the run's own); reparam is always drawn too (the bias reference).
+    estimators: List[str] = field(default_factory=list)
+    # gdreg's alpha when gdreg is listed
+    alpha: float = 0.5
+    # The fixed batch: the first `batch` validation examples.
+    batch: int = 20
+    # Draws per vectorised pass (0: choose from the model size).
+    chunk: int = 0
 
 
 @dataclass
@@ -185,6 +205,8 @@ class TrainConfig:
     # In a sweep (-m), train the jobs that share shapes and schedule as one stacked model
     # (vaexp.training.loop.train_stacked); each job still gets its own run directory. No effect on a single run.
     stack: bool = False
+    # Gradient variance / SNR / bias during training (off by default; see DiagnosticsConf).
+    diagnostics: DiagnosticsConf = field(default_factory=DiagnosticsConf)
 
 
 @dataclass
@@ -227,6 +249,8 @@ class SnrConfig:
     m: List[int] = field(default_factory=lambda: [1, 4, 16])
     grid: str = "axes"
     estimators: List[str] = field(default_factory=lambda: ["reparam", "stl", "dreg"])
+    # gdreg's alpha when gdreg is among the estimators.
+    alpha: float = 0.5
     # R: independent gradient draws per (M, K) cell.
     draws: int = 100000
     beta: float = 0.5

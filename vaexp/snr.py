@@ -3,11 +3,12 @@
 Per parameter SNR = |E[Δ]| / std[Δ] (ddof 1) over R independent draws of the gradient estimate Δ
 for a *fixed* minibatch (Rainforth et al. 2018), summarised over θ and over φ by mean and median,
 per (M, K) cell and estimator; slopes of log SNR on log K and log M by least squares.
-Invariants: θ's and each estimator's φ gradient come from vaexp.estimators.surrogate_losses (the
-trainer's own losses); the draws are vectorised with torch.func.vmap and share the forward pass
-of a draw between estimators (common random numbers), so θ is reported once ("all"); every cell
-has its own seeded stream, so results do not depend on the other cells. A zero-mean gradient
-reads ≈ 0.8/√R (the floor): summaries below 3x that are marked '*'.
+Invariants: the draws are vaexp.gradstats' (the trainer's own losses, vectorised, one forward
+pass of a draw shared by every estimator: common random numbers), so θ is reported once ("all")
+and each φ estimator's bias statistic against reparam's φ gradient uses exact pairs (reparam is
+drawn as the reference when not listed); every cell has its own seeded stream, so results do not
+depend on the other cells. A zero-mean gradient reads ≈ 0.8/√R (the floor): summaries below 3x
+that are marked '*'.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
-from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch import Tensor
 
 from vaexp import rundir
 from vaexp.data import binarize, load_dataset
 from vaexp.errors import VaexpError
-from vaexp.estimators import Estimator, get_estimator, surrogate_losses
+from vaexp.estimators import get_estimator
+from vaexp.gradstats import (GradientSampler, Moments, bias_z, draw_moments, per_parameter_snr,  # noqa: F401
+                             summarise)
 from vaexp.models import build_model
-from vaexp.objectives import Objective, make_objective
+from vaexp.objectives import make_objective
 from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
 from vaexp.tblog import RunLogger
@@ -38,113 +40,7 @@ CSV_NAME = "snr.csv"
 PNG_NAME = "snr.png"
 THETA, PHI = "theta", "phi"
 ALL = "all"  # θ's row: the same gradient for every estimator
-# Per vectorised pass: elements of the widest activation (draws × M × K × B × width) and of the
-# per-draw gradients (draws × (P_θ + estimators × P_φ), copied to fp64 for the moments). Each
-# ~16-64 MB in fp32; a pass of tiny draws is cheap, so this costs little speed on small models.
-_CHUNK_ELEMENTS = 1 << 22
-_GRAD_ELEMENTS = 1 << 23
 _FLOOR = math.sqrt(2 / math.pi)  # E|Z| for Z ~ N(0, 1): the SNR of a zero-mean gradient is ≈ this / √R
-
-
-# -- one vectorised pass of gradient draws -------------------------------------------------------
-
-class _LogWeightsModule(nn.Module):
-    """model.log_weights as a forward, so torch.func.functional_call can swap the parameters."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, m: int, k: int, need_bar: bool, generator: Optional[torch.Generator]):
-        return self.model.log_weights(x, m, k, need_bar=need_bar, generator=generator)
-
-
-def _flat(grads: Dict[str, Tensor]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads.values()])
-
-
-class GradientSampler:
-    """Independent gradient draws at the model's current parameters for a fixed minibatch x."""
-
-    def __init__(self, model: nn.Module, x: Tensor, objective: Objective, estimators: Sequence[Estimator]):
-        self.wrapped = _LogWeightsModule(model)
-        self.x, self.objective, self.estimators = x, objective, list(estimators)
-        theta_ids = {id(p) for p in model.theta_parameters()}
-        phi_ids = {id(p) for p in model.phi_parameters()}
-        named = dict(self.wrapped.named_parameters())
-        self.theta = {n: p.detach() for n, p in named.items() if id(p) in theta_ids}
-        self.phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
-        self.need_bar = any(e.needs_lw_bar for e in self.estimators)
-
-    @property
-    def sizes(self) -> Tuple[int, int]:
-        return sum(p.numel() for p in self.theta.values()), sum(p.numel() for p in self.phi.values())
-
-    def draw(self, m: int, k: int, n: int, generator: torch.Generator) -> Tuple[Tensor, List[Tensor]]:
-        """n draws: θ gradients [n, P_θ] and, per estimator, φ gradients [n, P_φ] (of the losses,
-        i.e. minus the bounds, as the trainer's optimiser sees them)."""
-        x, obj, ests = self.x, self.objective, self.estimators
-
-        def losses(theta, phi):
-            lws = functional_call(self.wrapped, {**theta, **phi}, (x, m, k, self.need_bar, generator))
-            per_est = [surrogate_losses(obj, est, lws.lw, lws.lw_bar) for est in ests]
-            # θ's surrogate does not depend on the estimator: take it once.
-            return (per_est[0].theta_loss,) + tuple(loss.phi_loss for loss in per_est)
-
-        def one_draw(_):
-            outs, pull = vjp(losses, self.theta, self.phi)
-
-            def cotangent(i):
-                return tuple(torch.ones_like(o) if j == i else torch.zeros_like(o) for j, o in enumerate(outs))
-
-            g_theta = _flat(pull(cotangent(0))[0])
-            g_phi = tuple(_flat(pull(cotangent(i + 1))[1]) for i in range(len(ests)))
-            return g_theta, g_phi
-
-        g_theta, g_phi = vmap(one_draw, randomness="different")(torch.arange(n, device=x.device))
-        return g_theta, list(g_phi)
-
-
-class Moments:
-    """Running mean and sum of squared deviations per parameter (Chan et al.'s merge, in fp64).
-
-    A chunk's own statistics are taken in the gradients' dtype (two passes, centred, so fp32 is
-    accurate to ~1e-6 here) and only the [P] results are merged in fp64: for big models the
-    per-draw gradients are most of the memory traffic."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, g: Tensor) -> None:
-        n_b, mean_b = g.shape[0], g.mean(0)
-        m2_b = ((g - mean_b) ** 2).sum(0).double()
-        mean_b = mean_b.double()
-        if self.n == 0:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
-        self.n = n
-
-    def std(self) -> Tensor:
-        return torch.sqrt(self.m2 / (self.n - 1))
-
-
-def per_parameter_snr(mean: Tensor, std: Tensor) -> Tensor:
-    """|mean| / std; NaN where a parameter never gets a gradient (mean = std = 0), +inf where the
-    gradient is the same in every draw. Both are left out of the summaries."""
-    snr = mean.abs() / std
-    return torch.where((std == 0) & (mean == 0), torch.full_like(snr, float("nan")), snr)
-
-
-def summarise(snr: Tensor) -> Dict[str, float]:
-    finite = snr[torch.isfinite(snr)]
-    if finite.numel() == 0:
-        return {"mean": float("nan"), "median": float("nan"), "params": int(snr.numel()), "excluded": int(snr.numel())}
-    return {"mean": float(finite.mean()), "median": float(finite.median()),
-            "params": int(snr.numel()), "excluded": int(snr.numel() - finite.numel())}
 
 
 # -- the grid --------------------------------------------------------------------------------------
@@ -163,15 +59,6 @@ def cell_seed(seed: int, m: int, k: int) -> int:
     return (seed * 1_000_003 + m * 7_919 + k * 104_729 + 17) % (2 ** 63)
 
 
-def auto_chunk(model: nn.Module, m: int, k: int, batch: int, draws: int, grad_size: int) -> int:
-    """Draws per vectorised pass so the widest activation and the draws' gradients stay within
-    the budgets above. Depends only on shapes, so results are the same on every machine."""
-    widest = max((max(p.shape) for p in model.parameters() if p.dim() == 2), default=1)
-    by_activations = _CHUNK_ELEMENTS // max(1, m * k * batch * widest)
-    by_gradients = _GRAD_ELEMENTS // max(1, grad_size)
-    return max(1, min(draws, by_activations, by_gradients))
-
-
 @dataclass
 class Row:
     estimator: str  # "all" for θ
@@ -183,41 +70,36 @@ class Row:
     median: float
     params: int
     excluded: int
+    # φ rows: the bias statistic √S of the paired differences against reparam's φ gradient of the
+    # same draws (vaexp.gradstats); NaN for θ and for reparam itself
+    bias_z: float = float("nan")
 
 
 def measure(sampler: GradientSampler, cells: Sequence[Tuple[int, int]], draws: int, chunk: int, seed: int,
-            device: torch.device, progress: bool = False) -> Tuple[List[Row], Dict]:
-    """Every cell: R draws in chunks; per-parameter SNR summaries. Also returns the per-parameter
-    SNR tensors, keyed (estimator, network, m, k), for tests and further analysis."""
+            device: torch.device, progress: bool = False, shown: Optional[int] = None) -> Tuple[List[Row], Dict]:
+    """Every cell: R draws in chunks; per-parameter SNR summaries, and each φ estimator's bias
+    statistic against reparam when reparam is among the sampler's estimators. The first `shown`
+    estimators get rows (None: all; a reparam appended only as the bias reference gets none).
+    Also returns the per-parameter SNR tensors, keyed (estimator, network, m, k)."""
     names = [e.name for e in sampler.estimators]
-    model = sampler.wrapped.model
-    batch = sampler.x.shape[0]
-    grad_size = sampler.sizes[0] + len(names) * sampler.sizes[1]
-    plan = [(m, k, chunk or auto_chunk(model, m, k, batch, draws, grad_size)) for m, k in cells]
-    bar = _bar(sum(draws * m * k for m, k, _ in plan), progress)
+    shown = len(names) if shown is None else shown
+    reference = names.index("reparam") if "reparam" in names else None
+    bar = _bar(sum(draws * m * k for m, k in cells), progress)
     rows: List[Row] = []
     per_param: Dict[Tuple[str, str, int, int], Tensor] = {}
-    for m, k, c in plan:
+    for m, k in cells:
         gen = torch.Generator(device=device).manual_seed(cell_seed(seed, m, k))
-        theta = Moments()
-        phi = [Moments() for _ in names]
-        done = 0
-        while done < draws:
-            n = min(c, draws - done)
-            with torch.no_grad():  # torch.func does its own differentiation; no outer graph is kept
-                g_theta, g_phis = sampler.draw(m, k, n, gen)
-            theta.add(g_theta)
-            for mom, g in zip(phi, g_phis):
-                mom.add(g)
-            done += n
-            if bar is not None:
-                bar.set_description(f"snr M={m} K={k}", refresh=False)
-                bar.update(n * m * k)
-        for est, net, mom in [(ALL, THETA, theta)] + [(e, PHI, mom) for e, mom in zip(names, phi)]:
+        if bar is not None:
+            bar.set_description(f"snr M={m} K={k}", refresh=False)
+        theta, phi, diff = draw_moments(sampler, m, k, draws, chunk, gen, reference,
+                                        None if bar is None else (lambda n, m=m, k=k: bar.update(n * m * k)))
+        entries = [(ALL, THETA, theta, None)] + [(e, PHI, mom, d) for e, mom, d in zip(names, phi, diff)][:shown]
+        for est, net, mom, d in entries:
             snr = per_parameter_snr(mom.mean, mom.std()).cpu()
             per_param[(est, net, m, k)] = snr
             s = summarise(snr)
-            rows.append(Row(est, net, m, k, draws, s["mean"], s["median"], s["params"], s["excluded"]))
+            rows.append(Row(est, net, m, k, draws, s["mean"], s["median"], s["params"], s["excluded"],
+                            bias_z(d) if d is not None else float("nan")))
     if bar is not None:
         bar.close()
     return rows, per_param
@@ -308,19 +190,23 @@ def snr(cfg, out_dir: Path) -> Dict:
     model.eval()
     x = minibatch(data, cfg.index, cfg.batch, cfg.seed)
     obj = make_objective(cfg.objective.name, cfg.beta)
-    ests = [get_estimator(e) for e in dict.fromkeys(cfg.estimators)]
-    sampler = GradientSampler(model, x, obj, ests)
+    names = list(dict.fromkeys(cfg.estimators))
+    ests = [get_estimator(e, cfg.alpha if e == "gdreg" else None) for e in names]
+    reference = [] if "reparam" in names or names == [] else [get_estimator("reparam")]  # the bias reference
+    sampler = GradientSampler(model, x, obj, ests + reference)
     cells = grid_cells(cfg.k, cfg.m, cfg.grid)
     t0 = time.perf_counter()
-    rows, _ = measure(sampler, cells, cfg.draws, cfg.chunk, cfg.seed, device, cfg.progress)
+    rows, _ = measure(sampler, cells, cfg.draws, cfg.chunk, cfg.seed, device, cfg.progress, shown=len(ests))
     elapsed = time.perf_counter() - t0
     slopes = {s: fit_slopes(rows, s) for s in ("mean", "median")}
     header = (f"gradient SNR = |mean| / std per parameter over R={cfg.draws} draws, objective={cfg.objective.name} "
               f"(M outside the log, K inside), a fixed minibatch of {cfg.batch} training point(s) from index "
               f"{cfg.index};\nat {where}.\n"
               f"P_theta={sampler.sizes[0]}, P_phi={sampler.sizes[1]}; a zero-mean gradient reads "
-              f"~{noise_floor(cfg.draws):.3g} (0.8/sqrt(R)); '*' marks summaries below 3x that. {elapsed:.0f} s.")
+              f"~{noise_floor(cfg.draws):.3g} (0.8/sqrt(R)); '*' marks summaries below 3x that. {elapsed:.0f} s."
+              + (f" gdreg: alpha={cfg.alpha:g}." if "gdreg" in names else ""))
     table = header + "\n\n" + "\n\n".join(format_table(rows, slopes[s], s, cfg.draws) for s in ("mean", "median"))
+    table += "\n\n" + format_bias(rows)
     write_csv(out_dir / CSV_NAME, rows)
     write_tensorboard(out_dir, rows, slopes)
     plot(out_dir / PNG_NAME, rows, cfg.draws, title=f"{cfg.objective.name}: gradient SNR, R={cfg.draws}")
@@ -360,6 +246,28 @@ def format_table(rows: Sequence[Row], slopes: Dict, summary: str, draws: int) ->
     return "\n".join(text)
 
 
+def format_bias(rows: Sequence[Row]) -> str:
+    """The bias statistic per φ estimator and cell (vaexp.gradstats.bias_z)."""
+    cells = list(dict.fromkeys((r.m, r.k) for r in rows))
+    m0, k0 = cells[0]
+    labels = [_label(m, k, m0, k0) for m, k in cells]
+    ests = [e for e, net in series(rows) if net == PHI and e != "reparam"]
+    text = ["bias of the mean phi gradient against reparam's (same draws): z = sqrt(R |mean d|^2 / tr Cov d), "
+            "d = est - reparam; O(1) (P(z > 4) <= 6e-5) for an estimator unbiased for the phi bound's gradient:"]
+    if not ests or not any(math.isfinite(r.bias_z) for r in rows):
+        return text[0] + "\n  (no phi estimator besides reparam)"
+    head = ["estimator"] + labels
+    lines = []
+    for est in ests:
+        by_cell = {(r.m, r.k): r.bias_z for r in rows if (r.estimator, r.network) == (est, PHI)}
+        lines.append([est] + [f"{by_cell.get(c, float('nan')):.3g}" for c in cells])
+    widths = [max(len(str(row[i])) for row in [head] + lines) for i in range(len(head))]
+    for row in [head] + lines:
+        text.append("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                     for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(text)
+
+
 def _fmt_slope(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:+.2f}"
 
@@ -367,9 +275,11 @@ def _fmt_slope(v: float) -> str:
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["estimator", "network", "m", "k", "draws", "snr_mean", "snr_median", "params", "excluded"])
+        w.writerow(["estimator", "network", "m", "k", "draws", "snr_mean", "snr_median", "params", "excluded",
+                    "bias_z"])
         for r in rows:
-            w.writerow([r.estimator, r.network, r.m, r.k, r.draws, repr(r.mean), repr(r.median), r.params, r.excluded])
+            w.writerow([r.estimator, r.network, r.m, r.k, r.draws, repr(r.mean), repr(r.median), r.params, r.excluded,
+                        repr(r.bias_z)])
 
 
 def write_tensorboard(out_dir: Path, rows: Sequence[Row], slopes: Dict) -> None:
@@ -380,19 +290,24 @@ def write_tensorboard(out_dir: Path, rows: Sequence[Row], slopes: Dict) -> None:
             v = getattr(r, s)
             log.scalars({f"snr_vs_k/{r.network}_{r.estimator}/{s}_m{r.m}": v}, r.k)
             log.scalars({f"snr_vs_m/{r.network}_{r.estimator}/{s}_k{r.k}": v}, r.m)
+        if math.isfinite(r.bias_z):
+            log.scalars({f"bias_vs_k/{r.estimator}/z_m{r.m}": r.bias_z}, r.k)
     for s, by_key in slopes.items():
         for (est, net), (s_k, s_m) in by_key.items():
             log.scalars({f"slope_k/{net}_{est}/{s}": s_k, f"slope_m/{net}_{est}/{s}": s_m}, 0)
     log.close()
 
 
-_COLOURS = {ALL: "black", "reparam": "tab:blue", "stl": "tab:orange", "dreg": "tab:green"}
+_COLOURS = {ALL: "black", "reparam": "tab:blue", "stl": "tab:orange", "dreg": "tab:green", "rws": "tab:red",
+            "rws_dreg": "tab:purple", "gdreg": "tab:brown", "dreg_norm": "tab:pink", "rws_dreg_norm": "tab:gray",
+            "vimco": "tab:olive"}
 
 
 def plot(path: Path, rows: Sequence[Row], draws: int, title: str = "") -> None:
     """Log–log: SNR vs K (at M = m[0]) and, when M varies, SNR vs M (at K = k[0]); one line per
     estimator and network (mean over parameters solid, median dashed); the estimation floor dotted."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -416,6 +331,9 @@ def plot(path: Path, rows: Sequence[Row], draws: int, title: str = "") -> None:
         ax.axhline(noise_floor(draws), color="grey", linestyle=":", label="floor 0.8/√R")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        grid_values = sorted({xval(r) for r in rows if keep(r)})
+        ax.set_xticks(grid_values, [str(v) for v in grid_values])  # the grid's own values, not 2×10^0 ...
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"{axis} ({fixed})")
         ax.set_ylabel("gradient SNR (over parameters)")
         ax.grid(True, which="both", alpha=0.3)

@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
+from vaexp.rundir import quantity_key
+
 
 def image_grid(images: Tensor, shape, cols: Optional[int] = None, pad: int = 1) -> Tensor:
     """[N, H*W] in [0,1] -> [1, rows*(H+pad)+pad, cols*(W+pad)+pad] for add_image (CHW)."""
@@ -98,16 +100,17 @@ def hparam_metrics(test: Dict, train: Optional[Dict] = None) -> Dict[str, float]
     bound, active units (all layers), and which evaluation it was (test images, K) - the five
     shown by default - then the L_k, the validation bound and the units per layer."""
     out = {"hparam/test_nll": test["nll"]}
-    if train and train.get("bound") is not None:
-        out["hparam/train_bound"] = train["bound"]
+    slug = quantity_key(train.get("quantity", "bound")) if train else "bound"  # jvi: jvi_estimate, never "bound"
+    if train and train.get(slug) is not None:
+        out[f"hparam/train_{slug}"] = train[slug]
     out["hparam/active_units"] = sum(test["active_units"])
     out["hparam/eval_n_test"] = test["n_test"]
     out["hparam/eval_k"] = test["k"]
     for key in sorted((k for k in test if k.startswith("L") and k[1:].isdigit()), key=lambda k: int(k[1:])):
         if int(key[1:]) != test["k"]:  # L_K is the test NLL's own estimate
             out[f"hparam/{key}"] = test[key]
-    if train and train.get("valid_bound") is not None:
-        out["hparam/valid_bound"] = train["valid_bound"]
+    if train and train.get(f"valid_{slug}") is not None:
+        out[f"hparam/valid_{slug}"] = train[f"valid_{slug}"]
     if len(test["active_units"]) > 1:
         out.update({f"hparam/active_units_{i + 1}": a for i, a in enumerate(test["active_units"])})
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

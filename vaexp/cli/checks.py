@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vaexp import rundir
 from vaexp.data import DATASETS
 from vaexp.errors import VaexpError
-from vaexp.estimators import ESTIMATORS
+from vaexp.estimators import ESTIMATORS, get_estimator, undefined_because
 from vaexp.models.burda import ACTIVATIONS
-from vaexp.objectives import OBJECTIVES
+from vaexp.objectives import OBJECTIVES, make_objective
 from vaexp.schema import TrainConfig, check_mk
 
 
@@ -83,6 +83,9 @@ def validate(cfg: DictConfig) -> None:
               f"use objective=miwae m={cfg.m} k={cfg.k} for M>1, or m=1")
     if obj == "piwae" and cfg.m * cfg.k < 2:
         _fail("objective=piwae with m*k=1", "piwae needs more than one sample", "use e.g. m=8 k=8")
+    validate_objective_k(obj, [cfg.k])
+    validate_estimator(cfg.estimator, obj, cfg.k, cfg.beta)
+    validate_diagnostics(cfg.diagnostics, cfg.estimator.name, obj, cfg.k, cfg.beta, cfg.dataset)
     if cfg.dataset.name not in DATASETS:
         _fail(f"dataset.name={cfg.dataset.name}", "unknown dataset", f"choose one of {', '.join(DATASETS)}")
     if cfg.dataset.n_valid < 0:
@@ -109,6 +112,58 @@ def validate(cfg: DictConfig) -> None:
     validate_eval(cfg.eval)
     validate_device(cfg.device)
     validate_fast(cfg.get("fast", "auto"), cfg.device)
+
+
+def validate_objective_k(obj: str, ks) -> None:
+    if obj == "jvi" and min(ks) < 2:
+        _fail("objective=jvi with k=1", "the jackknife has no leave-one-out term with one sample (with k=1 "
+              "jvi is the ELBO)", "use k >= 2, or objective=vae for the ELBO")
+
+
+def _check_combination(setting: str, est_name: str, obj: str, k: int, beta: float, alpha=None) -> None:
+    """The estimator's own word on this objective and k (vaexp.estimators.undefined_because)."""
+    why = undefined_because(get_estimator(est_name, alpha), make_objective(obj, beta), k)
+    if why is not None:
+        problem, _, fix = why.rpartition("; ")
+        _fail(f"{setting} with objective={obj} k={k}", problem, fix)
+
+
+def validate_estimator(est: Any, obj: str, k: int, beta: float) -> None:
+    alpha = est.get("alpha")
+    if est.name == "gdreg":
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            _fail(f"estimator.alpha={alpha}", "must lie in [0, 1]",
+                  "gdreg is (1-alpha)*dreg + alpha*rws_dreg, e.g. estimator.alpha=0.5")
+    elif alpha is not None:
+        _fail(f"estimator.alpha={alpha} with estimator={est.name}", "only gdreg has an alpha",
+              "use estimator=gdreg estimator.alpha=..., or drop estimator.alpha")
+    _check_combination(f"estimator={est.name}", est.name, obj, k, beta, alpha)
+
+
+def validate_diagnostics(diag: Any, own: str, obj: str, k: int, beta: float, dataset: Any) -> None:
+    if diag.every is None:
+        return
+    if diag.every < 1:
+        _fail(f"diagnostics.every={diag.every}", "must be >= 1", "use e.g. diagnostics.every=1000, or null for off")
+    if diag.draws < 2:
+        _fail(f"diagnostics.draws={diag.draws}", "a variance needs at least 2 gradient draws",
+              "use e.g. diagnostics.draws=100")
+    if diag.batch < 1:
+        _fail(f"diagnostics.batch={diag.batch}", "must be >= 1", "use e.g. diagnostics.batch=20")
+    if diag.chunk < 0:
+        _fail(f"diagnostics.chunk={diag.chunk}", "must be >= 0", "use 0 to size the vectorised passes automatically")
+    if not 0.0 <= diag.alpha <= 1.0:
+        _fail(f"diagnostics.alpha={diag.alpha}", "must lie in [0, 1]", "e.g. diagnostics.alpha=0.5")
+    for name in diag.estimators:
+        if name not in ESTIMATORS:
+            _fail(f"diagnostics.estimators={list(diag.estimators)}", f"unknown estimator {name}",
+                  f"choose from {', '.join(ESTIMATORS)}")
+        _check_combination(f"diagnostics.estimators=[...{name}...]", name, obj, k, beta,
+                           diag.alpha if name == "gdreg" else None)
+    if dataset.n_valid < 1:
+        _fail(f"diagnostics.every={diag.every} with dataset.n_valid={dataset.n_valid}",
+              "the diagnostics measure on a fixed batch of validation examples, and there are none",
+              "use dataset.n_valid >= 1 (e.g. 400), or drop diagnostics.every")
 
 
 def validate_fast(fast: Any, device: Any) -> None:
@@ -177,6 +232,13 @@ def validate_snr(cfg: DictConfig) -> None:
         _fail(f"objective.name={cfg.objective.name}", "unknown objective", f"choose one of {', '.join(OBJECTIVES)}")
     if not (0.0 <= cfg.beta <= 1.0) or math.isnan(cfg.beta):
         _fail(f"beta={cfg.beta}", "must lie in [0, 1]", "beta weights the VAE term of ciwae, e.g. beta=0.5")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        _fail(f"alpha={cfg.alpha}", "must lie in [0, 1]", "gdreg is (1-alpha)*dreg + alpha*rws_dreg, e.g. alpha=0.5")
+    validate_objective_k(cfg.objective.name, list(cfg.k))
+    for k in dict.fromkeys(cfg.k):
+        for name in cfg.estimators:
+            _check_combination(f"estimators=[...{name}...]", name, cfg.objective.name, k, cfg.beta,
+                               cfg.alpha if name == "gdreg" else None)
     for key, low, fix in (("batch", 1, "use batch=1 (one training point, as Rainforth et al.) or more"),
                           ("index", 0, "use index=0 (the first training point) or another row number"),
                           ("chunk", 0, "use chunk=0 to size the vectorised passes automatically")):

@@ -99,7 +99,7 @@ def run_train(cfg: DictConfig):
             rundir.remove_unstarted(run_dir)
         raise
     _say(f"vaexp: {cfg.dataset.name} {cfg.model.name} {cfg.objective.name} m={cfg.m} k={cfg.k} "
-         f"{cfg.estimator.name}: final train bound {summary['train']['bound']:.3f}\n"
+         f"{cfg.estimator.name}: {rundir.final_train(summary['train'])}\n"
          f"{format_table(summary['test'])}\n  metrics: {run_dir / rundir.METRICS}")
     return summary
 

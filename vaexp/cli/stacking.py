@@ -99,7 +99,7 @@ class StackPlan:
             raise result
         leader = _dir_key(group.jobs[0].run_dir)
         if me == leader:
-            say(f"vaexp: {run_dir}: final train bound {result['train']['bound']:.3f} (trained stacked)\n"
+            say(f"vaexp: {run_dir}: {rundir.final_train(result['train'])} (trained stacked)\n"
                 f"{format_table(result['test'])}\n  metrics: {Path(run_dir) / rundir.METRICS}")
         else:
             say(f"vaexp: {run_dir} was trained in a stack with {Path(leader).name}; its results:\n"

@@ -7,7 +7,9 @@ The model protocol (vaexp.models.burda.VAE, vaexp.models.gaussian.LinearGaussian
 h -> (mu, log sigma). Invariants of ``sample_encoder``: samples are [M, K, B, D_i]; the first
 encoder layer runs once per example; ε comes from `generator` in layer order (or is given);
 log q is written in ε (same value, fewer ops); lw̄ has the encoder's *parameters* stopped while z
-(and z_{i-1} as the input of q(z_i|z_{i-1})) stays live, as STL and DReG need.
+(and z_{i-1} as the input of q(z_i|z_{i-1})) stays live, as STL and DReG need; log q̊ (need_score)
+is log q_φ(z|x) at the samples held fixed (every z_i stopped) with the parameters live, so its
+φ-gradient is the score ∇φ log q(z|x) that RWS and VIMCO need.
 """
 from __future__ import annotations
 
@@ -39,20 +41,25 @@ class LogWeights(NamedTuple):
     lw: Tensor                 # [M, K, B] log p(x, z) - log q(z|x), everything live
     lw_bar: Optional[Tensor]   # same values, encoder parameters stopped, z still reparameterised
     zs: List[Tensor]           # samples per stochastic layer, each [M, K, B, D_i]
+    # [M, K, B] log q_φ(z|x) with every z_i stopped and the parameters live (need_score), else None
+    log_q_score: Optional[Tensor] = None
 
 
 def sample_encoder(encoder, x: Tensor, m: int, k: int, need_bar: bool = False,
-                   generator: Optional[torch.Generator] = None, eps: Optional[List[Tensor]] = None):
+                   generator: Optional[torch.Generator] = None, eps: Optional[List[Tensor]] = None,
+                   need_score: bool = False):
     """z ~ q(z|x) through a chain of Gaussian layers (each h -> (mu, log sigma)), bottom first.
 
-    Returns (zs, log_q, log_q_bar): samples [M, K, B, D_i] per layer and log q(z|x) [M, K, B];
-    with need_bar also log q with the layers' *parameters* detached (see the module docstring).
+    Returns (zs, log_q, log_q_bar, log_q_score): samples [M, K, B, D_i] per layer and log q(z|x)
+    [M, K, B]; with need_bar also log q with the layers' *parameters* detached, with need_score
+    log q at the stopped samples with the parameters live (see the module docstring; else None).
     eps: standard-normal draws to use instead of drawing them, one per layer.
     """
     B = x.shape[0]
     h: Tensor = x
     log_q = x.new_zeros(m, k, B)
     log_q_bar = x.new_zeros(m, k, B) if need_bar else None
+    log_q_score = x.new_zeros(m, k, B) if need_score else None
     zs: List[Tensor] = []
     for i, layer in enumerate(encoder):
         mu, logsig = layer(h)
@@ -70,6 +77,10 @@ def sample_encoder(encoder, x: Tensor, m: int, k: int, need_bar: bool = False,
                 frozen = {n: p.detach() for n, p in layer.named_parameters()}
                 mu_s, logsig_s = functional_call(layer, frozen, (h,))
             log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
+        if need_score:
+            # z_i stopped, and z_{i-1} stopped as the input too: only the explicit dependence on φ
+            mu_f, logsig_f = (mu, logsig) if i == 0 else layer(h.detach())
+            log_q_score = log_q_score + gaussian_log_prob(z.detach(), mu_f, logsig_f)
         zs.append(z)
         h = z
-    return zs, log_q, log_q_bar
+    return zs, log_q, log_q_bar, log_q_score

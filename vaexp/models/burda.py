@@ -90,7 +90,7 @@ class VAE(nn.Module):
     # -- the log-weights ---------------------------------------------------------------------
     def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
                     generator: Optional[torch.Generator] = None,
-                    eps: Optional[List[Tensor]] = None) -> LogWeights:
+                    eps: Optional[List[Tensor]] = None, need_score: bool = False) -> LogWeights:
         """Draw z ~ q(z|x) with shape [M, K, B, D] and return the log-weights.
 
         x: [B, x_dim] binary. With need_bar, also lw_bar: log q recomputed with the encoder's
@@ -98,10 +98,12 @@ class VAE(nn.Module):
         eps: the standard-normal draws to use instead of drawing them from `generator`, one
         [M, K, B, D_i] tensor per stochastic layer (bottom first); the same values give the same
         log-weights as drawing them here (evaluation passes several draw blocks at once this way).
+        need_score: also log_q_score, log q at the stopped samples (vaexp.models.base.LogWeights).
         """
-        zs, log_q, log_q_bar = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps)
+        zs, log_q, log_q_bar, log_q_score = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps,
+                                                           need_score)
         log_p = self.log_joint(x, zs)
-        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
+        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs, log_q_score)
 
     def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
         """log p(x, z1..zL) for samples zs[i] of shape [..., B, D_i]."""

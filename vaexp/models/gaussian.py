@@ -68,15 +68,17 @@ class LinearGaussianVAE(nn.Module):
     # -- the log-weights (the same contract as models.VAE.log_weights) ------------------------
     def log_weights(self, x: Tensor, m: int, k: int, need_bar: bool = False,
                     generator: Optional[torch.Generator] = None,
-                    eps: Optional[List[Tensor]] = None) -> LogWeights:
+                    eps: Optional[List[Tensor]] = None, need_score: bool = False) -> LogWeights:
         """z ~ q(z|x) with shape [M, K, B, D] per layer; lw = log p(x, z) - log q(z|x) [M, K, B].
 
         lw_bar: the same values with q's parameters detached and z (and z_{i-1} as the input of
         q(z_i|z_{i-1})) kept live, as the STL and DReG estimators need. eps: the standard-normal
-        draws to use instead of drawing them, one [M, K, B, D] tensor per layer (as models.VAE)."""
-        zs, log_q, log_q_bar = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps)
+        draws to use instead of drawing them, one [M, K, B, D] tensor per layer (as models.VAE);
+        need_score: also log_q_score, log q at the stopped samples (vaexp.models.base.LogWeights)."""
+        zs, log_q, log_q_bar, log_q_score = sample_encoder(self.encoder, x, m, k, need_bar, generator, eps,
+                                                           need_score)
         log_p = self.log_joint(x, zs)
-        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
+        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs, log_q_score)
 
     def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
         """log p(x, z_1..z_L): unit-variance Gaussian steps down the chain from N(μ, I)."""

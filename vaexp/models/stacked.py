@@ -116,11 +116,13 @@ class StackedVAE(nn.Module):
             eps.append(e)
         return eps
 
-    def log_weights(self, x: Tensor, eps: List[Tensor], need_bar: bool = False) -> LogWeights:
-        """x [N, B, x_dim], eps from draw_eps → lw [N, M·K, B] (and lw_bar, as VAE.log_weights)."""
+    def log_weights(self, x: Tensor, eps: List[Tensor], need_bar: bool = False,
+                    need_score: bool = False) -> LogWeights:
+        """x [N, B, x_dim], eps from draw_eps → lw [N, M·K, B] (and lw_bar, log_q_score, as VAE.log_weights)."""
         h: Tensor = x
         log_q: Any = 0.0
         log_q_bar: Any = 0.0
+        log_q_score: Any = 0.0
         zs: List[Tensor] = []
         for i, layer in enumerate(self.encoder):
             mu, logsig = layer(h)
@@ -136,6 +138,9 @@ class StackedVAE(nn.Module):
                     frozen = {n: p.detach() for n, p in layer.named_parameters()}
                     mu_s, logsig_s = functional_call(layer, frozen, (h,))
                 log_q_bar = log_q_bar + gaussian_log_prob(z, mu_s, logsig_s)
+            if need_score:  # every z stopped, the parameters live (vaexp.models.base)
+                mu_f, logsig_f = (mu, logsig) if i == 0 else layer(h.detach())
+                log_q_score = log_q_score + gaussian_log_prob(z.detach(), mu_f, logsig_f)
             zs.append(z)
             h = z
         log_p = bernoulli_log_prob(x.unsqueeze(1), self.decoder[0](zs[0]))
@@ -143,4 +148,5 @@ class StackedVAE(nn.Module):
             mu, logsig = self.decoder[i](zs[i])
             log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logsig)
         log_p = log_p + std_normal_log_prob(zs[-1])
-        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs)
+        return LogWeights(log_p - log_q, log_p - log_q_bar if need_bar else None, zs,
+                          log_q_score if need_score else None)

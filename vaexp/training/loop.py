@@ -28,6 +28,7 @@ from vaexp.objectives import Objective
 from vaexp.runtime import resolve_device
 from vaexp.schedule import epoch_learning_rates
 from vaexp.training import capture
+from vaexp.training.diagnostics import loop_diagnostics
 from vaexp.training.run import NonFiniteBound, Run, epoch_seed, open_run
 from vaexp.training.step import METRICS, make_step, spec_of, stack_key
 
@@ -101,6 +102,7 @@ def first_non_finite(values: Sequence[float], where: str, run: Run) -> Optional[
     """The message for the first non-finite step metric of a run, or None."""
     for name, v in zip(METRICS, values):
         if not math.isfinite(v):
+            name = name.replace("bound", run.objective.quantity)  # jvi's is the JVI estimate
             return f"{name} became {v} at {where}; stopped, and {run.checkpoint_status()}; lower schedule.lr or check the data"
     return None
 
@@ -151,6 +153,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                      [r.saved_optimizer for r in runs], cfg0.schedule, device)
     # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph.
     step_fn = capture.captured_step(cfg0.fast, device, step.opt, step.params, step.generators, step) or step
+    diagnostics = loop_diagnostics(runs, data.valid, device)  # None unless diagnostics.every is set
 
     lrs = epoch_learning_rates(cfg0.schedule)
     n_epochs, n_train, batch = len(lrs), data.train.shape[0], cfg0.batch_size
@@ -207,9 +210,12 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                     for j in alive():
                         runs[j].log_train(means[j], lrs[epoch], position["global_step"])
                     if bar is not None and alive():
-                        bar.set_postfix(bound=f"{means[alive()[0]][0]:.2f}", refresh=False)
+                        first = alive()[0]
+                        bar.set_postfix({runs[first].objective.slug: f"{means[first][0]:.2f}"}, refresh=False)
                     acc.zero_()
                     acc_n = 0
+                if diagnostics is not None and position["global_step"] % diagnostics.every == 0:
+                    diagnostics(step, runs, alive(), position["global_step"])
             for j in alive():
                 runs[j].state.update(position)
             if stop.requested or not alive():
@@ -232,7 +238,8 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 vb = valid_bound(r.model, r.objective, data.valid, r.cfg.m, r.cfg.k, r.eval_gen)
                 r.state["history"].append({"epoch": epoch + 1, "train_bound": train_bounds[j], "valid_bound": vb,
                                            "lr": lrs[epoch]})
-                r.log.scalars({"epoch/train_bound": train_bounds[j], "epoch/valid_bound": vb,
+                slug = r.objective.slug  # "bound", or jvi's "jvi_estimate"
+                r.log.scalars({f"epoch/train_{slug}": train_bounds[j], f"epoch/valid_{slug}": vb,
                                "epoch/steps_per_s": steps_per_epoch / max(epoch_time, 1e-9),
                                "epoch/lr": lrs[epoch]}, position["global_step"])
                 if data.image_shape is not None:

@@ -85,10 +85,11 @@ class Run:
 
     # -- TensorBoard ---------------------------------------------------------------------------
     def log_train(self, means: List[float], lr: float, step: int) -> None:
-        values = {"train/bound": means[0], "train/lr": lr, "train/grad_norm_theta": means[2],
+        slug = self.objective.slug  # "bound", or jvi's "jvi_estimate": never call that a bound
+        values = {f"train/{slug}": means[0], "train/lr": lr, "train/grad_norm_theta": means[2],
                   "train/grad_norm_phi": means[3]}
         if self.objective.split:
-            values["train/phi_bound"] = means[1]
+            values[f"train/phi_{slug}"] = means[1]
         self.log.scalars(values, step)
 
     def log_eval(self, metrics: Dict, step: int, final: bool = False) -> None:
@@ -127,8 +128,9 @@ class Run:
     def summary(self, n_epochs: int, device: torch.device, data: Dataset, test: Dict,
                 stacked_with: Optional[List[str]] = None) -> Dict:
         history = self.state["history"]
-        train = {"bound": history[-1]["train_bound"] if history else float("nan"),
-                 "valid_bound": history[-1]["valid_bound"] if history else float("nan"),
+        slug = self.objective.slug  # train.bound, or train.jvi_estimate for jvi
+        train = {"quantity": self.objective.quantity, slug: history[-1]["train_bound"] if history else float("nan"),
+                 f"valid_{slug}": history[-1]["valid_bound"] if history else float("nan"),
                  "epochs": n_epochs, "steps": self.state["global_step"], "wall_time_s": self.state["wall_time"],
                  "device": str(device), "data_source": data.source}
         if stacked_with is not None:

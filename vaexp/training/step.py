@@ -46,8 +46,8 @@ def train_step(model: nn.Module, obj: Objective, est: Estimator, opt: torch.opti
                theta: List[Tensor], phi: List[Tensor], x: Tensor, m: int, k: int,
                gen: torch.Generator) -> Tensor:
     """One Adam step of a lone model; returns its metrics [4] (see METRICS) on the device."""
-    lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, generator=gen)
-    losses = surrogate_losses(obj, est, lws.lw, lws.lw_bar)
+    lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, generator=gen, need_score=est.needs_score)
+    losses = surrogate_losses(obj, est, lws.lw, lws.lw_bar, lws.log_q_score)
     g_theta, g_phi = gradients(losses, theta, phi)
     for p, g in zip(theta + phi, g_theta + g_phi):
         p.grad = g
@@ -60,17 +60,20 @@ def params_finite(model: nn.Module) -> bool:
 
 
 class StepSpec(NamedTuple):
-    """What one run's step computes: its objective (name, beta), estimator and (M, K)."""
+    """What one run's step computes: its objective (name, beta), estimator (name, alpha) and (M, K)."""
 
     objective: str
     estimator: str
     m: int
     k: int
     beta: float = 0.5
+    alpha: Optional[float] = None  # gdreg's estimator.alpha (None: the estimator's default)
 
 
 def spec_of(cfg) -> StepSpec:
-    return StepSpec(cfg.objective.name, cfg.estimator.name, int(cfg.m), int(cfg.k), float(cfg.beta))
+    alpha = cfg.estimator.get("alpha")
+    return StepSpec(cfg.objective.name, cfg.estimator.name, int(cfg.m), int(cfg.k), float(cfg.beta),
+                    None if alpha is None else float(alpha))
 
 
 def stack_key(cfg) -> Optional[str]:
@@ -90,7 +93,7 @@ class LoneStep:
 
     def __init__(self, model: nn.Module, spec: StepSpec, opt: torch.optim.Optimizer, generator: torch.Generator):
         self.model, self.opt, self.spec = model, opt, spec
-        self.obj, self.est = make_objective(spec.objective, spec.beta), get_estimator(spec.estimator)
+        self.obj, self.est = make_objective(spec.objective, spec.beta), get_estimator(spec.estimator, spec.alpha)
         self.theta, self.phi = model.theta_parameters(), model.phi_parameters()
         self.params = self.theta + self.phi
         self.generators = [generator]
@@ -120,7 +123,7 @@ class _SpecGroup:
     def __init__(self, index: List[int], spec: StepSpec, device: torch.device):
         self.index, self.m, self.k = index, spec.m, spec.k
         self.obj: Objective = make_objective(spec.objective, spec.beta)
-        self.est: Estimator = get_estimator(spec.estimator)
+        self.est: Estimator = get_estimator(spec.estimator, spec.alpha)
         contiguous = index == list(range(index[0], index[0] + len(index)))
         self.slice = slice(index[0], index[0] + len(index)) if contiguous else None
         self.select = None if contiguous else torch.tensor(index, device=device)
@@ -164,6 +167,7 @@ class StackedStep:
         self.inverse = None if order == sorted(order) else torch.tensor(
             [order.index(i) for i in range(stack.n)], device=device)
         self.need_bar = any(g.est.needs_lw_bar for g in self.groups)
+        self.need_score = any(g.est.needs_score for g in self.groups)
         self.theta, self.phi = stack.theta_parameters(), stack.phi_parameters()
         self.params = self.theta + self.phi
         self.named = list(stack.named_parameters())
@@ -171,7 +175,7 @@ class StackedStep:
     def __call__(self, x: Tensor) -> Tensor:
         n, batch = x.shape[0], x.shape[1]
         eps = self.stack.draw_eps(self.generators, self.mk, batch)
-        lws = self.stack.log_weights(x, eps, need_bar=self.need_bar)
+        lws = self.stack.log_weights(x, eps, need_bar=self.need_bar, need_score=self.need_score)
         theta_loss: Any = 0.0
         phi_loss: Any = 0.0
         shared = True  # every group's φ loss is its θ loss (reparam on a non-split objective)
@@ -179,7 +183,8 @@ class StackedStep:
         for g in self.groups:
             size = len(g.index)
             lw_bar = g.view(lws.lw_bar, batch) if g.est.needs_lw_bar else None
-            losses = surrogate_losses(g.obj, g.est, g.view(lws.lw, batch), lw_bar)
+            score = g.view(lws.log_q_score, batch) if g.est.needs_score else None
+            losses = surrogate_losses(g.obj, g.est, g.view(lws.lw, batch), lw_bar, score)
             # -mean over G·B examples, times G: the sum over the group's runs of each run's loss.
             theta_loss = theta_loss + size * losses.theta_loss
             shared = shared and losses.phi_loss is losses.theta_loss
