@@ -373,8 +373,9 @@ def test_top_level_help(cli, vaexp_main):
     res = cli("--help")  # python -m vaexp --help
     assert res.code == 0
     assert "train" in res.out and "eval" in res.out and "usage" in res.out.lower()
-    res = cli()  # no command: the same usage, not an error
-    assert res.code == 0 and "train" in res.out and "eval" in res.out
+    res = cli()  # no command: the usage, as an error (issue 9, case 17)
+    assert res.code == 2 and "train" in res.err and "eval" in res.err and "no command" in res.err
+    assert_no_traceback(res)
     res = vaexp_main("--help")  # the `vaexp` console script's entry point
     assert res.code == 0 and "vaexp <command>" in res.out and "train" in res.out and "eval" in res.out
 

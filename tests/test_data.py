@@ -265,13 +265,26 @@ def test_n_valid_too_large(idx_dir):
 
 # --------------------------------------------------------------------------- source order
 
-def test_cache_beats_path(tmp_path, idx_dir, pixels, calls, caplog):
+def test_explicit_path_beats_the_cache(tmp_path, idx_dir, pixels, calls, caplog):
+    """Issue 9, case 7: what the user names wins over a cache, or fails loudly."""
     load_dataset(cfg(path=str(idx_dir)), "cpu")
-    other = write_idx_dir(tmp_path / "other", fake_pixels(500, 7), fake_pixels(50, 8))
-    with caplog.at_level(logging.WARNING, logger="vaexp.data"):
-        ds = load_dataset(cfg(path=str(other)), "cpu")
-    assert len(ds.test) == N_TEST and ds.source.startswith("cache")
-    assert "ignored" in caplog.text  # the user is told the cache shadowed the path
+    cache_file = tmp_path / "cache" / "mnist.pt"
+    cached = cache_file.read_bytes()
+    other_train, other_test = fake_pixels(500, 7), fake_pixels(50, 8)
+    other = write_idx_dir(tmp_path / "other", other_train, other_test)
+    ds = load_dataset(cfg(path=str(other)), "cpu")  # different data at the path: the path's are used
+    assert len(ds.test) == 50 and ds.source == f"dataset.path={other.resolve()}"
+    torch.testing.assert_close(ds.train, unit(other_train[:-400]), rtol=0, atol=0)
+    assert cache_file.read_bytes() == cached       # the cache of the first source is left as it was
+    with pytest.raises(DataError, match="no such file or folder"):  # a path that does not exist
+        load_dataset(cfg(path=str(tmp_path / "nowhere")), "cpu")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
+    (broken / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
+    with pytest.raises(DataError, match=f"dataset.path={broken}"):  # a corrupt file at the path
+        load_dataset(cfg(path=str(broken)), "cpu")
+    assert calls.order == [] and cache_file.read_bytes() == cached
 
 
 def test_path_beats_network(idx_dir, calls):

@@ -16,9 +16,29 @@ from vaexp.report import read_curves
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+EVAL = {"k": 5000, "report_k": [1, 64], "chunk": 0, "n_test": None, "every": 0, "seed": 0}
+EPOCHS = 3280  # the burda schedule
+
+
+def evaluation(nll: float, seed: int = 0, surgery: bool = True, settings=None, epoch: int = EPOCHS,
+               global_step: int = 9774400) -> dict:
+    """One metrics.json evaluation entry as vaexp writes it: metrics, settings, checkpoint."""
+    settings = dict(EVAL, **(settings or {}))
+    n_test = settings["n_test"] or 10000
+    test = {"k": settings["k"], "n_test": n_test, "nll": nll, "nll_stderr": 0.3, f"L{settings['k']}": -nll,
+            "L1": -nll - 4.0, "L64": -nll - 1.0, "active_units": [20 + seed], "latent_units": [50]}
+    if surgery:
+        test.update({"surgery_n": 1000, "recon": -60.0, "avg_kl": 25.0, "mutual_info": 6.0, "marginal_kl": 19.0})
+    return {**test, "time": "2026-01-01 00:00:00", "settings": settings, "by": "train",
+            "checkpoint": {"epoch": epoch, "step": 0, "global_step": global_step, "epochs": EPOCHS,
+                           "finished": epoch == EPOCHS, "diverged": False}}
+
+
 def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objective="miwae", estimator="reparam",
              m=1, k=64, beta=0.5, seed=0, nll=85.0, status="finished", lr=1e-3, epoch=None, surgery=True,
-             **extra) -> Path:
+             evals=None, run=None, **extra) -> Path:
+    """A run directory as vaexp train leaves it. evals / run: metrics.json's list of evaluations
+    and training record instead of one finished evaluation."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {"dataset": {"name": dataset, "path": None, "n_valid": 400, "binarize_seed": 1234},
@@ -26,18 +46,21 @@ def fake_run(root: Path, name: str, *, dataset="mnist", model="burda1", objectiv
            "objective": {"name": objective}, "estimator": {"name": estimator},
            "schedule": {"name": "burda", "lr": lr, "stages": 8, "epochs_base": 3, "lr_decay": 10 ** (-1 / 7),
                         "stage_epochs": None, "epochs": None, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4},
-           "eval": {"k": 5000, "report_k": [1, 64], "chunk": 0, "n_test": None, "every": 0, "seed": 0},
+           "eval": dict(EVAL),
            "k": k, "m": m, "beta": beta, "seed": seed, "device": "cuda", "batch_size": 20, "log_every": 200,
            "resume": None, "out_root": "outputs", "progress": True, "mk": None, "sweep": "s", **extra}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    if status == "finished":
-        test = {"k": 5000, "n_test": 10000, "nll": nll, "nll_stderr": 0.3, "L5000": -nll, "L1": -nll - 4.0,
-                "L64": -nll - 1.0, "active_units": [20 + seed], "latent_units": [50]}
-        if surgery:
-            test.update({"surgery_n": 1000, "recon": -60.0, "avg_kl": 25.0, "mutual_info": 6.0, "marginal_kl": 19.0})
-        (d / "metrics.json").write_text(json.dumps({
-            "train": {"bound": -nll - 2.0, "valid_bound": -nll - 3.0, "epochs": 3280, "steps": 9774400,
-                      "wall_time_s": 3600.0 * (1 + seed), "device": "cuda"}, "test": test}))
+    if status == "finished" or evals is not None or run is not None:
+        evals = [evaluation(nll, seed, surgery)] if evals is None else evals
+        last = evals[-1]["checkpoint"] if evals else {"epoch": EPOCHS, "global_step": 9774400}
+        run = run or {"state": "trained", "epoch": last["epoch"], "global_step": last["global_step"],
+                      "epochs": EPOCHS}
+        metrics = {"run": run, "train": {"bound": -nll - 2.0, "valid_bound": -nll - 3.0, "epochs": last["epoch"],
+                                         "steps": last["global_step"], "wall_time_s": 3600.0 * (1 + seed),
+                                         "device": "cuda"}, "evals": evals}
+        if evals:
+            metrics["test"] = {k: v for k, v in evals[-1].items() if k not in ("time", "settings", "checkpoint", "by")}
+        (d / "metrics.json").write_text(json.dumps(metrics))
     elif status == "failed":
         (d / "error.txt").write_text("batch_size=500: larger than the 100 training images; lower batch_size\n\nmore\n")
     if epoch is not None:

@@ -165,7 +165,7 @@ class Bars:
         self.made.append({"enabled": enabled, "total": total, "initial": initial, "steps": []})
         if not enabled:
             return None
-        record, bars = self.made[-1], self
+        record = self.made[-1]
 
         class Bar:
             label = desc
@@ -232,14 +232,14 @@ def test_a_run_that_lacks_only_its_evaluation_says_so_and_shows_no_bar(vaexp_mai
     real = vaexp.evaluate.evaluate
     monkeypatch.setattr(vaexp.evaluate, "evaluate", interrupted)    # Ctrl-C during the final evaluation
     res = vaexp_main("train", *tiny_args, "progress=true", f"hydra.run.dir={run}")
-    assert res.code == 130 and "training is complete and checkpointed" in res.err
+    assert res.code == 130 and "training is complete, checkpointed and recorded" in res.err
     monkeypatch.setattr(vaexp.evaluate, "evaluate", real)
     bars.made.clear()
     res = vaexp_main("train", f"resume={run}", "progress=true")
     assert res.code == 0, res.err
     assert f"resuming {run}: training is complete (1/1 epochs); evaluating" in res.out
     assert bars.made == [{"enabled": False, "total": S, "initial": S, "steps": []}]
-    assert rundir.finished(run)["test"]["nll"] > 0
+    assert rundir.read_metrics(run)[0]["test"]["nll"] > 0
 
 
 # --------------------------------------------------------------------------- 5. TensorBoard
@@ -277,13 +277,13 @@ def test_hparams_flag_the_swept_keys_and_show_the_latest_evaluation(vaexp_main, 
                         "hparam/eval_k"]                             # the five columns shown by default
 
     run = jobs[0]
-    first = rundir.finished(run)["test"]
+    first = rundir.read_metrics(run)[0]["test"]
     ea = events(run)
     assert ea.Scalars("hparam/test_nll")[-1].value == pytest.approx(first["nll"], rel=1e-6)
     assert "eval/summary/text_summary" in ea.Tags()["tensors"]
     res = vaexp_main("eval", str(run), "eval.n_test=10", "eval.k=20", "progress=false")
     assert res.code == 0, res.err
-    latest = rundir.finished(run)["test"]
+    latest = rundir.read_metrics(run)[0]["test"]
     assert latest["n_test"] == 10 and latest["nll"] != first["nll"]
     ea = events(run)
     assert ea.Scalars("hparam/test_nll")[-1].value == pytest.approx(latest["nll"], rel=1e-6)
@@ -318,7 +318,7 @@ def test_vaexp_eval_of_a_run_that_never_got_its_evaluation_gives_it_its_row(vaex
     assert {"m", "objective", "model.latents"} <= {h.name for h in experiment.hparam_infos if h.differs}
     assert start.hparams["m"].number_value == 2
     ea = events(run)
-    assert ea.Scalars("hparam/test_nll")[-1].value == pytest.approx(rundir.finished(run)["test"]["nll"], rel=1e-6)
+    assert ea.Scalars("hparam/test_nll")[-1].value == pytest.approx(rundir.read_metrics(run)[0]["test"]["nll"], rel=1e-6)
     assert "hparam/train_bound" in ea.Tags()["scalars"]           # from the checkpoint's history
 
 

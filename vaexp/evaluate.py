@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from vaexp import rundir, surgery
 from vaexp.data import load_dataset
+from vaexp.errors import VaexpError, memory_hint
 from vaexp.models import build_model
 from vaexp.models.burda import VAE
 from vaexp.runtime import resolve_device
@@ -238,35 +238,52 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="eval", unit="img", leave=False, dynamic_ncols=True)
 
 
+def memory_hint_for(settings):
+    """Memory exhaustion inside the block -> a VaexpError naming the eval settings to lower."""
+    rows = settings.chunk * settings.k if settings.chunk > 0 else DEFAULT_ROWS
+    return memory_hint(f"while evaluating with eval.k={settings.k}, eval.chunk={settings.chunk} ({rows} log-weight "
+                       f"rows per block)", "eval.chunk (eval.chunk=0 sizes blocks automatically) or eval.k")
+
+
 def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -> Dict:
     """`vaexp eval`: evaluate a saved run's checkpoint with `settings` (an EvalConf), add the result
-    to its metrics.json (and its per-image file) and to TensorBoard (reeval/*, the HPARAMS table's
-    metrics)."""
+    to its metrics.json (with the settings and the checkpoint's position; its per-image values to
+    a new file) and to TensorBoard: reeval/* scalars, a TEXT card, and the HPARAMS table's metrics
+    (written after the earlier ones at the same step, so the table shows this evaluation). Holds
+    the run directory's lock throughout."""
     run_dir = Path(run_dir)
-    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / rundir.CONFIG))
-    device = resolve_device(device_name)
-    data = load_dataset(saved.dataset, device)
-    model = build_model(saved.model, data).to(device)
-    state = rundir.load_checkpoint(run_dir, map_location=device)
-    model.load_state_dict(state["model"])
-    result = evaluate(model, data.test, settings, device, progress=progress)
-    before = rundir.finished(run_dir) or {}
-    after = rundir.write_metrics(run_dir, {"test": result["metrics"]}, result["per_example"], append_eval=True)
-    # TensorBoard: reeval/* scalars, a TEXT card, and the HPARAMS table's metrics (written after
-    # the earlier ones at the same step, so the table shows this evaluation); a run whose training
-    # never got to its own evaluation gets its row of the table here.
-    step = state["state"]["global_step"]
-    history = state["state"].get("history") or [{}]
-    train = after.get("train") or {"bound": history[-1].get("train_bound"), "valid_bound": history[-1].get("valid_bound")}
-    metrics = hparam_metrics(result["metrics"], train)
-    log = RunLogger(run_dir)
-    log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)
-    log.text("reeval/summary", eval_card(f"vaexp eval, {after['evals'][-1]['time']}: checkpoint of epoch "
-                                         f"{state['state']['epoch']}, step {step}", format_table(result["metrics"])), step)
-    if "test" in before:
-        log.metrics(metrics, step)
-    else:
-        values, differs = rundir.hparams(saved, rundir.varied_keys(run_dir))
-        log.hparams(values, differs, metrics, step)
-    log.close()
-    return {"metrics": result["metrics"], "epoch": state["state"]["epoch"], "step": state["state"]["global_step"]}
+    with rundir.locked(run_dir):
+        saved_cfg = rundir.load_config(run_dir, TrainConfig)
+        device = resolve_device(device_name)
+        state = rundir.load_checkpoint(run_dir, map_location=device)
+        if state is None:
+            raise VaexpError(f"run={run_dir}: no checkpoint.pt there (vaexp train writes one at the end of every "
+                             f"epoch); train it first")
+        rundir.check_checkpoint(state, saved_cfg, run_dir)
+        data = load_dataset(saved_cfg.dataset, device)
+        model = build_model(saved_cfg.model, data).to(device)
+        rundir.restore_model(model, state, run_dir)
+        with memory_hint_for(settings):
+            result = evaluate(model, data.test, settings, device, progress=progress)
+        before, _ = rundir.read_metrics(run_dir)
+        diverged = ((before or {}).get("run") or {}).get("state") == "diverged"
+        position = state["state"]
+        checkpoint = rundir.checkpoint_record(position, rundir.n_epochs(saved_cfg.schedule), diverged)
+        after = rundir.record_evaluation(run_dir, result["metrics"], result["per_example"], rundir.as_dict(settings),
+                                         checkpoint, by="eval")
+        step = position["global_step"]
+        history = position.get("history") or [{}]
+        train = after.get("train") or {"bound": history[-1].get("train_bound"),
+                                       "valid_bound": history[-1].get("valid_bound")}
+        metrics = hparam_metrics(result["metrics"], train)
+        log = RunLogger(run_dir)
+        log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)
+        log.text("reeval/summary", eval_card(f"vaexp eval, {after['evals'][-1]['time']}: checkpoint of epoch "
+                                             f"{position['epoch']}, step {step}", format_table(result["metrics"])), step)
+        if "test" in (before or {}):
+            log.metrics(metrics, step)
+        else:  # a run whose training never got to its own evaluation gets its row of the table here
+            values, differs = rundir.hparams(saved_cfg, rundir.varied_keys(run_dir))
+            log.hparams(values, differs, metrics, step)
+        log.close()
+    return {"metrics": result["metrics"], "epoch": position["epoch"], "step": step}

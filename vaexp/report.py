@@ -1,20 +1,22 @@
 """`vaexp report <dir>...`: every run under the given directories as tables and plots.
 
 A run is a directory holding the config.yaml that `vaexp train` writes (found at any depth;
-hidden folders skipped): its config, and metrics.json when it finished, else its state (the last
-checkpoint's epoch, or the error a sweep job recorded). Writes report.md (also to stdout),
-runs.csv (one row per run), summary.csv (one row per setting: mean, std, n over seeds) and PNG
-plots (NLL vs M per M·K line, (M, K) heatmaps, training curves). Invariants: runs are grouped by
-every setting except vaexp.rundir.NOT_A_SETTING, so seeds of one setting share a row; runs are
-plotted together only when they agree on everything but objective, estimator, β, M, K and
-seed. Reading finished runs needs no torch.
+hidden folders skipped). It is finished when metrics.json says so (vaexp.rundir.judge: its last
+evaluation is of its last checkpoint, at the configured length); it is then reported by that
+evaluation, with the eval settings stored with it (not config.yaml's). Other runs are listed
+with their state (diverged, the last checkpoint's epoch, the error a sweep job recorded). Writes
+report.md (also to stdout), runs.csv (one row per run), summary.csv (one row per setting: mean,
+std, n over seeds) and PNG plots (NLL vs M per M·K line, (M, K) heatmaps, training curves).
+Invariants: runs are grouped by every setting except vaexp.rundir.NOT_A_SETTING, so seeds of one
+setting share a row; two finished runs of one setting and seed (a copied directory) count once,
+and the report says so; runs are plotted together only when they agree on everything but
+objective, estimator, β, M, K and seed. Reading finished runs needs no torch.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -27,7 +29,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from vaexp.errors import VaexpError
-from vaexp.rundir import CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, covers, flatten, quantity_key
+from vaexp.rundir import (CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, configured_epochs, covers, flatten,
+                          judge, quantity_key, read_metrics)
 from vaexp.schedule import epoch_learning_rates
 
 # Settings that do not change what a run computes (or are aggregated: seed): runs are grouped
@@ -53,7 +56,7 @@ class Run:
     name: str                      # as shown: relative to the directory it was found under
     config: Dict[str, Any]
     flat: Dict[str, Any]           # dotted keys, lists as tuples
-    status: str                    # finished | unfinished | failed
+    status: str                    # finished | unfinished | diverged | failed | duplicate
     test: Dict[str, Any] = field(default_factory=dict)
     train: Dict[str, Any] = field(default_factory=dict)
     detail: str = ""
@@ -154,26 +157,58 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
             if len(dirs) > 1:
                 name = f"{top_path.name}/{name}" if str(rel) != "." else here.name
             run = Run(path=here, name=name, config=cfg, flat=_normalised_flat(cfg), status="unfinished")
-            if METRICS in files:
-                try:
-                    metrics = json.loads((here / METRICS).read_text())
-                    test = metrics.get("test") if isinstance(metrics, dict) else None
-                    if not isinstance(test, dict) or not isinstance(test.get("nll"), (int, float)):
-                        raise ValueError("no test results (a 'test' entry with 'nll')")
-                    run.status, run.test = "finished", test
-                    run.train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
-                except Exception as e:
-                    skipped.append((here, f"unreadable metrics.json ({_one_line(e)})"))
-                    continue
+            metrics, why = read_metrics(here) if METRICS in files else (None, None)
+            if why is not None:
+                skipped.append((here, f"unreadable metrics.json ({why})"))
+                continue
+            state, detail = judge(metrics, configured_epochs(cfg))
+            if state == "finished":
+                last = metrics["evals"][-1]
+                run.status, run.test = "finished", {k: v for k, v in last.items() if k not in _EVAL_RECORD}
+                run.train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+                run.flat = _with_eval_settings(run.flat, last)
             elif ERROR_FILE in files:
                 run.status = "failed"
                 lines = [ln for ln in (here / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
                 run.detail = lines[0] if lines else "failed"
+            else:
+                run.status = state
+                run.detail = detail if metrics is not None else ""
             if run.status != "finished":
                 state = _checkpoint_state(here, cfg)
                 run.detail = f"{run.detail}; {state}" if run.detail else state
             runs.append(run)
     return runs, skipped
+
+
+# Keys of a metrics.json evaluation entry that are not metrics.
+_EVAL_RECORD = ("time", "settings", "checkpoint", "by", "per_example")
+
+
+def _with_eval_settings(flat: Dict[str, Any], entry: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's settings with eval.* replaced by those its evaluation used (k and n_test as
+    evaluated: n_test=null and the test set's size are the same evaluation)."""
+    out = {k: v for k, v in flat.items() if not k.startswith("eval.")}
+    settings = entry.get("settings") if isinstance(entry.get("settings"), dict) else {}
+    for key, value in settings.items():
+        out[f"eval.{key}"] = tuple(value) if isinstance(value, list) else value
+    out["eval.k"], out["eval.n_test"] = entry.get("k", out.get("eval.k")), entry.get("n_test", out.get("eval.n_test"))
+    return out
+
+
+def split_duplicates(runs: Sequence[Run]) -> Tuple[List[Run], List[Tuple[Run, Run]]]:
+    """(runs counted, [(duplicate, the run it repeats)]): finished runs of one setting and seed
+    (e.g. a copied run directory) count once."""
+    first: Dict[Tuple, Run] = {}
+    kept, duplicates = [], []
+    for r in sorted(runs, key=lambda r: (str(r.path), r.name)):
+        key = (r.setting, repr(r.flat.get("seed")))
+        if key in first:
+            duplicates.append((r, first[key]))
+        else:
+            first[key] = r
+            kept.append(r)
+    return kept, duplicates
 
 
 def _one_line(e: BaseException) -> str:
@@ -333,7 +368,8 @@ def _md_escape(text: Any) -> str:
 
 
 def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequence[Tuple[Path, str]],
-             extra_keys: Sequence[str], common: Dict[str, Any]) -> str:
+             extra_keys: Sequence[str], common: Dict[str, Any],
+             duplicates: Sequence[Tuple[Run, Run]] = ()) -> str:
     finished_groups = [g for g in groups]
     l_keys = sorted({k for g in finished_groups for r in g.runs for k in metric_values(r)
                      if k.startswith("L") and k[1:].isdigit()}, key=lambda s: int(s[1:]))
@@ -383,8 +419,16 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
         lines.append("")
         lines.append(f"Not finished ({len(unfinished)}):")
         for r in unfinished:
-            lines.append(f"- `{r.name}`: {r.status}: {r.detail}" if r.status == "failed"
+            lines.append(f"- `{r.name}`: {r.status}: {r.detail}" if r.status in ("failed", "diverged")
                          else f"- `{r.name}`: {r.detail}")
+    if duplicates:
+        lines.append("")
+        lines.append(f"Duplicates ({len(duplicates)}), counted once:")
+        for dup, orig in duplicates:
+            same = dup.test.get("nll") == orig.test.get("nll")
+            nlls = "the same test NLL" if same else f"test NLL {_fmt_num(dup.test.get('nll'))} vs " \
+                                                    f"{_fmt_num(orig.test.get('nll'))}"
+            lines.append(f"- `{dup.name}`: same settings and seed as `{orig.name}` ({nlls})")
     if skipped:
         lines.append("")
         lines.append(f"Skipped ({len(skipped)}):")
@@ -421,7 +465,7 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
     w.writerow(cols)
     for r in runs:
         values = {**_config_columns(r), "run": r.name, "status": r.status, "detail": r.detail, "path": str(r.path)}
-        if r.status == "finished":
+        if r.status in ("finished", "duplicate"):
             mv = metric_values(r)
             values.update({k: v for k, v in mv.items() if k != "active_units"})
             values["active_units"] = _fmt_list(mv.get("active_units"))
@@ -690,6 +734,10 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
         raise ReportError(f"nothing to report under {where}: no run has finished ({'; '.join(parts)}); "
                           f"run vaexp report again when runs have finished")
 
+    finished, duplicates = split_duplicates(finished)
+    finished = sorted(finished, key=_sort_key)
+    for dup, orig in duplicates:
+        dup.status, dup.detail = "duplicate", f"same settings and seed as {orig.name}; counted once"
     groups = group_runs(finished)
     groups.sort(key=lambda g: _sort_key(g.first))
     extra = varying_keys(finished, IGNORED + STANDARD_KEYS)
@@ -699,7 +747,7 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
         values = {repr(r.flat.get(key)) for r in finished}
         if len(values) == 1:
             common[key] = finished[0].flat.get(key)
-    md = markdown(groups, unfinished, skipped, extra, common)
+    md = markdown(groups, unfinished, skipped, extra, common, duplicates)
 
     out_dir = Path(str(out)) if out else Path(str(dirs[0])) / "report"
     try:
@@ -707,7 +755,8 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
     except OSError as e:
         raise ReportError(f"out={out_dir}: cannot create it ({_one_line(e)}); pass a writable out=<dir>") from None
     written = []
-    for name, text in (("report.md", md), ("runs.csv", runs_csv(finished + unfinished, extra)),
+    for name, text in (("report.md", md), ("runs.csv", runs_csv(finished + [d for d, _ in duplicates] + unfinished,
+                                                                extra)),
                        ("summary.csv", summary_csv(groups, extra))):
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
@@ -735,6 +784,7 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
         print(f"vaexp: note: {note}", file=sys.stderr)
     files = ", ".join(p.name for p in written + plotted)
     print(f"vaexp: {len(finished)} finished run(s) in {len(groups)} setting(s)"
+          + (f", {len(duplicates)} duplicate(s) counted once" if duplicates else "")
           + (f", {len(unfinished)} not finished" if unfinished else "")
           + (f", {len(skipped)} skipped" if skipped else "") + f"; written to {out_dir}: {files}", file=sys.stderr)
     return {"out": out_dir, "files": written + plotted, "runs": runs, "groups": groups, "skipped": skipped,

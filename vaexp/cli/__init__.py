@@ -8,12 +8,15 @@ stacks of a stack=true sweep (stacking.py).
 from __future__ import annotations
 
 import sys
+import threading
 from typing import List, Optional
 
 from vaexp.cli.argv import hydra_args
 from vaexp.cli.commands import COMMANDS, hydra_entry
+from vaexp.errors import debugging, fault_line
 from vaexp.cli.completion import complete
 from vaexp.cli.configs import register_configs
+from vaexp.rundir import abandon_all
 from vaexp.runtime import tune_cpu_allocator
 
 USAGE = """usage: vaexp <command> [-m] [key=value ...]
@@ -42,7 +45,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     tune_cpu_allocator()
     if "-sc" in argv[:1] or "--shell-completion" in argv[:1]:
         return complete(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(USAGE, end="", file=sys.stderr)
+        print("vaexp: no command given; choose one of: " + ", ".join(COMMANDS), file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
     name, rest = argv[0], argv[1:]
@@ -50,4 +57,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0]] + hydra_args(name, rest, COMMANDS[name].config_name)
-    hydra_entry(COMMANDS[name])()
+    old_hook = threading.excepthook
+    threading.excepthook = _thread_fault
+    try:
+        hydra_entry(COMMANDS[name])()
+    except KeyboardInterrupt:  # before the command's own boundary (inside Hydra's start-up)
+        print("vaexp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        threading.excepthook = old_hook
+        abandon_all()  # a run directory taken by the callback but never handed to the command
+
+
+def _thread_fault(args) -> None:
+    """A background thread's fault (TensorBoard's event writer on a full disk) as one line. An
+    OSError is left to the main thread, to which TensorBoard re-raises it at its next write."""
+    if debugging():
+        threading.__excepthook__(args)
+    elif not isinstance(args.exc_value, OSError):
+        print(f"vaexp: warning: in thread {args.thread.name if args.thread else '?'}: "
+              f"{fault_line(args.exc_value)[0]}", file=sys.stderr, flush=True)

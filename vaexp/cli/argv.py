@@ -2,10 +2,11 @@
 
 Invariants: `vaexp eval <dir>` / `vaexp snr <dir>` / `vaexp report <dir>...` take directories
 positionally, and an existing directory counts as one whatever '=' or ',' its name holds (sweep
-job names do); such a path given as `resume=`/`run=`/... is quoted for Hydra's grammar; Hydra's
-flags may come anywhere (argparse wants them first); a launcher whose plugin is missing is
-refused with the extra to install; a dataset.<key> that the chosen dataset does not have is
-refused with the keys it does have (Hydra's own error does not list them).
+job names do); such a path given as `resume=`/`run=`/`hydra.run.dir=`/... is quoted for Hydra's
+grammar (with '=' always, with ',' when it exists); any other bare '=' in a value is refused
+with the quoting to use; Hydra's flags may come anywhere (argparse wants them first); a launcher
+whose plugin is missing is refused with the extra to install; a dataset.<key> that the chosen
+dataset does not have is refused with the keys it does have (Hydra's own error does not list them).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ _LAUNCHER_PLUGINS = {
 _FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-i", "--info"}
 _FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
                      "-cd", "--config-dir", "--experimental-rerun"}
-_PATH_KEYS = ("resume", "run", "dataset.path", "dataset.data_dir", "out_root")
+_PATH_KEYS = ("resume", "run", "dataset.path", "dataset.data_dir", "out_root", "out", "hydra.run.dir",
+              "hydra.sweep.dir")
 
 
 def quote(value: str) -> str:
@@ -61,11 +63,23 @@ def check_launcher(args: List[str]) -> None:
 
 
 def _quote_path_value(arg: str) -> str:
+    """A path with '=' (a sweep job's name) is quoted for Hydra's grammar, which allows no '=' in
+    a bare value; one with ',' only when it exists (else it may be a sweep, a,b)."""
     key, sep, value = arg.partition("=")
-    if sep and key in _PATH_KEYS and value and value[0] not in "'\"" and ("=" in value or "," in value) \
-            and os.path.exists(value):
+    if sep and key.lstrip("+") in _PATH_KEYS and value and value[0] not in "'\"[{" \
+            and ("=" in value or ("," in value and os.path.exists(value))):
         return f"{key}={quote(value)}"
     return arg
+
+
+def check_bare_equals(args: List[str]) -> None:
+    """key=a=b elsewhere: Hydra would only say 'mismatched input'; say how to quote it."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-") and "=" in value and value[0] not in "'\"[{" and "${" not in value:
+            print(f"vaexp: {arg}: a value holding '=' must be quoted for Hydra: {key}='{value}' "
+                  f"(in a shell: \"{key}='{value}'\")", file=sys.stderr)
+            sys.exit(2)
 
 
 def _split_flags(args: List[str]) -> Tuple[List[str], List[str]]:
@@ -152,6 +166,7 @@ def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None)
     rest = named(command, rest)
     check_launcher(rest)
     args = [_quote_path_value(a) for a in rest]
+    check_bare_equals(args)
     if config_name:
         check_dataset_keys(config_name, _split_flags(args)[1])
     return _flags_first(args)

@@ -1,21 +1,35 @@
-"""The Hydra callback every command's config names: checks before any directory exists.
+"""The Hydra callback every command's config names: checks before any directory exists, and the
+run directory taken (locked) before Hydra writes into it.
 
 Invariants: on_run_start / on_multirun_start run before Hydra creates the job (or sweep)
-directory, so a refused config leaves nothing behind; in a sweep every job is composed and
-checked up front; on_multirun_end prints one summary and exits non-zero when a job failed.
+directory, so a refused config leaves nothing behind; a single run's directory is then created
+and locked here (vaexp.rundir.begin: the snapshot of what existed is taken first), the checks
+that read it run under the lock, and the command's error boundary (vaexp.cli.commands._guard)
+releases it; in a sweep every job is composed and checked up front, and the sweep directory
+created; on_multirun_end prints one summary and exits non-zero when a job failed.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
 import sys
-from typing import Any, Optional
+import tempfile
+import traceback
+import typing
+from pathlib import Path
+from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vaexp import rundir
 from vaexp.cli import sweep
-from vaexp.errors import VaexpError
+from vaexp.errors import VaexpError, debugging, fault_line, os_error_line
 from vaexp.report import check_dirs
+from vaexp.schema import EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
+
+_SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "snr": SnrConfig, "report": ReportConfig}
 
 
 def _check(config: DictConfig) -> None:
@@ -28,9 +42,14 @@ def _check(config: DictConfig) -> None:
     validate_command(config)
 
 
-def _report_and_exit(err: VaexpError) -> None:
-    print(f"vaexp: {err}", file=sys.stderr)
-    sys.exit(err.exit_code)
+def _report_and_exit(err: BaseException) -> None:
+    """One line and the exit status. Any exception, not only VaexpError: Hydra only *warns* about
+    an exception raised in a callback and then runs the job anyway, unchecked."""
+    if debugging():
+        traceback.print_exc()
+    line, code = fault_line(err)
+    print(f"vaexp: {line}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _check_grid_needs_multirun(config: DictConfig) -> None:
@@ -48,26 +67,123 @@ def _check_grid_needs_multirun(config: DictConfig) -> None:
                          f"{', '.join(f'{key}=...' for key in missing)}")
 
 
+def schema_keys(cls: type, prefix: str = "") -> List[str]:
+    """Every dotted setting of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    keys: List[str] = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        keys += schema_keys(kind, f"{prefix}{f.name}.") if dataclasses.is_dataclass(kind) else [prefix + f.name]
+    return keys
+
+
+def _check_additions(config: DictConfig) -> None:
+    """`+key=value` adds a key the schema does not have, which nothing would read: refused, unless
+    it adds a config group to the defaults (+experiment=...) or is Hydra's own (+hydra...).
+    `++key=value` is fine for a key the command has (it is then key=value)."""
+    if "hydra" not in config:
+        return
+    job = str(config.hydra.job.name)
+    keys = schema_keys(_SCHEMAS.get(job, TrainConfig))
+    groups = set(config.hydra.runtime.choices.keys()) if "runtime" in config.hydra else set()
+    for override in map(str, config.hydra.overrides.task):
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if key.split("@", 1)[0] in groups or key.startswith("hydra"):
+            continue
+        if override.startswith("++") and (key in keys or any(k.startswith(key + ".") for k in keys)):
+            continue
+        near = [k for k in keys if k.endswith("." + key)] or difflib.get_close_matches(key, keys, n=1)
+        hint = f", or did you mean {near[0]}=...?" if near else ""
+        raise VaexpError(f"{override}: vaexp {job} has no setting {key} (a leading + adds a key that nothing "
+                         f"reads); drop it{hint}")
+
+
+def _dir_setting(config: DictConfig, job: str) -> str:
+    """The setting that chose the command's directory, as the user would write it."""
+    overrides = list(config.hydra.overrides.hydra) + list(config.hydra.overrides.task)
+    given = {o.split("=", 1)[0]: o for o in map(str, overrides)}
+    for key in ("hydra.run.dir", "resume", "run", "out_root"):
+        if key in given:
+            return given[key]
+    return f"out_root={config.get('out_root', 'outputs')}"
+
+
+def _hold_run_dir(config: DictConfig) -> None:
+    """train / eval / snr: create and lock the directory the command writes (taking the snapshot
+    of what was there first), then, for train, the checks that read it."""
+    job = str(config.hydra.job.name)
+    if job not in ("train", "eval", "snr"):
+        return
+    path = Path(str(config.hydra.run.dir))
+    try:
+        tx = rundir.begin(path, keep=() if job == "snr" else (rundir.CHECKPOINT, rundir.METRICS),
+                          scratch=("eval.log",) if job == "eval" else ())
+    except OSError as err:
+        if job == "eval":
+            raise VaexpError(f"run={path}: cannot write there ({err.strerror or err}); vaexp eval adds its result to "
+                             f"{path / rundir.METRICS}: make the directory writable, or copy the run (cp -r) and "
+                             f"evaluate the copy") from None
+        what = "run" if job == "train" else "output"
+        raise VaexpError(f"{_dir_setting(config, job)}: cannot create the {what} directory: "
+                         f"{os_error_line(err)}") from None
+    if job != "train":
+        return
+    from vaexp.cli.checks import validate_train_dir  # torch; see _check
+
+    try:
+        validate_train_dir(config, path, config.hydra.overrides.task)
+    except BaseException:
+        tx.rollback()
+        tx.end()
+        raise
+
+
+def _make_sweep_dir(config: DictConfig) -> None:
+    """The sweep directory exists and takes files before Hydra writes multirun.yaml into it."""
+    sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=sweep_dir):
+            pass
+    except OSError as err:
+        given = [o for o in map(str, config.hydra.overrides.hydra) if o.startswith("hydra.sweep.dir=")]
+        setting = given[0] if given else f"out_root={config.get('out_root', 'outputs')}"
+        raise VaexpError(f"{setting}: cannot create the sweep directory: {os_error_line(err)}") from None
+
+
 class ValidateCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             _check_grid_needs_multirun(config)
+            _check_additions(config)
             _check(config)
-        except VaexpError as err:
+            _hold_run_dir(config)
+        except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err)
 
     def on_multirun_start(self, config: DictConfig, config_name: Optional[str] = None, **kwargs: Any) -> None:
         self._job_dirs = None
+        try:
+            _check_additions(config)
+        except Exception as err:  # noqa: BLE001 - see _report_and_exit
+            _report_and_exit(err)
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             return  # another sweeper chooses its own jobs
         try:
             jobs = sweep.sweep_jobs(config, config_name)
             for job_overrides, job_cfg in jobs:
                 try:
+                    if job_cfg.get("resume"):
+                        raise VaexpError(f"resume={job_cfg.resume}: resume= continues one run, not a sweep (-m); "
+                                         f"drop -m, or run the sweep's own command again (same sweep=<name>) to "
+                                         f"continue its jobs")
                     _check(job_cfg)
                 except VaexpError as err:
                     raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)})") from None
-        except VaexpError as err:
+            _make_sweep_dir(config)
+        except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err)
         self._sweep_dir = str(config.hydra.sweep.dir)
         self._job_dirs = [sweep.job_directory(self._sweep_dir, job_cfg) for _, job_cfg in jobs]

@@ -1,20 +1,23 @@
 """Range and combination checks of a composed config: what a type cannot say.
 
 Invariants: every check runs from the Hydra callback (vaexp.cli.callback) *before* Hydra creates
-a directory, raises VaexpError with ``<setting>: <problem>; <fix>``, and reads the names it
-accepts from the registries (vaexp.objectives.OBJECTIVES, vaexp.estimators.ESTIMATORS,
-vaexp.data.DATASETS, vaexp.models.burda.ACTIVATIONS), never from a list of its own.
+a directory (validate_train_dir, which reads an existing run directory, runs under its lock),
+raises VaexpError with ``<setting>: <problem>; <fix>``, and reads the names it accepts from the
+registries (vaexp.objectives.OBJECTIVES, vaexp.estimators.ESTIMATORS, vaexp.data.DATASETS,
+vaexp.models.burda.ACTIVATIONS), never from a list of its own. Numbers that reach torch are
+checked for NaN and range here (seeds: 0 <= seed < 2^63).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from vaexp import rundir
 from vaexp.data import DATASETS
@@ -22,7 +25,7 @@ from vaexp.errors import VaexpError
 from vaexp.estimators import ESTIMATORS, get_estimator, undefined_because
 from vaexp.models.burda import ACTIVATIONS
 from vaexp.objectives import OBJECTIVES, make_objective
-from vaexp.schema import TrainConfig, check_mk
+from vaexp.schema import TrainConfig, apply_mk, check_mk
 
 
 def _fail(setting: str, problem: str, fix: str) -> None:
@@ -33,6 +36,38 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+SEED_LIMIT = 2 ** 63
+MAX_EPOCHS = 10 ** 7
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate_seed(setting: str, value: Any, limit: int = SEED_LIMIT) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        _fail(f"{setting}={value}", f"a seed must be an integer in [0, 2^{limit.bit_length() - 1} - 1]",
+              f"use e.g. {setting}=0")
+
+
+def validate_dataset_seeds(dataset: Any) -> None:
+    """The seeds the chosen dataset has (each dataset option carries only its own keys)."""
+    for key, limit in (("binarize_seed", SEED_LIMIT), ("seed", SEED_LIMIT), ("shuffle_seed", 2 ** 32)):  # 2^32: numpy's RandomState
+        if key in dataset and dataset[key] is not None:
+            validate_seed(f"dataset.{key}", dataset[key], limit)
+
+
+def _stages_length(s: Any) -> int:
+    """Epochs of all stages before the schedule.epochs cap (vaexp.schedule builds them all), counted
+    without building a list that may not fit in memory."""
+    total = 0
+    for i in range(s.stages):
+        total += s.stage_epochs if s.stage_epochs is not None else s.epochs_base ** i
+        if total > MAX_EPOCHS:
+            break
+    return total
+
+
 def validate_eval(ev: Any, prefix: str = "eval") -> None:
     if ev.k < 1:
         _fail(f"{prefix}.k={ev.k}", "must be >= 1", f"use e.g. {prefix}.k=5000")
@@ -41,10 +76,15 @@ def validate_eval(ev: Any, prefix: str = "eval") -> None:
             _fail(f"{prefix}.report_k", f"{kk} is not a sample count", "use values >= 1, e.g. [1,64]")
     if ev.chunk < 0:
         _fail(f"{prefix}.chunk={ev.chunk}", "must be >= 0", "use 0 to size chunks from free memory")
-    if ev.n_test is not None and ev.n_test < 1:
-        _fail(f"{prefix}.n_test={ev.n_test}", "must be >= 1", "or null for the whole test set")
+    if ev.n_test is not None and ev.n_test < 2:
+        _fail(f"{prefix}.n_test={ev.n_test}", "must be >= 2 (active units are a variance over the test images)",
+              "or null for the whole test set")
     if ev.every < 0:
         _fail(f"{prefix}.every={ev.every}", "must be >= 0", "use 0 to evaluate only at the end")
+    validate_seed(f"{prefix}.seed", ev.seed)
+    if not (_finite(ev.au_threshold) and ev.au_threshold >= 0):
+        _fail(f"{prefix}.au_threshold={ev.au_threshold}", "must be a finite number >= 0 (a unit is active when the "
+              "variance of its posterior mean exceeds it)", f"use e.g. {prefix}.au_threshold=0.01 (Burda et al.)")
     if ev.au_samples < 1:
         _fail(f"{prefix}.au_samples={ev.au_samples}", "must be >= 1", "use e.g. 100")
     if ev.surgery_n < 0:
@@ -72,6 +112,8 @@ def validate(cfg: DictConfig) -> None:
         _fail(f"batch_size={cfg.batch_size}", "must be >= 1", "use e.g. batch_size=20")
     if cfg.log_every < 1:
         _fail(f"log_every={cfg.log_every}", "must be >= 1", "use e.g. log_every=200")
+    validate_seed("seed", cfg.seed)
+    validate_dataset_seeds(cfg.dataset)
     obj = cfg.objective.name
     if obj not in OBJECTIVES:
         _fail(f"objective.name={obj}", "unknown objective", f"choose one of {', '.join(OBJECTIVES)}")
@@ -91,24 +133,37 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dataset.n_valid < 0:
         _fail(f"dataset.n_valid={cfg.dataset.n_valid}", "must be >= 0", "use e.g. dataset.n_valid=400")
     if cfg.dataset.name == "synthetic":
-        for key in ("n_train", "n_test"):
-            if cfg.dataset[key] < 1:
-                _fail(f"dataset.{key}={cfg.dataset[key]}", "must be >= 1", f"use e.g. dataset.{key}=500")
+        for key, low in (("n_train", 1), ("n_test", 2)):
+            if cfg.dataset[key] < low:
+                _fail(f"dataset.{key}={cfg.dataset[key]}", f"must be >= {low}", f"use e.g. dataset.{key}=500")
         if cfg.dataset.n_valid >= cfg.dataset.n_train:
             _fail(f"dataset.n_valid={cfg.dataset.n_valid}", f"must be smaller than dataset.n_train={cfg.dataset.n_train}",
                   "lower dataset.n_valid")
     validate_model_and_data(cfg.model, cfg.dataset)
     s = cfg.schedule
-    if s.lr <= 0:
-        _fail(f"schedule.lr={s.lr}", "must be > 0", "use e.g. schedule.lr=1e-3")
+    if not (_finite(s.lr) and s.lr > 0):
+        _fail(f"schedule.lr={s.lr}", "must be a finite number > 0", "use e.g. schedule.lr=1e-3")
+    if not (_finite(s.lr_decay) and s.lr_decay > 0):
+        _fail(f"schedule.lr_decay={s.lr_decay}", "must be a finite number > 0", "use e.g. schedule.lr_decay=0.72")
     if s.stages < 1:
         _fail(f"schedule.stages={s.stages}", "must be >= 1", "use e.g. schedule.stages=8")
+    if s.epochs_base < 1:
+        _fail(f"schedule.epochs_base={s.epochs_base}", "must be >= 1", "use e.g. schedule.epochs_base=3")
     if s.stage_epochs is not None and s.stage_epochs < 1:
         _fail(f"schedule.stage_epochs={s.stage_epochs}", "must be >= 1", "or null for epochs_base**i")
     if s.epochs is not None and s.epochs < 1:
         _fail(f"schedule.epochs={s.epochs}", "must be >= 1", "or null for the whole schedule")
-    if not (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1) or s.eps <= 0:
-        _fail("schedule.beta1/beta2/eps", "Adam needs 0 <= beta < 1 and eps > 0", "e.g. schedule=burda")
+    if _stages_length(s) > MAX_EPOCHS or (s.epochs or 0) > MAX_EPOCHS:
+        given = f"schedule.stages={s.stages} " + (f"schedule.stage_epochs={s.stage_epochs}" if s.stage_epochs
+                                                  else f"schedule.epochs_base={s.epochs_base}")
+        _fail(given if (s.epochs or 0) <= MAX_EPOCHS else f"schedule.epochs={s.epochs}",
+              f"the schedule has more than {MAX_EPOCHS:,} epochs", "lower schedule.stages, schedule.stage_epochs "
+              "or schedule.epochs_base (schedule.epochs caps the total, but the stages must fit first)")
+    for key in ("beta1", "beta2"):
+        if not (_finite(s[key]) and 0 <= s[key] < 1):
+            _fail(f"schedule.{key}={s[key]}", "Adam needs 0 <= beta < 1", f"use e.g. schedule={s.name} (the defaults)")
+    if not (_finite(s.eps) and s.eps > 0):
+        _fail(f"schedule.eps={s.eps}", "Adam needs a finite eps > 0", "use e.g. schedule.eps=1e-4 (Burda et al.)")
     validate_eval(cfg.eval)
     validate_device(cfg.device)
     validate_fast(cfg.get("fast", "auto"), cfg.device)
@@ -197,14 +252,18 @@ def validate_model_and_data(m: Any, dataset: Any) -> None:
         _fail("model.latents/hidden/depth", "sizes must be >= 1", "e.g. model=burda1")
     if m.activation not in ACTIVATIONS:
         _fail(f"model.activation={m.activation}", "unknown activation", f"choose one of {', '.join(ACTIVATIONS)}")
+    if not (_finite(m.output_bias_clip) and 0 < m.output_bias_clip < 0.5):
+        _fail(f"model.output_bias_clip={m.output_bias_clip}", "must lie in (0, 0.5)",
+              "use e.g. model.output_bias_clip=1e-3")
 
 
 def _validate_gaussian(m: Any, dataset: Any) -> None:
     if dataset.dim < 1:
         _fail(f"dataset.dim={dataset.dim}", "must be >= 1", "use e.g. dataset.dim=20")
-    for key in ("n_train", "n_test"):
-        if dataset[key] < 1:
-            _fail(f"dataset.{key}={dataset[key]}", "must be >= 1", f"use e.g. dataset.{key}=1024")
+    for key, low in (("n_train", 1), ("n_test", 2)):
+        if dataset[key] < low:
+            _fail(f"dataset.{key}={dataset[key]}", f"must be >= {low}", f"use e.g. dataset.{key}=1024")
+    validate_seed("dataset.seed", dataset.seed)
     if dataset.n_valid < 0:
         _fail(f"dataset.n_valid={dataset.n_valid}", "must be >= 0", "use e.g. dataset.n_valid=256")
     latents = list(m.latents)
@@ -244,8 +303,9 @@ def validate_snr(cfg: DictConfig) -> None:
                           ("chunk", 0, "use chunk=0 to size the vectorised passes automatically")):
         if cfg[key] < low:
             _fail(f"{key}={cfg[key]}", f"must be >= {low}", fix)
-    if not cfg.perturb >= 0:
-        _fail(f"perturb={cfg.perturb}", "must be >= 0", "use e.g. perturb=0.01 (Rainforth et al.)")
+    if not (_finite(cfg.perturb) and cfg.perturb >= 0):
+        _fail(f"perturb={cfg.perturb}", "must be a finite number >= 0", "use e.g. perturb=0.01 (Rainforth et al.)")
+    validate_seed("seed", cfg.seed)
     validate_device(cfg.device)
     if cfg.run:
         run = Path(cfg.run)
@@ -255,14 +315,10 @@ def validate_snr(cfg: DictConfig) -> None:
         if not (run / rundir.CHECKPOINT).is_file():
             _fail(f"run={run}", "no checkpoint.pt there (vaexp train writes one at the end of every epoch)",
                   "train it for at least one epoch, or pass another run directory")
-        try:
-            saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / rundir.CONFIG))
-            saved_model, saved_data = saved.model, saved.dataset
-        except Exception as err:  # a hand-edited or foreign config.yaml: say so in one line
-            _fail(f"run={run}", f"its config.yaml has no usable model/dataset ({type(err).__name__})",
-                  "pass a directory made by vaexp train")
-        validate_model_and_data(saved_model, saved_data)
+        saved = validate_run_files(run)
+        validate_model_and_data(saved.model, saved.dataset)
         return
+    validate_dataset_seeds(cfg.dataset)
     if cfg.model.name != "gaussian":
         _fail(f"model={cfg.model.name} without run=",
               "only the analytic model has a known point (its optimum) to measure at",
@@ -274,8 +330,19 @@ def validate_snr(cfg: DictConfig) -> None:
 
 
 
+def validate_run_files(run: Path) -> DictConfig:
+    """config.yaml and checkpoint.pt of an existing run, read and checked against each other
+    (damaged files, a checkpoint of another run); its config (TrainConfig)."""
+    saved = rundir.load_config(run, TrainConfig)
+    checkpoint = rundir.load_checkpoint(run)
+    if checkpoint is not None:
+        rundir.check_checkpoint(checkpoint, saved, run)
+    return saved
+
+
 def validate_command(cfg: DictConfig) -> None:
-    """Checks for the composed config of train, eval or snr, chosen by Hydra's job name."""
+    """Checks for the composed config of train, eval or snr, chosen by Hydra's job name; none of
+    them reads or writes the run directory of a train command (validate_train_dir does)."""
     job = cfg.hydra.job.name if "hydra" in cfg else "train"
     if job == "snr":
         validate_snr(cfg)
@@ -289,6 +356,7 @@ def validate_command(cfg: DictConfig) -> None:
                              f"pass a directory made by vaexp train")
         validate_eval(cfg.eval)
         validate_device(cfg.device)
+        validate_run_files(run)
         return
     cfg = with_mk(cfg)
     validate(cfg)
@@ -297,10 +365,45 @@ def validate_command(cfg: DictConfig) -> None:
         if not (run / rundir.CONFIG).is_file():
             raise VaexpError(f"resume={run}: no config.yaml there, so it is not a vaexp run directory; "
                              f"pass a directory made by vaexp train")
-    if "hydra" in cfg and cfg.hydra.mode is not None and str(cfg.hydra.mode) == "RunMode.RUN":
-        # A run directory that already holds a run: refuse other settings before Hydra rewrites
-        # its .hydra/ record.
-        rundir.effective_config(cfg, Path(cfg.hydra.run.dir), cfg.hydra.overrides.task, TrainConfig)
+        if "hydra" in cfg and str(cfg.hydra.mode) == "RunMode.RUN":
+            run_dir = str(cfg.hydra.run.dir)
+            if os.path.realpath(run_dir) != os.path.realpath(str(run)):
+                raise VaexpError(f"resume={run} with hydra.run.dir={run_dir}: a resumed run continues in its own "
+                                 f"directory; drop hydra.run.dir= (or drop resume= to start a new run in {run_dir})")
+
+
+def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
+    """Checks that read the run directory of `vaexp train` (called while holding its lock): its
+    files can be read and belong together, the command agrees with the run there, a resume does
+    not shorten the run, and a finished run is re-evaluated with `vaexp eval`, not resume=.
+    Returns the config the run will use."""
+    run_dir = Path(run_dir)
+    cfg = rundir.task_config(with_mk(cfg))
+    effective = rundir.effective_config(apply_mk(cfg), run_dir, overrides, TrainConfig)
+    if (run_dir / rundir.CONFIG).exists():
+        rundir.load_config(run_dir, TrainConfig)
+    saved = rundir.load_checkpoint(run_dir)
+    if saved is None:
+        return effective
+    rundir.check_checkpoint(saved, effective, run_dir)
+    done, total = saved["state"]["epoch"], rundir.n_epochs(effective.schedule)
+    if done > total:
+        raise VaexpError(f"schedule.epochs={effective.schedule.epochs}: the run in {run_dir} has already trained "
+                         f"{done} epochs, and a run cannot be shortened; use schedule.epochs={done} or more (or leave "
+                         f"it out), or start a new run")
+    metrics, _ = rundir.read_metrics(run_dir)
+    if cfg.get("resume") and rundir.judge(metrics, total)[0] == "finished":
+        last = metrics["evals"][-1]
+        wanted = rundir.as_dict(effective.eval)
+        given = [k for k in rundir.override_keys(overrides) if k == "eval" or k.startswith("eval.")]
+        changed = [k for k in sorted(wanted) if rundir.covers(given, f"eval.{k}")
+                   and wanted[k] != (last.get("settings") or {}).get(k)]
+        if changed and last["checkpoint"].get("global_step") == saved["state"]["global_step"]:
+            given = " ".join(f"eval.{k}={wanted[k]}" for k in changed)
+            raise VaexpError(f"resume={run_dir}: the run is finished ({done}/{total} epochs) and was evaluated with "
+                             f"other eval settings; `vaexp eval {run_dir} {given}` evaluates it with these (resume= "
+                             f"trains on only when schedule.epochs asks for more)")
+    return effective
 
 
 def with_mk(cfg: DictConfig) -> DictConfig:

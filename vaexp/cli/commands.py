@@ -1,15 +1,22 @@
 """The commands: compose the config (Hydra) -> call the library -> print. Nothing else.
 
-Invariants: a user error (VaexpError) is one line on stderr and exit status 2; an interruption
-exits 130; in a multirun a failing job records error.txt and returns, so the sweep goes on (its
-summary at the end exits non-zero). The libraries that need torch (training, evaluation, snr)
-are imported inside the command that runs them, so `vaexp --help`, completion and `vaexp
-report` start without loading torch (~1 s).
+Invariants: :func:`_guard` is each command's one error boundary: every exception becomes one
+line on stderr (vaexp.errors.fault_line: user errors, file-system faults, memory exhaustion,
+damaged files, bugs) and a non-zero exit, with no traceback unless VAEXP_DEBUG=1 or
+HYDRA_FULL_ERROR=1; SIGTERM is turned into an interruption for the whole command; the run
+directory the callback locked is released here, after removing what the command created when
+the run holds no result yet. In a multirun a failing job records error.txt and returns, so the
+sweep goes on (its summary at the end exits non-zero). The libraries that need torch (training,
+evaluation, snr) are imported inside the command that runs them, so `vaexp --help`, completion
+and `vaexp report` start without loading torch (~1 s).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -19,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaexp import rundir
 from vaexp.cli import sweep
-from vaexp.errors import Interrupted, VaexpError
+from vaexp.errors import Interrupted, Terminated, VaexpError, debugging, fault_line, memory_hint
 from vaexp.report import report
 from vaexp.schema import TrainConfig, apply_mk
 
@@ -27,6 +34,8 @@ from vaexp.schema import TrainConfig, apply_mk
 class Command(NamedTuple):
     config_name: str
     task: Callable[[DictConfig], object]
+    writes_run_dir: bool = False  # the directory Hydra gives the job is a run directory (locked)
+    memory_lower: str = "k, eval.k or eval.chunk"
 
 
 def _say(msg: str) -> None:
@@ -40,64 +49,99 @@ def _stop_at_step() -> Optional[int]:
     return int(value) if value else None
 
 
-def _guard(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
-    """User errors and interruptions as one line; a failing sweep job records its error."""
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _outcome(tx: Optional[rundir.Transaction], removed: bool, job: str, err: BaseException) -> str:
+    """What the failure left, for the end of the message (vaexp's own errors say what is kept)."""
+    if tx is None:
+        return ""
+    if removed:
+        return f"; nothing was kept ({tx.path} was made by this command and is removed)" if not tx.before.existed \
+            else f"; what this command added to {tx.path} is removed"
+    if job == "train" and (tx.path / rundir.CHECKPOINT).exists() and not isinstance(err, (VaexpError, Interrupted)):
+        return f"; {tx.path} keeps the run and its last checkpoint (resume={tx.path} continues it)"
+    return ""
+
+
+def _guard(command: Command) -> Callable[[DictConfig], object]:
+    """The command's one error boundary (see the module docstring)."""
+    fn = command.task
 
     def wrapped(cfg: DictConfig):
         in_sweep = sweep.in_multirun()
-        if in_sweep:
-            job_dir = sweep.current_job_dir()
-            sweep.clear_failure(job_dir)
+        job_dir = sweep.current_job_dir()
+        job = HydraConfig.get().job.name
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated) \
+            if threading.current_thread() is threading.main_thread() else None
+        tx = None
         try:
-            return fn(cfg)
-        except VaexpError as err:
+            if command.writes_run_dir:
+                tx = rundir.held(job_dir) or rundir.begin(job_dir)
             if in_sweep:
-                print(f"vaexp: job {job_dir} failed: {err}", file=sys.stderr, flush=True)
-                return sweep.record_failure(job_dir, str(err))
-            print(f"vaexp: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
-        except Interrupted as err:
-            print(f"vaexp: {err}", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            print("vaexp: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception as err:  # noqa: BLE001 - in a sweep, a bug in one job must not cost the others
-            if not in_sweep:
-                raise
-            line, details = sweep.describe_exception(err)
-            print(f"vaexp: job {job_dir} failed: {line} (traceback in {job_dir / rundir.ERROR_FILE})",
-                  file=sys.stderr, flush=True)
-            return sweep.record_failure(job_dir, line, details)
+                sweep.clear_failure(job_dir)
+            return fn(cfg)
+        except Exception as err:  # noqa: BLE001 - the boundary: every fault becomes one line
+            return _fail(err, command, job, job_dir, tx, in_sweep)
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM (Terminated): the whole command stops, sweep too
+            line, code = fault_line(err)
+            removed = tx.rollback() if tx is not None and not in_sweep else False
+            print(f"vaexp: {line}{_outcome(tx, removed, job, err)}", file=sys.stderr, flush=True)
+            sys.exit(code)
+        finally:
+            if tx is not None:
+                tx.end()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
 
     wrapped.__name__ = fn.__name__
     return wrapped
 
 
+def _fail(err: Exception, command: Command, job: str, job_dir: Path, tx: Optional[rundir.Transaction],
+          in_sweep: bool):
+    line, code = fault_line(err, command.memory_lower, tx.path if tx is not None else None)
+    if debugging():
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if in_sweep and not isinstance(err, Interrupted):  # an interruption stops the whole sweep
+        if isinstance(err, rundir.RunDirBusy):  # another process's directory: leave it alone
+            print(f"vaexp: job {job_dir} failed: {line}", file=sys.stderr, flush=True)
+            return {"failed": line, "dir": str(job_dir)}
+        if code == 1:  # unexpected: its traceback goes into error.txt
+            line, details = sweep.describe_exception(err)
+            print(f"vaexp: job {job_dir} failed: {line} (traceback in {job_dir / rundir.ERROR_FILE})",
+                  file=sys.stderr, flush=True)
+            return sweep.record_failure(job_dir, line, details)
+        print(f"vaexp: job {job_dir} failed: {line}", file=sys.stderr, flush=True)
+        return sweep.record_failure(job_dir, line)
+    removed = tx.rollback() if tx is not None and not in_sweep and not isinstance(err, rundir.RunDirBusy) else False
+    print(f"vaexp: {line}{_outcome(tx, removed, job, err)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def run_train(cfg: DictConfig):
-    from vaexp.evaluate import format_table  # (torch) see the module docstring
+    from vaexp.cli.checks import validate_train_dir  # (torch) see the module docstring
+    from vaexp.evaluate import format_table
     from vaexp.training.loop import Stop, train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    fresh = not (run_dir / rundir.CONFIG).exists()
-    cfg = rundir.prepare(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
+    if sweep.in_multirun():  # a single run's directory was checked by the callback, under its lock
+        cfg = validate_train_dir(cfg, run_dir, hc.overrides.task)
+    else:
+        cfg = rundir.effective_config(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
     stop = Stop(at_step=_stop_at_step())
     if cfg.get("stack") and sweep.in_multirun() and sweep.stack_plan is not None:
         stacked = sweep.stack_plan.result(run_dir, _say, stop)
         if stacked is not None:
             return stacked
-    done = rundir.finished(run_dir)
-    if done is not None and "test" in done and not rundir.more_epochs(cfg, run_dir):
+    done = rundir.finished_metrics(run_dir, cfg)
+    if done is not None:
         _say(f"vaexp: {run_dir} already finished; its results:\n{format_table(done['test'])}")
         return done
     _say(f"vaexp: run directory {run_dir}")
-    try:
-        summary = train(cfg, run_dir, stop)
-    except VaexpError:
-        if fresh and not sweep.in_multirun():  # e.g. no data: leave no half-made run directory behind
-            rundir.remove_unstarted(run_dir)
-        raise
+    summary = train(cfg, run_dir, stop)
     _say(f"vaexp: {cfg.dataset.name} {cfg.model.name} {cfg.objective.name} m={cfg.m} k={cfg.k} "
          f"{cfg.estimator.name}: {rundir.final_train(summary['train'])}\n"
          f"{format_table(summary['test'])}\n  metrics: {run_dir / rundir.METRICS}")
@@ -115,11 +159,13 @@ def _eval_settings(cfg: DictConfig, saved: DictConfig) -> DictConfig:
 
 
 def run_eval(cfg: DictConfig):
+    from vaexp.cli.checks import validate_eval
     from vaexp.evaluate import evaluate_run, format_table  # (torch) see the module docstring
 
     run_dir = Path(cfg.run)
-    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / rundir.CONFIG))
-    result = evaluate_run(run_dir, _eval_settings(cfg, saved), cfg.device, progress=cfg.progress)
+    settings = _eval_settings(cfg, rundir.load_config(run_dir, TrainConfig))
+    validate_eval(settings)  # the run's own settings with this command's on top
+    result = evaluate_run(run_dir, settings, cfg.device, progress=cfg.progress)
     _say(f"vaexp: {run_dir} (epoch {result['epoch']}, step {result['step']})\n{format_table(result['metrics'])}")
     return result["metrics"]
 
@@ -129,7 +175,10 @@ def run_snr(cfg: DictConfig):
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     _say(f"vaexp: snr output directory {out_dir}")
-    result = snr(cfg, out_dir)
+    grid = f"k={list(cfg.k)} m={list(cfg.m)}, draws={cfg.draws}, chunk={cfg.chunk}"
+    with memory_hint(f"in vaexp snr with {grid}", "chunk (draws per vectorised pass, e.g. chunk=1), or the largest k "
+                                              "or m of the grid"):
+        result = snr(cfg, out_dir)
     _say(f"{result['table']}\n  written: {out_dir}/snr.csv, snr.png, snr.txt, TensorBoard events")
     return result
 
@@ -139,13 +188,13 @@ def run_report(cfg: DictConfig):
 
 
 COMMANDS: Dict[str, Command] = {
-    "train": Command("train", run_train),
-    "eval": Command("evaluate", run_eval),
-    "snr": Command("snr", run_snr),
+    "train": Command("train", run_train, True, "k (or m, batch_size), or eval.chunk / eval.k for the evaluation"),
+    "eval": Command("evaluate", run_eval, True, "eval.chunk (0 sizes blocks automatically) or eval.k"),
+    "snr": Command("snr", run_snr, True, "chunk (draws per vectorised pass), or the largest k or m of the grid"),
     "report": Command("report", run_report),
 }
 
 
 def hydra_entry(command: Command) -> Callable[[], None]:
     return hydra.main(config_path="pkg://vaexp.conf", config_name=command.config_name,
-                      version_base="1.3")(_guard(command.task))
+                      version_base="1.3")(_guard(command))

@@ -1,16 +1,18 @@
 """`vaexp train -m stack=true ...`: which jobs of a sweep train together as one stack.
 
 The multirun callback (on_multirun_start) makes a :class:`StackPlan` of the sweep's jobs and
-keeps it in vaexp.cli.sweep.stack_plan; Hydra's basic launcher then runs the jobs one by one in this same
-process, and each job asks the plan for its result: the first job of a group trains the whole
-group (vaexp.training.loop.train_stacked) and every job of the group reports its own result, or
-raises its own error. Hydra offers no other channel from the callback to the jobs, hence the one
-process-wide holder. Other launchers run jobs in other processes: there the plan is empty and
-every job trains alone. Invariant: a job is planned into a group only with jobs of the same
-stack key at the same checkpoint position; finished jobs are left out.
+keeps it in vaexp.cli.sweep.stack_plan; Hydra's basic launcher then runs the jobs one by one in
+this same process, and each job asks the plan for its result: the first job of a group locks and
+checks every member's run directory, trains the whole group (vaexp.training.loop.train_stacked),
+and every job of the group reports its own result, or raises its own error. Hydra offers no
+other channel from the callback to the jobs, hence the one process-wide holder. Other launchers
+run jobs in other processes: there the plan is empty and every job trains alone. Invariant: a
+job is planned into a group only with jobs of the same stack key at the same checkpoint
+position; finished jobs are left out.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from vaexp import rundir
+from vaexp.cli.checks import validate_train_dir
 from vaexp.errors import VaexpError
 from vaexp.evaluate import format_table
-from vaexp.schema import TrainConfig, apply_mk
+from vaexp.schema import apply_mk
 from vaexp.training.loop import train_stacked
 from vaexp.training.step import stack_key
 
@@ -58,10 +61,12 @@ class StackPlan:
             key = stack_key(task)
             if key is None:
                 continue
-            done = rundir.finished(job_dir)
-            if done is not None and "test" in done and not rundir.more_epochs(task, job_dir):
-                continue
-            saved = rundir.load_checkpoint(job_dir)
+            try:
+                if rundir.finished_metrics(job_dir, task) is not None:
+                    continue
+                saved = rundir.load_checkpoint(job_dir)
+            except VaexpError:
+                continue  # a damaged run: it fails alone, with its own message
             at = (saved["state"]["epoch"], saved["state"]["step"]) if saved is not None else (0, 0)
             groups.setdefault((key, at), []).append(PlannedJob(task, Path(job_dir), list(overrides)))
         for members in groups.values():
@@ -80,18 +85,20 @@ class StackPlan:
         if not group.attempted:
             group.attempted = True
             ready: List[PlannedJob] = []
-            for job in group.jobs:
-                try:
-                    job.cfg = rundir.prepare(job.cfg, job.run_dir, job.overrides, TrainConfig)
-                    ready.append(job)
-                except VaexpError as err:
-                    group.results[_dir_key(job.run_dir)] = err
-            if len(ready) > 1:
-                say(f"vaexp: training {len(ready)} runs as one stacked model:\n" +
-                    "\n".join(f"  {job.run_dir}" for job in ready))
-                results = train_stacked([job.cfg for job in ready], [job.run_dir for job in ready], stop)
-                for job, result in zip(ready, results):
-                    group.results[_dir_key(job.run_dir)] = result
+            with contextlib.ExitStack() as held:  # every member's directory locked while the stack trains
+                for job in group.jobs:
+                    try:
+                        held.enter_context(rundir.begin(job.run_dir))
+                        job.cfg = validate_train_dir(job.cfg, job.run_dir, job.overrides)
+                        ready.append(job)
+                    except (VaexpError, OSError) as err:
+                        group.results[_dir_key(job.run_dir)] = err
+                if len(ready) > 1:
+                    say(f"vaexp: training {len(ready)} runs as one stacked model:\n" +
+                        "\n".join(f"  {job.run_dir}" for job in ready))
+                    results = train_stacked([job.cfg for job in ready], [job.run_dir for job in ready], stop)
+                    for job, result in zip(ready, results):
+                        group.results[_dir_key(job.run_dir)] = result
         if me not in group.results:
             return None  # the stack did not run (a single compatible job left, or it failed): train alone
         result = group.results[me]

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 
-from vaexp.rundir import ERROR_FILE, METRICS
+from vaexp import rundir
+from vaexp.errors import VaexpError
+from vaexp.rundir import ERROR_FILE
 
 # The StackPlan (vaexp.cli.stacking) of the stack=true sweep running in this process, set by the
 # multirun callback and read by its jobs: Hydra offers no other channel between the two.
@@ -57,7 +58,7 @@ def record_failure(job_dir: Path, message: str, details: Optional[str] = None) -
     text += f"\n(recorded {time.strftime('%Y-%m-%d %H:%M:%S')}; re-run the sweep to retry this job)\n"
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / ERROR_FILE).write_text(text)
+        rundir.atomic_write_text(job_dir / ERROR_FILE, text)
     except OSError:
         pass
     return {"failed": message.strip(), "dir": str(job_dir)}
@@ -73,18 +74,20 @@ def failure_message(job_dir: Path) -> Optional[str]:
 
 
 def job_status(job_dir: Path) -> Tuple[str, str]:
-    """('finished' | 'failed' | 'unfinished', detail) of one job directory."""
+    """('finished' | 'failed' | 'unfinished', detail) of one job directory (vaexp.rundir.judge)."""
     job_dir = Path(job_dir)
     failed = failure_message(job_dir)
     if failed is not None:
         return "failed", failed
+    metrics, why = rundir.read_metrics(job_dir)
+    if why is not None:
+        return "unfinished", f"unreadable metrics.json ({why})"
     try:
-        metrics = json.loads((job_dir / METRICS).read_text())
-        if isinstance(metrics, dict) and "test" in metrics:
-            return "finished", ""
-    except (OSError, ValueError):
-        pass
-    return "unfinished", "no metrics.json" if not (job_dir / METRICS).exists() else "metrics.json without test results"
+        epochs = rundir.configured_epochs(rundir.load_config(job_dir))
+    except (VaexpError, OSError):
+        epochs = None
+    state, detail = rundir.judge(metrics, epochs)
+    return ("finished", "") if state == "finished" else ("unfinished", detail)
 
 
 def sweep_jobs(config: Any, config_name: Optional[str]) -> List[Tuple[List[str], Any]]:

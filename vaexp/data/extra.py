@@ -3,7 +3,8 @@
 Invariants: Burda's chardata.mat is read column-major as the IWAE code reads it and shuffled with
 numpy's RandomState(dataset.shuffle_seed) before the validation split; torchvision's Omniglot is
 a different split (background = train) and says so in its source string; .amat data are static
-0/1 images, used as they are (no binarisation every epoch).
+0/1 images, used as they are (no binarisation every epoch). A given dataset.path is always read
+(it wins over any cache) and fails loudly.
 """
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ def load_binarized_mnist(cfg: Any) -> Tuple[np.ndarray, np.ndarray, str]:
         origin = path_origin(str(folder))
         warn_if_sizes("binarized_mnist", tuple(len(s) for s in splits), AMAT_SIZES, origin)
         raw = {"train": np.concatenate(splits[:2]) * np.uint8(255), "test": splits[2] * np.uint8(255)}
-        write_cache(cache_file, raw, origin)
+        if read_cache(cache_file, []) is None:  # absent or damaged: later runs without a path use this
+            write_cache(cache_file, raw, origin)
         return _unit(raw["train"]), _unit(raw["test"]), origin
     tried = ["dataset.path: not set"]
     cached = read_cache(cache_file, tried)

