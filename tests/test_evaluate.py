@@ -70,7 +70,9 @@ def test_log_likelihoods_combines_known_log_weights(rows, monkeypatch):
 
     assert torch.equal(fake.used, torch.ones(n, K, dtype=torch.long))  # every sample once, none twice
     assert all(b * k <= rows for b, k in fake.calls)  # pieces respect the row budget
-    assert set(out) == {"log_px", "L1", "L3", "L4", "L5", "L6"}
+    assert set(out) == {"log_px", "L1", "L3", "L4", "L5", "L6", "ess", "max_weight"}
+    w = torch.softmax(table.double(), 1)  # the weights of all K samples, however the draws were split
+    assert torch.allclose(out["ess"], 1 / (w ** 2).sum(1), rtol=1e-9) and torch.allclose(out["max_weight"], w.max(1).values)
     for key, value in out.items():
         assert value.dtype == torch.float64 and value.shape == (n,), key
     expected = torch.logsumexp(table.double(), 1) - math.log(K)

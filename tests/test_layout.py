@@ -18,7 +18,7 @@ CONF = ROOT / "conf"
 
 # Lowest first. A module may import modules of its own layer or of a lower one, never higher.
 LAYERS = [
-    ("floor", ["vaexp", "vaexp.errors", "vaexp.schema", "vaexp.schedule", "vaexp.runtime"]),
+    ("floor", ["vaexp", "vaexp.errors", "vaexp.schema", "vaexp.schedule", "vaexp.runtime", "vaexp.stats"]),
     ("run directory", ["vaexp.rundir"]),
     ("maths, models, data, logging", ["vaexp.objectives", "vaexp.estimators", "vaexp.gradstats", "vaexp.models",
                                       "vaexp.data", "vaexp.tblog"]),

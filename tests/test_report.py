@@ -179,7 +179,9 @@ def test_different_datasets_get_separate_plots(tmp_path, vaexp_main):
     assert res.code == 0, res.err
     assert "differ in dataset" in res.err and "not comparable" in res.err
     pngs = sorted(p.name for p in (tmp_path / "rep").glob("nll_vs_m_*.png"))
-    assert pngs == ["nll_vs_m_mk8_dataset-mnist.png", "nll_vs_m_mk8_dataset-omniglot.png"]
+    # Short unique names; report.md says which set each name is (the plots' titles say it too).
+    assert pngs == ["nll_vs_m_mk8_ctx1.png", "nll_vs_m_mk8_ctx2.png"]
+    assert "- `*_ctx1.png`: mnist, burda1" in res.out and "- `*_ctx2.png`: omniglot, burda1" in res.out
     assert "| mnist |" in res.out and "| omniglot |" in res.out      # dataset becomes a column
     runs = {r["run"] for r in read_csv(tmp_path / "rep" / "runs.csv")}
     assert "a/m=1" in runs and "b/m=1" in runs                       # several dirs: prefixed names

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 # function of free memory: the ε of each block come from a generator re-seeded per block, so the
 # numbers depend only on (eval.seed, eval.k, eval.chunk), never on the machine's memory.
 DEFAULT_ROWS = 1 << 16
+# An image whose normalised importance weights have an effective sample size below this is
+# counted in ess_below_10: its K-sample estimate rests on a handful of samples.
+LOW_ESS = 10
 # Rows per forward pass on a CPU: the draws stay in DEFAULT_ROWS blocks, the passes slice them
 # (2-core measurement: ~3x faster per example than passes of 65,536 rows, whose 200 MB
 # temporaries are page-faulted afresh on every allocation).
@@ -69,7 +72,7 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     n = x.shape[0]
     per_piece = min(k, rows)                  # samples per draw piece
     examples = max(1, rows // per_piece)      # examples per draw block
-    out = {"log_px": torch.empty(n, dtype=torch.float64, device=x.device)}
+    out = {key: torch.empty(n, dtype=torch.float64, device=x.device) for key in ("log_px", "ess", "max_weight")}
     for kk in report_k:
         out[f"L{kk}"] = torch.empty(n, dtype=torch.float64, device=x.device)
     starts = list(range(0, n, examples))
@@ -89,6 +92,7 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
                                      k, per_piece, pass_rows, seed, generator)
         lw = lw.double()  # [K, examples of these blocks]
         out["log_px"][start:stop] = torch.logsumexp(lw, 0) - math.log(k)
+        out["ess"][start:stop], out["max_weight"][start:stop] = weight_diagnostics(lw)
         for kk in report_k:
             groups = k // kk
             g = lw[: groups * kk].reshape(groups, kk, -1)
@@ -98,6 +102,21 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     if bar is not None:
         bar.close()
     return out
+
+
+def weight_diagnostics(lw: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per example of lw [K, n] (fp64): the effective sample size of the normalised weights,
+    ESS = 1 / Σ w̃² = exp(2·logsumexp(lw) − logsumexp(2·lw)) (K for equal weights, 1 when one
+    dominates), and the largest normalised weight max w̃. A K-sample estimate whose ESS is a few
+    samples rests on those few: it is unreliable however large K is."""
+    lse = torch.logsumexp(lw, 0)
+    return torch.exp(2 * lse - torch.logsumexp(2 * lw, 0)), torch.exp(lw.max(0).values - lse)
+
+
+def weight_summary(ess: Tensor, max_weight: Tensor) -> Dict[str, float]:
+    """vaexp.rundir.WEIGHT_KEYS over the evaluated images (ess_below_10: the fraction with ESS < LOW_ESS)."""
+    values = (ess.mean(), ess.median(), (ess < LOW_ESS).double().mean(), max_weight.mean(), max_weight.median())
+    return {key: float(v) for key, v in zip(rundir.WEIGHT_KEYS, values)}
 
 
 def _blocks_log_weights(model, x: Tensor, blocks, k: int, per_piece: int, pass_rows: int, seed: int,
@@ -195,6 +214,7 @@ def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bo
     }
     for kk in report_k:
         metrics[f"L{kk}"] = float(ll[f"L{kk}"].mean())
+    metrics.update(weight_summary(ll["ess"], ll["max_weight"]))
     metrics["active_units"] = [layer["active"] for layer in au]
     metrics["latent_units"] = [layer["units"] for layer in au]
     metrics["unit_variances"] = [layer["variances"] for layer in au]
@@ -212,6 +232,14 @@ def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
     return surgery.elbo_surgery(model, x[:n], int(getattr(cfg, "surgery_samples", 10)), gen)
 
 
+def curve_point(metrics: Dict, epoch: int, step: int) -> Dict:
+    """An evaluation during training as a point of the run's NLL curve (vaexp.rundir.record_curve_point)."""
+    keep = ("nll", "nll_stderr", "k", "n_test", "ess_mean")
+    point = {"epoch": epoch, "step": step, **{key: metrics[key] for key in keep if key in metrics}}
+    point.update({key: v for key, v in metrics.items() if key.startswith("L") and key[1:].isdigit()})
+    return point
+
+
 def format_table(metrics: Dict) -> str:
     """A short human-readable table of the test metrics."""
     k = metrics["k"]
@@ -220,6 +248,10 @@ def format_table(metrics: Dict) -> str:
     rows = [("test NLL", f"{metrics['nll']:.3f}{spread}  (K={k}, {metrics['n_test']} images)")]
     for key in sorted((key for key in metrics if key.startswith("L") and key[1:].isdigit()), key=lambda s: int(s[1:])):
         rows.append((key, f"{metrics[key]:.3f}"))
+    if "ess_mean" in metrics:  # evaluations from before the diagnostics have none
+        rows.append(("weights", f"ESS mean {metrics['ess_mean']:.1f}, median {metrics['ess_median']:.1f} of K={k}; "
+                                f"{100 * metrics['ess_below_10']:.1f}% of images below {LOW_ESS}; "
+                                f"max weight mean {metrics['max_weight_mean']:.3f}"))
     au = ", ".join(f"{a}/{u}" for a, u in zip(metrics["active_units"], metrics["latent_units"]))
     rows.append(("active units", au + "  (per stochastic layer)"))
     if "avg_kl" in metrics:

@@ -44,6 +44,10 @@ HYDRA_DIR = ".hydra"
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)$")          # what _atomic writes before its rename
 _PER_EVAL = re.compile(r"^test_log_px\.(\d+)\.pt$")
 
+# The importance-weight diagnostics of an evaluation (metrics.json keys, TensorBoard eval/<key>;
+# vaexp.evaluate computes them, with ess_below_10 the fraction of images whose ESS is below 10).
+WEIGHT_KEYS = ("ess_mean", "ess_median", "ess_below_10", "max_weight_mean", "max_weight_median")
+
 # -- key classes (dotted config keys; a key also covers everything below it) ---------------------
 # Settings that change how a run executes, never what it computes: left out of sweep job names
 # (train.yaml's exclude_keys, plus the `experiment` preset choice) and of report groupings.
@@ -601,6 +605,15 @@ def record_training(run_dir: Path, record: Dict, train: Optional[Dict] = None, c
     data["run"] = record
     if train is not None:
         data["train"] = train
+    _write_metrics(run_dir, data)
+
+
+def record_curve_point(run_dir: Path, point: Dict) -> None:
+    """Add an evaluation made during training (eval.every) to metrics.json's "curve": its epoch,
+    step, test NLL and what estimated it (the report plots NLL against epoch). Points from its
+    epoch on are replaced: after a resume from an earlier checkpoint they belong to a lost future."""
+    data = _metrics_for_update(run_dir)
+    data["curve"] = [p for p in data.get("curve", []) if p.get("epoch", 0) < point["epoch"]] + [point]
     _write_metrics(run_dir, data)
 
 

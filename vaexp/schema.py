@@ -223,6 +223,16 @@ class ReportConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`vaexp compare <dir>...`: paired per-image comparisons of the finished runs found under the
+    given directories (vaexp.report.compare)."""
+
+    dirs: List[str] = field(default_factory=list)
+    # Where compare.md and compare.csv go (None: <first dir>/report).
+    out: Optional[str] = None
+
+
+@dataclass
 class EvalCommandConfig:
     """`vaexp eval <run dir>`: re-evaluate a saved run."""
 

@@ -28,6 +28,8 @@ commands:
           vaexp snr [run=<run dir>] [k=[1,4,16,64] m=[1,4,16] draws=1000 ...]
   report  tables (markdown, CSV) and plots of the runs under sweep/run directories:
           vaexp report outputs/multirun/<sweep> [...] [out=<dir>] [plots=false]
+  compare paired per-image comparisons (mean, SE, 95% interval, t-test) of the finished runs:
+          vaexp compare outputs/multirun/<sweep> [more dirs] [out=<dir>]
 
 Sweeps: `vaexp train -m objective=miwae mk=64 m=1,2,4,8,16,32,64 sweep=<name>` (k = mk/m);
 presets: `vaexp train -m experiment=iwae_table1` (or rainforth_mk64); other launchers:

@@ -148,11 +148,11 @@ def check_dataset_keys(config_name: str, args: List[str]) -> None:
 
 
 def named(command: str, rest: List[str]) -> List[str]:
-    """`rest` with the positional directories of eval / snr / report as run= / dirs= overrides."""
+    """`rest` with the positional directories of eval / snr / report / compare as run= / dirs= overrides."""
     rest = list(rest)
     if command in ("eval", "snr") and rest and _is_dir_arg(rest[0]):
         rest = [f"run={quote(rest[0])}"] + rest[1:]
-    if command == "report":
+    if command in ("report", "compare"):
         dirs = []
         while rest and _is_dir_arg(rest[0]):
             dirs.append(rest.pop(0))

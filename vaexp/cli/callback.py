@@ -27,15 +27,16 @@ from vaexp import rundir
 from vaexp.cli import sweep
 from vaexp.errors import VaexpError, debugging, fault_line, os_error_line
 from vaexp.report import check_dirs
-from vaexp.schema import EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
+from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
 
-_SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "snr": SnrConfig, "report": ReportConfig}
+_SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "snr": SnrConfig, "report": ReportConfig,
+            "compare": CompareConfig}
 
 
 def _check(config: DictConfig) -> None:
     job = config.hydra.job.name if "hydra" in config else "train"
-    if job == "report":
-        check_dirs(config.dirs)
+    if job in ("report", "compare"):
+        check_dirs(config.dirs, job)
         return
     from vaexp.cli.checks import validate_command  # needs torch (the registries); `vaexp report` does not
 

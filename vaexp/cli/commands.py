@@ -187,11 +187,22 @@ def run_report(cfg: DictConfig):
     return report(list(cfg.dirs), out=cfg.out, plots=cfg.plots, curves=cfg.curves)
 
 
+def run_compare(cfg: DictConfig):
+    from vaexp.report.compare import compare  # (torch: the per-image files) see the module docstring
+
+    result = compare(list(cfg.dirs), out=cfg.out)
+    _say(result["markdown"].rstrip())
+    print(f"vaexp: {len(result['rows'])} comparison(s) of {len(result['settings'])} setting(s); written to "
+          f"{result['out']}: compare.md, compare.csv", file=sys.stderr)
+    return result
+
+
 COMMANDS: Dict[str, Command] = {
     "train": Command("train", run_train, True, "k (or m, batch_size), or eval.chunk / eval.k for the evaluation"),
     "eval": Command("evaluate", run_eval, True, "eval.chunk (0 sizes blocks automatically) or eval.k"),
     "snr": Command("snr", run_snr, True, "chunk (draws per vectorised pass), or the largest k or m of the grid"),
     "report": Command("report", run_report),
+    "compare": Command("compare", run_compare),
 }
 
 

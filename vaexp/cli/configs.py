@@ -18,7 +18,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from vaexp.schema import (EstimatorConf, EvalCommandConfig, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf,
+from vaexp.schema import (CompareConfig, EstimatorConf, EvalCommandConfig, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf,
                           ObjectiveConf, OmniglotConf, ReportConfig, ScheduleConf, SnrConfig, SyntheticConf,
                           TrainConfig, derived_k)
 
@@ -109,6 +109,7 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvalCommandConfig)
     cs.store(name="snr_schema", node=SnrConfig)
     cs.store(name="report_schema", node=ReportConfig)
+    cs.store(name="compare_schema", node=CompareConfig)
     for group, node in [("model", ModelConf), ("objective", ObjectiveConf), ("estimator", EstimatorConf),
                         ("schedule", ScheduleConf), ("eval", EvalConf)]:
         cs.store(name=f"{group}_schema", node=node)

@@ -253,7 +253,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 r.state["wall_time"] = wall
                 if r.cfg.eval.every and (epoch + 1) % r.cfg.eval.every == 0 and epoch + 1 < n_epochs:
                     with ev.memory_hint_for(r.cfg.eval):
-                        r.log_eval(ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"], position["global_step"])
+                        metrics = ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"]
+                    r.log_eval(metrics, position["global_step"])
+                    rundir.record_curve_point(r.dir, ev.curve_point(metrics, epoch + 1, position["global_step"]))
                 r.save(step.optimizer_state(j), epoch_acc[j])
     except BaseException as err:
         _close_logs(runs)

@@ -22,8 +22,8 @@ from vaexp import rundir
 from vaexp.data import Dataset
 from vaexp.errors import VaexpError
 from vaexp.models import build_model
-from vaexp.objectives import Objective, make_objective
 from vaexp.evaluate import format_table
+from vaexp.objectives import Objective, make_objective
 from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
 
@@ -106,7 +106,7 @@ class Run:
                 values[f"eval/{key}"] = value
         for i, a in enumerate(metrics["active_units"]):
             values[f"eval/active_units_{i + 1}"] = a
-        for key in ("recon", "avg_kl", "mutual_info", "marginal_kl"):  # ELBO surgery, when computed
+        for key in ("recon", "avg_kl", "mutual_info", "marginal_kl") + rundir.WEIGHT_KEYS:  # ELBO surgery, when computed
             if key in metrics:
                 values[f"eval/{key}"] = metrics[key]
         self.log.scalars(values, step)
