@@ -160,3 +160,48 @@ def test_setup_after_the_threads_started_keeps_subnormals_everywhere():
             "warnings.simplefilter('ignore'); info = runtime.setup(threads=2); "
             "print(json.dumps({'flush': info['flush_denormal'], 'main': bool(torch.tensor(1e-20) * 1e-20 != 0)}))")
     assert _fresh(code) == {"flush": False, "main": True}
+
+
+@pytest.mark.parametrize("flush", ["1", "0"])
+def test_a_cli_run_is_set_up_and_records_whether_it_flushed(cli, tmp_path, tiny_args, flush):
+    """`vaexp train` runs vaexp.runtime.setup in its process; metrics.json says whether subnormals
+    were flushed (a run that flushes differs from one that does not in the last bits)."""
+    run_dir = tmp_path / "run"
+    res = cli("train", *tiny_args, f"hydra.run.dir={run_dir}", env_extra={"VAEXP_FLUSH_DENORMAL": flush})
+    assert res.code == 0, res.err
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["flush_denormal"] is (flush == "1")
+
+
+def test_a_resumed_run_on_the_compiled_paths_is_bit_identical(vaexp_main, tmp_path, monkeypatch):
+    """With the compiled step and the fused likelihood (thresholds lowered so a tiny run uses them),
+    a run interrupted mid-epoch and resumed ends exactly where the uninterrupted run does."""
+    from conftest import TINY_BURDA1, TINY_DATA
+
+    from vaexp.models import likelihood
+    from vaexp.training import capture
+
+    if likelihood._kernels(torch.device("cpu")) is None:
+        pytest.skip("torch.compile does not work on this machine")
+    monkeypatch.setattr(capture, "COMPILE_MIN_ROWS", 0)
+    monkeypatch.setattr(likelihood, "COMPILE_MIN_ELEMENTS", 0)
+    made = []
+    fast_step = capture.fast_step
+    monkeypatch.setattr(capture, "fast_step", lambda *a, **kw: made.append(fast_step(*a, **kw)) or made[-1])
+    args = TINY_DATA + TINY_BURDA1 + ["schedule=quick", "schedule.epochs=2", "eval.k=10", "eval.au_samples=4",
+                                      "progress=false", "batch_size=20", "k=5"]
+    assert vaexp_main("train", *args, f"hydra.run.dir={tmp_path / 'ref'}").code == 0
+    assert made and isinstance(made[-1], capture.CheckedStep) and made[-1].checked
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "7")
+    assert vaexp_main("train", *args, f"hydra.run.dir={tmp_path / 'run'}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    assert vaexp_main("train", f"resume={tmp_path / 'run'}", "progress=false").code == 0
+    assert made[-1].checked
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=False) for d in ("ref", "run"))
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 10
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for idx, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][idx][key])), (idx, key)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ref", "run"))
+    assert ma["test"] == mb["test"] and ma["train"]["bound"] == mb["train"]["bound"]

@@ -224,9 +224,9 @@ def setup(jobs: int = 1, job_index: Optional[int] = None, threads: Optional[int]
     """Set up this process for computing; idempotent, first call wins. Call it before torch's first
     parallel op (the subnormal setting reaches OpenMP workers only when they start).
 
-    Threads, in order: `threads`; $VAEXP_THREADS; $OMP_NUM_THREADS (set by the user, or by
-    joblib in a parallel job: torch has read it, nothing changes); else the cores free now, kept
-    up to date by the governor, at most the job's share (cores // jobs). On CUDA with several
+    Threads, in order: `threads`; $VAEXP_THREADS; $OMP_NUM_THREADS for a lone job (torch has read
+    it, nothing changes); else the cores free now, kept up to date by the governor, at most the
+    job's share (cores // jobs; joblib's own OMP_NUM_THREADS in its workers is that too). On CUDA with several
     GPUs, job `job_index` of a parallel sweep gets GPU job_index % count. Returns what was set."""
     global _governor, _applied
     if _setup_done:
@@ -240,7 +240,7 @@ def setup(jobs: int = 1, job_index: Optional[int] = None, threads: Optional[int]
     if fixed:
         most = fixed
         info["threads"] = fixed
-    elif os.environ.get("OMP_NUM_THREADS"):
+    elif os.environ.get("OMP_NUM_THREADS") and jobs <= 1:
         most = torch.get_num_threads()
         info["threads"] = most
     else:

@@ -74,7 +74,7 @@ def _group(d: int) -> int:
 
 def _forward_math(l: Tensor, x: Tensor) -> Tensor:
     """Σ_d x·l − softplus(l), softplus(l) = relu(l) + log1p(e^-|l|), the log1p summed per group as one
-    log of a product: the compiled forward (one pass over l)."""
+    log of a product: the compiled forward (one fused kernel; no [rows, D] buffer)."""
     d = l.shape[-1]
     g = _group(d)
     # Groups of g pixels d/g apart: the product runs along contiguous vectors of d/g pixels
@@ -128,7 +128,7 @@ def _run_compiled(which: int, eager, args: Tuple[Tensor, ...]) -> Optional[Tenso
             tol = (1e-5 * (args[0].abs().sum(-1) + args[0].shape[-1]) if which == 0
                    else 1e-5 * (1 + ref.abs()))
             if out.shape != ref.shape or not bool(((out - ref).abs() <= tol).all()):
-                raise RuntimeError("the compiled kernel's result differs from the eager kernel's")
+                raise RuntimeError("the compiled kernel's result differs from the eager computation's")
             _checked[key] = True
         return out
     except Exception as err:  # noqa: BLE001 - any failure: the plain formula from now on

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from vaexp import rundir
+from vaexp import rundir, runtime
 from vaexp.data import Dataset
 from vaexp.errors import VaexpError
 from vaexp.models import build_model
@@ -123,7 +123,8 @@ class Run:
         train = {"bound": history[-1]["train_bound"] if history else float("nan"),
                  "valid_bound": history[-1]["valid_bound"] if history else float("nan"),
                  "epochs": n_epochs, "steps": self.state["global_step"], "wall_time_s": self.state["wall_time"],
-                 "device": str(device), "data_source": data.source}
+                 "device": str(device), "data_source": data.source,
+                 "flush_denormal": runtime.denormals_flushed()}  # subnormals flushed (vaexp.runtime)
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
         return {"train": train, "test": test}
