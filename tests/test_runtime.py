@@ -13,10 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vaexp import evaluate as ev
 from vaexp import runtime
-from vaexp.models.burda import VAE
-from vaexp.training.step import StepSpec, make_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -126,7 +126,7 @@ class CompiledLoneStep:
     graph: the ε drawn eagerly from the run's generator in the order and shapes log_weights draws
     them (so the same values), the gradients by autograd through the compiled graph's backward,
     then the step's own Adam. On a CPU it cuts the per-op dispatch and fuses the elementwise work
-    (tanh, the likelihood, log q): 1.1-1.25x steps/s for burda1/burda2 reparam (scripts/bench.py).
+    (tanh, the likelihood, log q): up to ~1.2x steps/s for burda1/burda2 reparam (scripts/bench.py).
     Same contract as LoneStep; vaexp.training.capture.fast_step runs it behind a first-step check."""
 
     def __init__(self, lone: LoneStep):
