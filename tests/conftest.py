@@ -53,6 +53,9 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     """VAEXP_DATA_DIR in a temp folder (nothing touches the user cache); no test hooks set."""
     d = tmp_path / "vaexp-data"
     monkeypatch.setenv("VAEXP_DATA_DIR", str(d))
+    # In-process `vaexp` calls set up the pytest process (vaexp.runtime.setup): one fixed thread,
+    # no thread governor (see cli_env for why one thread).
+    monkeypatch.setenv("VAEXP_THREADS", "1")
     monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     return d

@@ -1,5 +1,5 @@
-"""scripts/bench.py runs end to end at tiny sizes and prints its three tables (no timing checks:
-speed is measured by the script, never asserted in tests)."""
+"""scripts/bench.py runs end to end at tiny sizes and prints its tables; its GEMM roofline counts
+FLOPs and shapes right (no timing checks: speed is measured by the script, never asserted in tests)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,23 +23,43 @@ def load_bench():
 
 def test_bench_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("VAEXP_DATA_DIR", str(tmp_path / "data"))  # never the user's cache
+    monkeypatch.setenv("VAEXP_THREADS", "1")
+    monkeypatch.setenv("VAEXP_COMPILE", "0")  # no compilation here (tests/test_capture.py, test_likelihood.py)
     bench = load_bench()
     out = tmp_path / "bench.md"
     text = bench.main(["--small", "--tiny-models", "--data", "synthetic", "--device", "cpu", "--steps", "2",
-                       "--warmup", "1", "--n-test", "2", "--eval-k", "20", "--models", "2", "--repeat", "2",
-                       "--stacks", "seeds-k5,mk64", "--markdown", str(out)])
+                       "--warmup", "1", "--rounds", "2", "--n-test", "2", "--eval-k", "20", "--models", "2",
+                       "--child-steps", "3", "--child-seconds", "0.2", "--jobs", "2", "--child-rounds", "1",
+                       "--shared-k", "5",
+                       "--sections", "train,eval,stack,flush,shared,jobs", "--markdown", str(out)])
     assert out.read_text().strip() == text.strip()
-    assert text.startswith("Device: CPU") and "2 repeat(s)" in text
+    assert text.startswith("Device: CPU") and "2 interleaved round(s)" in text
     for config in ("burda1 iwae k=1 reparam", "burda1 iwae k=5 reparam", "burda1 iwae k=50 reparam",
                    "burda2 iwae k=50 reparam", "burda1 iwae k=50 dreg"):
-        assert f"| {config} |" in text
-    assert "| K=20, 2 images |" in text and "TF32: n/a on a CPU" in text
-    assert "2 × seeds, burda1 iwae k=5" in text and "2 × M·K=64 line" in text
-    ratios = re.findall(r"([0-9.]+) \(([0-9.]+)–([0-9.]+)\)×", text)  # median (min–max) of 2 repeats
-    assert len(ratios) == 5 + 1 + 2
-    for med, low, high in ratios:
-        assert 0 < float(low) <= float(med) <= float(high)
-    assert "n/a (CPU)" in text and "Peak RSS" in text
-    # Both NLL columns estimate the same quantity for the same weights and images.
-    nll = re.search(r"\| K=20, 2 images \|[^|]*\|[^|]*\|[^|]*\| ([0-9.]+) \| ([0-9.]+) \|", text)
-    assert nll and abs(float(nll.group(1)) - float(nll.group(2))) < 0.05 * float(nll.group(1))
+        assert re.search(rf"\| {re.escape(config)}( \(compiled\))? \|", text)
+    assert "| burda1 K=20, 2 images |" in text and "2 × burda1 iwae k=5 reparam" in text
+    # every roofline row: rates, GFLOP/s and fractions of the GEMM-bound time that are positive
+    rows = re.findall(r"\| [^|]+ \| ([0-9.]+) \| ([0-9]+) \| ([0-9]+)% \| ([0-9.]+) \| ([0-9]+) \| ([0-9]+)% \| "
+                      r"([0-9.]+)× \| ([0-9]+) \|", text)
+    assert len(rows) == 5 + 1
+    for today, _, frac_t, new, _, frac_n, ratio, _ in rows:
+        assert float(today) > 0 and float(new) > 0 and int(frac_t) > 0 and int(frac_n) > 0 and float(ratio) > 0
+    # the fused and the plain likelihood give the same NLL (the same ε)
+    nll = re.search(r"NLL today ([0-9.]+), new ([0-9.]+)", text)
+    assert nll and abs(float(nll.group(1)) - float(nll.group(2))) < 1e-3
+    assert "subnormals kept (today)" in text and "flushed (vaexp)" in text
+    assert "torch defaults (today)" in text and "vaexp.runtime.setup" in text
+    assert re.search(r"\| 2 jobs of burda1 iwae k=5 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+× \|", text)
+
+
+def test_the_roofline_counts_each_gemm_of_a_step():
+    bench = load_bench()
+    a, b, bias = torch.randn(6, 4), torch.randn(4, 3), torch.randn(3)
+    calls = bench.record(lambda: (torch.addmm(bias, a, b), a.t() @ torch.randn(6, 5), torch.bmm(torch.randn(2, 6, 4), torch.randn(2, 4, 3))))
+    assert [c[0] for c in calls] == ["aten.addmm.default", "aten.mm.default", "aten.bmm.default"]
+    roof = bench.Roofline(calls + calls[:1], torch.device("cpu"))
+    assert roof.flops == 2 * (2 * 6 * 4 * 3) + 2 * 4 * 6 * 5 + 2 * 2 * 6 * 4 * 3
+    # a transposed operand is timed with its own layout
+    mm = [c for c in calls if c[0] == "aten.mm.default"][0]
+    assert mm[1][0] == ((4, 6), (1, 4)) and roof.inputs[mm][0].stride() == (1, 4)
+    assert roof.seconds(reps=1) > 0

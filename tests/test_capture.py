@@ -287,3 +287,83 @@ def test_cuda_evaluation_passes_from_free_memory_do_not_change_the_estimates():
                              pass_rows=ev.pass_rows_for(model, torch.device("cuda"), 500))
     for key in ref:
         assert torch.allclose(out[key], ref[key], rtol=0, atol=1e-4)
+
+
+# -- the compiled CPU step (vaexp.training.step.CompiledLoneStep) behind CheckedStep ------------------
+
+def _lone(estimator="reparam", k=5, seed=0):
+    from vaexp.training.step import make_step
+
+    torch.manual_seed(seed)
+    model = VAE([4, 3], [8, 6], x_dim=20, train_mean=torch.linspace(0.1, 0.9, 20))
+    gen = torch.Generator().manual_seed(11)
+    return model, make_step([model], [StepSpec("iwae", estimator, 1, k)], [gen], [None], SCHEDULE, torch.device("cpu"))
+
+
+def test_checked_step_keeps_a_candidate_that_matches_and_leaves_the_run_as_the_eager_step():
+    ref_model, ref = _lone()
+    model, step = _lone()
+    checked = fast.CheckedStep(step, step, step.params, step.opt, step.generators, "test step")
+    for x in batches(3):
+        torch.testing.assert_close(checked(x[None]), ref(x[None]), rtol=0, atol=0)
+    assert checked.checked and checked.captured
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(step.generators[0].get_state(), ref.generators[0].get_state())
+
+
+def test_checked_step_drops_a_candidate_that_differs_or_fails():
+    ref_model, ref = _lone()
+    model, step = _lone()
+
+    def wrong(x):
+        out = step(x)
+        with torch.no_grad():
+            for p in step.params:
+                p.grad.mul_(1.01)  # 1% off: far beyond rounding
+        return out
+
+    checked = fast.CheckedStep(wrong, step, step.params, step.opt, step.generators, "test step")
+    with pytest.warns(RuntimeWarning, match="test step failed.*differs"):
+        first = checked(batches(1)[0][None])
+    torch.testing.assert_close(first, ref(batches(1)[0][None]), rtol=0, atol=0)  # the eager step, once
+    assert checked.eager and not checked.checked
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler")
+
+    _, step2 = _lone()
+    strict = fast.CheckedStep(broken, step2, step2.params, step2.opt, step2.generators, "test step", strict=True)
+    with pytest.raises(fast.CaptureError, match="no C\\+\\+ compiler"):
+        strict(batches(1)[0][None])
+
+
+def test_fast_step_on_a_cpu_compiles_only_long_single_surrogate_runs(monkeypatch):
+    cpu = torch.device("cpu")
+    _, lone = _lone()
+    assert fast.fast_step("false", cpu, lone) is None
+    assert fast.fast_step("auto", cpu, lone, rows=fast.COMPILE_MIN_ROWS - 1) is None   # too short to repay
+    _, dreg = _lone("dreg")
+    assert fast.fast_step("auto", cpu, dreg) is None                                    # two surrogates
+    monkeypatch.setenv("VAEXP_COMPILE", "0")
+    assert fast.fast_step("auto", cpu, lone) is None
+    with pytest.raises(fast.CaptureError, match="needs a CUDA device"):
+        fast.fast_step("true", cpu, lone)
+
+
+def test_the_compiled_step_computes_what_the_eager_step_does():
+    from vaexp.training.step import CompiledLoneStep
+
+    ref_model, ref = _lone(k=7)
+    model, lone = _lone(k=7)
+    step = fast.fast_step("auto", torch.device("cpu"), lone)
+    assert isinstance(step, fast.CheckedStep) and isinstance(step.candidate, CompiledLoneStep)
+    for x in batches(4):
+        out, want = step(x[None]), ref(x[None])
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)  # bounds and gradient norms
+    assert step.checked, step.reason
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-4)  # 4 Adam steps of lr 1e-2, rounding apart
+    assert torch.equal(lone.generators[0].get_state(), ref.generators[0].get_state())  # the same ε drawn

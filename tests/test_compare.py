@@ -3,7 +3,6 @@ beside measured ones, importance-weight diagnostics, NLL learning curves, and th
 labelling (eval columns, hints, one curve per run, short plot names)."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from vaexp import rundir, surgery
+from vaexp import rundir, runtime, surgery
 from vaexp.data import load_dataset
 from vaexp.errors import VaexpError, memory_hint
 from vaexp.models import build_model
@@ -80,6 +80,7 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     per_pass = max(1, pass_rows // (examples * k)) if pass_rows is not None and per_piece == k else 1
     bar = _bar(n, progress)
     for first in range(0, len(starts), per_pass):
+        runtime.adapt_threads()  # the thread governor's count, applied between passes
         blocks = range(first, min(first + per_pass, len(starts)))
         start, stop = starts[blocks[0]], min(n, starts[blocks[-1]] + examples)
         if pass_rows is None:

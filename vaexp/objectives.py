@@ -29,7 +29,7 @@ from vaexp.rundir import quantity_key
 def logmeanexp(x: Tensor, dim) -> Tensor:
     """log(mean(exp(x))) over `dim` (an int or tuple), stable for very negative x."""
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])  # a list, not a generator: torch.compile traces it
     return torch.logsumexp(x, dim=dims) - math.log(n)
 
 

@@ -3,21 +3,26 @@
 This package is the only one that uses Hydra's application machinery: argv handling (argv.py),
 completion (completion.py), the commands (commands.py), the checks (checks.py), the callback
 that runs them before any directory exists (callback.py), multirun jobs (sweep.py) and the
-stacks of a stack=true sweep (stacking.py).
+stacks of a stack=true sweep (stacking.py). Every computing job runs after
+vaexp.runtime.setup in its own process (:func:`with_runtime`).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from vaexp import runtime
 from vaexp.cli.argv import hydra_args
 from vaexp.cli.commands import COMMANDS, hydra_entry
-from vaexp.errors import debugging, fault_line
 from vaexp.cli.completion import complete
 from vaexp.cli.configs import register_configs
+from vaexp.errors import debugging, fault_line
 from vaexp.rundir import abandon_all
-from vaexp.runtime import tune_cpu_allocator
 
 USAGE = """usage: vaexp <command> [-m] [key=value ...]
 
@@ -41,10 +46,39 @@ Shell completion:  eval "$(vaexp -sc install=bash)"
 """
 
 
+def parallel_jobs() -> Tuple[int, Optional[int]]:
+    """(jobs running at once, this job's number) in this Hydra job: a joblib sweep's n_jobs
+    (-1: one per core, as joblib counts), else 1."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not inside a Hydra job
+        return 1, None
+    if hc.mode != RunMode.MULTIRUN:
+        return 1, None
+    n = hc.launcher.get("n_jobs") if "launcher" in hc else None
+    if not isinstance(n, int) or n == 0:
+        return 1, hc.job.get("num")
+    return (n if n > 0 else max(1, runtime.cores() + 1 + n)), hc.job.get("num")
+
+
+def with_runtime(task: Callable) -> Callable:
+    """The command, after vaexp.runtime.setup in the job's own process (a joblib worker too) for
+    the commands that compute (their configs have a device; `vaexp report` stays torch-free)."""
+
+    @functools.wraps(task)
+    def run(cfg):
+        if "device" in cfg:
+            jobs, num = parallel_jobs()
+            runtime.setup(jobs=jobs, job_index=num)
+        return task(cfg)
+
+    return run
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
-    tune_cpu_allocator()
+    runtime.tune_cpu_allocator()
     if "-sc" in argv[:1] or "--shell-completion" in argv[:1]:
         return complete(argv)
     if not argv:
@@ -59,10 +93,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0]] + hydra_args(name, rest, COMMANDS[name].config_name)
+    command = COMMANDS[name]
     old_hook = threading.excepthook
     threading.excepthook = _thread_fault
     try:
-        hydra_entry(COMMANDS[name])()
+        hydra_entry(command._replace(task=with_runtime(command.task)))()
     except KeyboardInterrupt:  # before the command's own boundary (inside Hydra's start-up)
         print("vaexp: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -33,7 +33,8 @@ def std_normal_log_prob(z: Tensor) -> Tensor:
 
 
 def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """log Bernoulli(x; sigmoid(logits)) summed over pixels, stable for large |logits|."""
+    """log Bernoulli(x; sigmoid(logits)) summed over pixels, stable for large |logits|: the plain
+    formula (the reference; the models use vaexp.models.likelihood.bernoulli_log_lik, its fused form)."""
     return (x * logits - nn.functional.softplus(logits)).sum(-1)
 
 

@@ -11,7 +11,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from vaexp.models.base import LogWeights, bernoulli_log_prob, gaussian_log_prob, sample_encoder, std_normal_log_prob
+from vaexp.models.base import LogWeights, gaussian_log_prob, sample_encoder, std_normal_log_prob
+from vaexp.models.likelihood import bernoulli_log_lik
 
 # The one list of activations (the config checks read it).
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
@@ -107,7 +108,7 @@ class VAE(nn.Module):
 
     def log_joint(self, x: Tensor, zs: List[Tensor]) -> Tensor:
         """log p(x, z1..zL) for samples zs[i] of shape [..., B, D_i]."""
-        log_p = bernoulli_log_prob(x, self.decoder[0](zs[0]))
+        log_p = bernoulli_log_lik(x, self.decoder[0](zs[0]))
         for i in range(1, len(zs)):
             mu, logsig = self.decoder[i](zs[i])
             log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logsig)

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from vaexp.errors import VaexpError
-from vaexp.models.base import HALF_LOG_2PI, LogWeights, bernoulli_log_prob, gaussian_log_prob, std_normal_log_prob
+from vaexp.models.base import HALF_LOG_2PI, LogWeights, gaussian_log_prob, std_normal_log_prob
 from vaexp.models.burda import VAE
+from vaexp.models.likelihood import bernoulli_log_lik
 
 
 class StackedLinear(nn.Module):
@@ -143,7 +144,7 @@ class StackedVAE(nn.Module):
                 log_q_score = log_q_score + gaussian_log_prob(z.detach(), mu_f, logsig_f)
             zs.append(z)
             h = z
-        log_p = bernoulli_log_prob(x.unsqueeze(1), self.decoder[0](zs[0]))
+        log_p = bernoulli_log_lik(x.unsqueeze(1), self.decoder[0](zs[0]))
         for i in range(1, len(zs)):
             mu, logsig = self.decoder[i](zs[i])
             log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logsig)

@@ -1,4 +1,5 @@
-"""The captured training step: the whole step replayed as one CUDA graph (fast=auto on CUDA).
+"""The fast training steps: on CUDA the whole step replayed as one CUDA graph, on a CPU the step's
+forward and loss as one torch.compile'd graph (fast=auto), each kept only after a first-step check.
 
 Inside the graph: the ε draws (the run's own generators, registered with the graph), forward,
 both surrogates, both gradients, capturable Adam (lr a device tensor: :func:`set_lr` fills it
@@ -8,11 +9,13 @@ static input. Invariants: the first call checks one replay against an eager refe
 they match, else fast=auto warns and continues eagerly (fast=true raises); checkpoints are in
 the eager optimizer's format (:func:`portable_state_dict`), so runs move between fast settings
 and devices. On CPU it is tested through a stand-in backend (tests/test_capture.py); its CUDA
-tests skip without a GPU.
+tests skip without a GPU. The compiled CPU step (vaexp.training.step.CompiledLoneStep) runs behind
+the same check (:class:`CheckedStep`), and only for runs long enough to repay its compilation.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence
 
@@ -26,6 +29,12 @@ from vaexp.errors import VaexpError
 PARAM_ATOL, PARAM_RTOL = 1e-6, 1e-5
 OUT_ATOL, OUT_RTOL = 1e-4, 1e-4
 WARMUP_STEPS = 3
+# A compiled step fuses differently, so it rounds differently: its first gradients must match the
+# eager step's to 1e-4 norm-wise per parameter (fp32 rounding over 1000-row sums is ~1e-6).
+GRAD_RTOL = 1e-4
+# A CPU run compiles its step (a few seconds, once per process) only when it computes at least this
+# many sample rows (steps x M x K x batch): ~10% of the eager time of 1e7 burda1 rows is ~15 s.
+COMPILE_MIN_ROWS = 10_000_000
 
 
 class CaptureError(VaexpError):
@@ -131,6 +140,19 @@ def _close(a: Sequence[Tensor], b: Sequence[Tensor], atol: float, rtol: float) -
     return all(torch.allclose(x, y, atol=atol, rtol=rtol, equal_nan=True) for x, y in zip(a, b))
 
 
+def _grads_close(params: Sequence[Tensor], reference: Sequence[Tensor]) -> bool:
+    """Each parameter's gradient within GRAD_RTOL of the reference's, norm-wise. (Not the updated
+    parameters: Adam's first step moves every weight by ~lr·sign(g), so a gradient entry next to 0
+    that rounds differently moves its weight by 2·lr; a rounding-level difference is fine.)"""
+    for p, ref in zip(params, reference):
+        if p.grad is None or p.grad.shape != ref.shape:
+            return False
+        err, scale = torch.linalg.vector_norm(p.grad - ref), torch.linalg.vector_norm(ref)
+        if not bool(err <= GRAD_RTOL * scale + 1e-12):
+            return False
+    return True
+
+
 # -- the captured step ---------------------------------------------------------------------------------
 
 class CUDAGraphBackend:
@@ -227,6 +249,69 @@ class CapturedStep:
                       f"continuing with the eager step (set fast=false to skip the attempt)",
                       RuntimeWarning, stacklevel=3)
         return self.step(x)
+
+
+class CheckedStep:
+    """`candidate(x)`, a faster form of the eager `step(x)` with the same effects, kept only if its
+    first call reproduces one eager step (parameters, Adam state and generators restored in place
+    around the reference); otherwise a warning (an error when strict) and the eager step from then on."""
+
+    def __init__(self, candidate: Callable[[Tensor], Tensor], step: Callable[[Tensor], Tensor],
+                 params: Sequence[Tensor], opt: torch.optim.Optimizer, generators: Sequence[torch.Generator],
+                 what: str, strict: bool = False):
+        self.candidate, self.step, self.params, self.opt = candidate, step, list(params), opt
+        self.generators, self.what, self.strict = list(generators), what, strict
+        self.checked, self.eager = False, False
+        self.reason: Optional[str] = None
+
+    @property
+    def captured(self) -> bool:
+        return self.checked
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.checked:
+            return self.candidate(x)
+        if self.eager:
+            return self.step(x)
+        snap = Snapshot(self.params, self.opt, self.generators)
+        try:
+            reference = self.step(x).detach().clone()
+            grads = [p.grad.detach().clone() for p in self.params]
+            snap.restore()
+            out = self.candidate(x)
+            if not (_close([out], [reference], OUT_ATOL, OUT_RTOL) and _grads_close(self.params, grads)):
+                raise CaptureError(f"the {self.what}'s first result differs from the eager step's")
+        except Exception as err:  # noqa: BLE001 - any failure means: use the eager step
+            snap.restore()
+            self.eager = True
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.reason = f"{type(err).__name__}: {first[:300]}"
+            if self.strict:
+                raise CaptureError(f"fast=true: the {self.what} failed ({self.reason})") from err
+            warnings.warn(f"vaexp: the {self.what} failed ({self.reason}); continuing with the eager step "
+                          f"(set fast=false to skip the attempt)", RuntimeWarning, stacklevel=2)
+            return self.step(x)
+        self.checked = True
+        return out
+
+
+def fast_step(fast_setting, device: torch.device, step, rows: Optional[int] = None):
+    """The fast form of `step` (a LoneStep or StackedStep) that the setting and device call for, or
+    None (run the eager step): on CUDA the captured graph; on a CPU with fast=auto the compiled step
+    where the step has one (vaexp.training.step.LoneStep.compiled), the run computes at least
+    COMPILE_MIN_ROWS sample rows (`rows`: steps x M·K x batch; None: no estimate, compile) and
+    VAEXP_COMPILE is not 0. The choice depends on the config only, so a resumed run makes it again."""
+    if device.type == "cuda" or mode(fast_setting) != "auto":
+        return captured_step(fast_setting, device, step.opt, step.params, step.generators, step)
+    make = getattr(step, "compiled", None)
+    if make is None or os.environ.get("VAEXP_COMPILE", "1") == "0":
+        return None
+    if rows is not None and rows < COMPILE_MIN_ROWS:
+        return None
+    candidate = make()
+    if candidate is None:
+        return None
+    return CheckedStep(candidate, step, step.params, step.opt, step.generators, "compiled training step")
 
 
 def captured_step(fast_setting, device: torch.device, opt: torch.optim.Optimizer, params: Sequence[Tensor],

@@ -156,8 +156,6 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     stop = stop or Stop()
     step = make_step([r.model for r in runs], [spec_of(r.cfg) for r in runs], [r.eps_gen for r in runs],
                      [r.saved_optimizer for r in runs], cfg0.schedule, device)
-    # On CUDA (fast=auto|true) the whole step runs as one captured CUDA graph.
-    step_fn = capture.captured_step(cfg0.fast, device, step.opt, step.params, step.generators, step) or step
     diagnostics = loop_diagnostics(runs, data.valid, device)  # None unless diagnostics.every is set
 
     lrs = epoch_learning_rates(cfg0.schedule)
@@ -165,6 +163,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     steps_per_epoch = n_train // batch  # fixed batch shape; the remainder changes with every permutation
     if steps_per_epoch < 1:
         raise VaexpError(f"batch_size={batch}: larger than the {n_train} training images; lower batch_size")
+    # fast=auto: on CUDA the whole step as one captured CUDA graph, on a CPU (long runs) compiled.
+    rows = n_epochs * steps_per_epoch * int(cfg0.m) * int(cfg0.k) * batch
+    step_fn = capture.fast_step(cfg0.fast, device, step, rows) or step
 
     position = {key: runs[0].state[key] for key in ("epoch", "step", "global_step")}
     if runs[0].resumed:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from vaexp import rundir
+from vaexp import rundir, runtime
 from vaexp.data import Dataset
 from vaexp.errors import VaexpError
 from vaexp.models import build_model
@@ -134,7 +134,8 @@ class Run:
         train = {"quantity": self.objective.quantity, slug: history[-1]["train_bound"] if history else float("nan"),
                  f"valid_{slug}": history[-1]["valid_bound"] if history else float("nan"),
                  "epochs": self.state["epoch"], "steps": self.state["global_step"],
-                 "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source}
+                 "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
+                 "flush_denormal": runtime.denormals_flushed()}  # subnormals flushed (vaexp.runtime)
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
         return train
