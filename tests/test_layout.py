@@ -209,3 +209,13 @@ def test_pyproject_ships_every_package():
     packages = {module_name(p.parent / "__init__.py") for p in PKG.rglob("__init__.py")}
     conf = {"vaexp.conf" + module_name(p.parent / "__init__.py")[len("conf"):] for p in CONF.rglob("__init__.py")}
     assert packages | conf == listed
+
+
+def test_the_wheel_ships_the_published_numbers():
+    """Package data outside conf/: the published numbers the report reads."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pytest.skip("tomllib needs Python 3.11")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "published/*.yaml" in data["vaexp.report"] and list((PKG / "report" / "published").glob("*.yaml"))

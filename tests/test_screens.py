@@ -11,7 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from vaexp import rundir
+from vaexp import rundir, tblog
 from vaexp.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,11 +327,11 @@ def test_a_lone_run_flags_the_keys_its_command_line_set(tmp_path):
     (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
         ["objective=miwae", "m=4", "schedule.lr=0.01", "model.latents=[20]", "progress=false", "eval.k=100",
          "dataset.path=/d"]))
-    assert rundir.varied_keys(tmp_path) == ["objective", "m", "schedule.lr", "model.latents"]
+    assert tblog.varied_keys(tmp_path) == ["objective", "m", "schedule.lr", "model.latents"]
     cfg = OmegaConf.create({"dataset": {"name": "mnist"}, "model": {"name": "burda1", "latents": [20]},
                             "objective": {"name": "miwae"}, "estimator": {"name": "reparam"}, "m": 4, "k": 5,
                             "beta": 0.5, "seed": 0, "schedule": {"name": "burda", "lr": 0.01}, "batch_size": 20})
-    values, differs = rundir.hparams(cfg, rundir.varied_keys(tmp_path))
+    values, differs = tblog.hparams(cfg, tblog.varied_keys(tmp_path))
     assert differs == ["objective", "m", "lr", "model.latents"]
     assert values["objective"] == "miwae" and values["lr"] == 0.01 and values["model.latents"] == "[20]"
 
@@ -342,7 +342,7 @@ def test_an_mk_sweep_flags_k_too(tmp_path):
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(
         {"mk": 64, "hydra": {"overrides": {"task": ["objective=miwae,piwae", "m=1,2,4", "progress=false"]},
                              "sweeper": {"params": {"seed": "0,1"}}}}))
-    assert sorted(rundir.varied_keys(sweep / "job")) == ["k", "m", "objective", "seed"]
+    assert sorted(tblog.varied_keys(sweep / "job")) == ["k", "m", "objective", "seed"]
 
 
 def test_readme_documents_every_tensorboard_tag_group_and_every_run_file(vaexp_main, tmp_path, tiny_args):

@@ -21,6 +21,7 @@ from vaexp.models import build_model
 from vaexp.models.burda import VAE
 from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
+from vaexp import tblog
 from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
 # Log-weight rows (samples x examples) per block when eval.chunk = 0. It is a constant, not a
@@ -250,7 +251,7 @@ def format_table(metrics: Dict) -> str:
     for key in sorted((key for key in metrics if key.startswith("L") and key[1:].isdigit()), key=lambda s: int(s[1:])):
         rows.append((key, f"{metrics[key]:.3f}"))
     if "ess_mean" in metrics:  # evaluations from before the diagnostics have none
-        rows.append(("weights", f"ESS mean {metrics['ess_mean']:.1f}, median {metrics['ess_median']:.1f} of K={k}; "
+        rows.append(("IS weights", f"ESS mean {metrics['ess_mean']:.1f}, median {metrics['ess_median']:.1f} of K={k}; "
                                 f"{100 * metrics['ess_below_10']:.1f}% of images below {LOW_ESS}; "
                                 f"max weight mean {metrics['max_weight_mean']:.3f}"))
     au = ", ".join(f"{a}/{u}" for a, u in zip(metrics["active_units"], metrics["latent_units"]))
@@ -316,7 +317,7 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
         if "test" in (before or {}):
             log.metrics(metrics, step)
         else:  # a run whose training never got to its own evaluation gets its row of the table here
-            values, differs = rundir.hparams(saved_cfg, rundir.varied_keys(run_dir))
+            values, differs = tblog.hparams(saved_cfg, tblog.varied_keys(run_dir))
             log.hparams(values, differs, metrics, step)
         log.close()
     return {"metrics": result["metrics"], "epoch": position["epoch"], "step": step}

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from vaexp import rundir
 from vaexp.rundir import quantity_key
 
 
@@ -119,3 +122,58 @@ def hparam_metrics(test: Dict, train: Optional[Dict] = None) -> Dict[str, float]
 def eval_card(title: str, table: str) -> str:
     """An evaluation as a TEXT card: its title, and the printed table as a code block."""
     return f"**{title}**\n\n" + "\n".join("    " + line for line in table.splitlines())
+
+
+# -- TensorBoard's HPARAMS table -------------------------------------------------------------------
+
+# Its settings columns: name -> config key. A key the runs are compared on (varied_keys) that is
+# not here becomes a column of its own, named by its key.
+HPARAMS = {"dataset": "dataset.name", "model": "model.name", "objective": "objective.name",
+           "estimator": "estimator.name", "m": "m", "k": "k", "beta": "beta", "seed": "seed",
+           "schedule": "schedule.name", "lr": "schedule.lr", "batch_size": "batch_size"}
+# Keys that are never settings columns: how a run executes, where its data were read from, and
+# the evaluation (its test images and K are metric columns, as a later `vaexp eval` may change them).
+_NOT_HPARAMS = rundir.RUNTIME_ONLY + ("experiment", "hydra", "dataset.path", "dataset.data_dir", "dataset.download",
+                               "eval")
+
+
+def varied_keys(run_dir: Path) -> List[str]:
+    """The config keys a run is compared on: for a sweep job, those its sweep varies (the sweeps
+    on the command line and an experiment preset's hydra.sweeper.params, from the sweep's
+    multirun.yaml); for a run of its own, those its command line set. [] when neither record
+    exists (a run not started by the CLI)."""
+    run_dir = Path(run_dir)
+    parser = OverridesParser.create()
+    keys: List[str] = []
+    try:
+        sweep_file = run_dir.parent / rundir.MULTIRUN_RECORD
+        if sweep_file.is_file():
+            sweep = OmegaConf.load(sweep_file)
+            given = parser.parse_overrides([str(o) for o in sweep.hydra.overrides.task])
+            fixed = {o.get_key_element().lstrip("+~") for o in given if not o.is_sweep_override()}
+            params = OmegaConf.select(sweep, "hydra.sweeper.params") or {}
+            keys = [key for key in params if key not in fixed]
+            keys += [o.get_key_element().lstrip("+~") for o in given if o.is_sweep_override()]
+            if "mk" in keys or ("m" in keys and sweep.get("mk") is not None):
+                keys.append("k")  # k = mk/m varies with them
+        elif (run_dir / rundir.OVERRIDES_RECORD).is_file():
+            given = parser.parse_overrides([str(o) for o in OmegaConf.load(run_dir / rundir.OVERRIDES_RECORD)])
+            keys = [o.get_key_element().lstrip("+~") for o in given]
+    except Exception:  # noqa: BLE001 - a damaged record costs the table its highlighting, not the run
+        return []
+    return list(dict.fromkeys(k for k in keys if not rundir.covers(_NOT_HPARAMS, k) and not k.startswith("hydra/")))
+
+
+def hparams(cfg, varied: Iterable[str] = ()) -> Tuple[Dict[str, Any], List[str]]:
+    """The HPARAMS table's settings of a run, and which of them its runs are compared on
+    (`varied`: config keys, e.g. from varied_keys): (name -> value, names)."""
+    by_key = {key: name for name, key in HPARAMS.items()}
+    values = {name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()}
+    differs = []
+    for key in varied:
+        name = by_key.get(key) or by_key.get(f"{key}.name") or key
+        if name not in values:
+            value = OmegaConf.select(cfg, key)
+            values[name] = str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else value
+        differs.append(name)
+    return values, list(dict.fromkeys(differs))

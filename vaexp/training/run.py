@@ -24,6 +24,7 @@ from vaexp.errors import VaexpError
 from vaexp.models import build_model
 from vaexp.evaluate import format_table
 from vaexp.objectives import Objective, make_objective
+from vaexp import tblog
 from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
 
@@ -124,7 +125,7 @@ class Run:
         """The run's row of the HPARAMS table: its settings (the keys its sweep varies, or its
         command line set, flagged) and the final evaluation's metrics (a later `vaexp eval`
         writes them again)."""
-        values, differs = rundir.hparams(self.cfg, rundir.varied_keys(self.dir))
+        values, differs = tblog.hparams(self.cfg, tblog.varied_keys(self.dir))
         self.log.hparams(values, differs, hparam_metrics(summary["test"], summary["train"]), self.state["global_step"])
 
     def train_summary(self, device: torch.device, data: Dataset, stacked_with: Optional[List[str]] = None) -> Dict:

@@ -1,0 +1,96 @@
+"""THE run-directory layout: its file names, which config keys mean what, small helpers.
+
+Invariant: these are the only lists of file names and of "which settings change what a run
+computes" (the key classes); the trainer, the sweep planner, the report and train.yaml's
+exclude_keys (checked by a test) read them from here. No torch at import.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Dict, Iterable, List
+
+from omegaconf import OmegaConf
+
+from vaexp.schedule import epoch_learning_rates
+
+CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+PER_EXAMPLE = "test_log_px.pt"
+ERROR_FILE = "error.txt"
+LOCK = ".vaexp.lock"
+HYDRA_DIR = ".hydra"
+TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")          # what _atomic writes before its rename
+PER_EVAL_FILE = re.compile(r"^test_log_px\.(\d+)\.pt$")
+
+# The importance-weight diagnostics of an evaluation (metrics.json keys, TensorBoard eval/<key>;
+# vaexp.evaluate computes them, with ess_below_10 the fraction of images whose ESS is below 10).
+WEIGHT_KEYS = ("ess_mean", "ess_median", "ess_below_10", "max_weight_mean", "max_weight_median")
+
+# -- key classes (dotted config keys; a key also covers everything below it) ---------------------
+# Settings that change how a run executes, never what it computes: left out of sweep job names
+# (train.yaml's exclude_keys, plus the `experiment` preset choice) and of report groupings.
+RUNTIME_ONLY = ("device", "progress", "log_every", "out_root", "resume", "sweep", "fast", "stack")
+# Settings a resume may change: the runtime ones, the length of training, the evaluation and
+# the gradient diagnostics (they only measure; the training is the same with or without them).
+RESUMABLE = RUNTIME_ONLY + ("schedule.epochs", "eval", "diagnostics")
+# Settings each run of a stack may have for itself (the rest, and M·K, must agree: one loop, one
+# batch of data indices, one optimizer configuration).
+STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval",
+                 "progress", "out_root", "sweep", "stack", "resume")
+# Settings that the report does not group runs by: the runtime ones, the seed (aggregated over),
+# mk (k and m carry it), where the data were read from, evaluation knobs that change the
+# Monte Carlo draws but not what is estimated, and the gradient diagnostics.
+NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk", "dataset.path", "dataset.data_dir", "dataset.download",
+                                "eval.chunk", "eval.every", "diagnostics")
+
+
+def quantity_key(quantity: str) -> str:
+    """The key of what a run trains on, in metrics.json's train section and TensorBoard tags:
+    "bound" -> train.bound, epoch/train_bound; "JVI estimate" (jvi: not a bound) -> jvi_estimate."""
+    return quantity.lower().replace(" ", "_")
+
+
+def final_train(train: Dict[str, Any]) -> str:
+    """'final train bound -93.512' (or 'final train JVI estimate ...') from metrics.json's train."""
+    q = train.get("quantity", "bound")
+    return f"final train {q} {train[quantity_key(q)]:.3f}"
+
+
+def covers(keys: Iterable[str], key: str) -> bool:
+    """Whether dotted `key` is one of `keys` or lies below one of them."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def override_keys(overrides: Iterable[str]) -> List[str]:
+    """Keys of Hydra override strings: 'k=5' -> 'k', '+experiment=x' -> 'experiment'."""
+    return [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def as_dict(cfg) -> Dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def flatten(d: Dict, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def n_epochs(schedule) -> int:
+    return len(epoch_learning_rates(schedule))
+
+
+def warn(message: str) -> None:
+    print(f"vaexp: warning: {message}", file=sys.stderr, flush=True)
+
+
+
+MULTIRUN_RECORD = "multirun.yaml"            # Hydra's record of a sweep, in the sweep directory
+OVERRIDES_RECORD = ".hydra/overrides.yaml"   # Hydra's record of a run's command line
