@@ -520,3 +520,8 @@ def test_refused_combination_exit_status_in_a_real_process(cli, tmp_path, tiny_a
     res = cli("train", *tiny_args, "estimator=rws", "objective=vae", f"out_root={out_root}", cwd=work)
     assert res.code == 2 and res.err.strip().count("\n") == 0 and "estimator=rws with objective=vae" in res.err
     _assert_nothing_created(work, out_root)
+
+
+def test_two_mode_flags_are_one_line_not_a_traceback(vaexp_main):
+    res = vaexp_main("train", "-m", "experiment=iwae_table1", "--cfg", "job")
+    assert res.code == 2 and "-m and --cfg cannot be combined" in res.err and "Traceback" not in res.err

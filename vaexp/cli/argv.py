@@ -161,9 +161,21 @@ def named(command: str, rest: List[str]) -> List[str]:
     return rest
 
 
+def check_flags(flags: List[str]) -> None:
+    """Hydra allows one mode flag; with two it ends in a traceback. Say which to drop."""
+    modes = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info"}
+    given = list(dict.fromkeys(modes[f] for f in flags if f in modes))
+    if len(given) > 1:
+        fix = ("--cfg shows one job's config: drop -m and give each swept key one value (e.g. `vaexp train "
+               "--cfg job k=5`)" if "-m" in given else f"use one of {' and '.join(given)}")
+        print(f"vaexp: {' and '.join(given)} cannot be combined; {fix}", file=sys.stderr)
+        sys.exit(2)
+
+
 def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None) -> List[str]:
     """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config)."""
     rest = named(command, rest)
+    check_flags(_split_flags(rest)[0])
     check_launcher(rest)
     args = [_quote_path_value(a) for a in rest]
     check_bare_equals(args)

@@ -141,6 +141,11 @@ class CompiledLoneStep:
             losses = surrogate_losses(obj, est, lws.lw, None)
             return losses.theta_loss, losses.bound.mean(), losses.phi_bound.mean()
 
+        # Dynamo caches compiled code per code object, and `forward` is the same code object for
+        # every run: the jobs of a sweep (run one after another in one process) would pile up
+        # guarded entries until its recompile limit (8) sends the later ones back to eager with a
+        # warning. One run at a time is trained here, so start each from an empty cache.
+        torch._dynamo.reset()
         self.forward = torch.compile(forward, dynamic=False)
 
     def __call__(self, x: Tensor) -> Tensor:
