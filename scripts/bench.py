@@ -8,16 +8,18 @@
 Every row is timed in interleaved rounds (today's path, the new one, then the GEMMs of that
 configuration alone) so that drifting load on a shared machine hits all three alike; the tables
 show medians over rounds. For each configuration the GEMMs (forward and backward) of one step or
-pass are recorded with their exact shapes and layouts and timed in isolation: their sum is the
+pass are recorded with their exact shapes and layouts and timed in isolation on the fastest kernel
+the machine has for each (ATen's, i.e. MKL or cuBLAS, and on a CPU oneDNN's): their sum is the
 GEMM-bound time, "% GEMM" = GEMM-bound time / measured time, and GFLOP/s counts those GEMMs' FLOPs
 (the model's arithmetic; elementwise work is not counted).
 
 Sections (--sections):
   train  steps/s of one run's training step, fed as the trainer feeds it (vaexp.training.loop.EpochData,
-         vaexp.training.step.make_step): today = the eager step with the plain Bernoulli formula; new =
-         what vaexp runs now (fused likelihood kernels; on a CPU the compiled step behind its check,
-         vaexp.training.capture.fast_step; on CUDA the captured CUDA graph);
-  eval   images/s of the K=5000 test NLL (vaexp.evaluate.log_likelihoods), plain formula vs fused;
+         vaexp.training.step.make_step): today = the eager step with the plain Bernoulli formula and
+         ATen's GEMMs (MKL on a CPU); new = what vaexp runs now (fused likelihood kernels, the dense
+         layers on oneDNN where vaexp.models.dense picks it; on a CPU the compiled step behind its
+         check, vaexp.training.capture.fast_step; on CUDA the captured CUDA graph);
+  eval   images/s of the K=5000 test NLL (vaexp.evaluate.log_likelihoods), today's path vs the new one;
   stack  N runs of one shape stacked vs the same N trained one after another (new step), model-steps/s;
   flush  the k=50 step right after initialisation with subnormals flushed vs kept (fresh processes);
   shared steps/s alone and next to one busy 2-thread process, with torch's default threads (today) and
@@ -52,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from vaexp import evaluate as ev  # noqa: E402
 from vaexp.data import load_dataset  # noqa: E402
-from vaexp.models import likelihood  # noqa: E402
+from vaexp.models import dense, likelihood  # noqa: E402
 from vaexp.models.burda import VAE  # noqa: E402
 from vaexp.training import capture  # noqa: E402
 from vaexp.training.loop import EpochData  # noqa: E402
@@ -140,7 +142,10 @@ def gemm_flops(call) -> int:
 
 
 class Roofline:
-    """The recorded GEMMs of one step (or pass): their FLOPs, and the time they take in isolation."""
+    """The recorded GEMMs of one step (or pass): their FLOPs, and the time they take in isolation,
+    each on the fastest float32 kernel the machine has for it: ATen's (MKL on a CPU, cuBLAS on
+    CUDA) and, on a CPU with oneDNN, oneDNN's (a batched product as one oneDNN call per slice).
+    `aten_seconds` is ATen's alone (the limit a benchmark that only knows torch.mm would report)."""
 
     def __init__(self, calls: List[tuple], device: torch.device):
         self.device = device
@@ -149,17 +154,45 @@ class Roofline:
             self.counts[c] = self.counts.get(c, 0) + 1
         self.flops = sum(gemm_flops(c) * n for c, n in self.counts.items())
         self.inputs = {c: [_strided(size, stride, c[2], device) for size, stride in c[1]] for c in self.counts}
+        self.onednn = device.type == "cpu" and dense.onednn_works()
+        self.aten_seconds: List[float] = []
 
     def seconds(self, reps: int = 5) -> float:
-        """GEMM-bound seconds of one step: each shape timed alone (best of `reps`), times its count."""
-        total = 0.0
+        """GEMM-bound seconds of one step: each shape timed alone on each kernel (best of `reps`),
+        the faster kernel's time times its count (ATen's alone appended to aten_seconds)."""
+        total = aten_total = 0.0
         for c, n in self.counts.items():
             op = getattr(torch.ops.aten, c[0].split(".")[1])
             args = self.inputs[c]
-            op(*args)
-            best = min(timed(lambda: op(*args), self.device) for _ in range(reps))
-            total += best * n
+            kernels = [lambda: op(*args)] + ([_onednn_form(c[0], args)] if self.onednn else [])
+            times = []
+            for fn in kernels:
+                fn()
+                times.append(min(timed(fn, self.device) for _ in range(reps)))
+            total += min(times) * n
+            aten_total += times[0] * n
+        self.aten_seconds.append(aten_total)
         return total
+
+
+def _onednn_form(name: str, args: List[Tensor]) -> Callable[[], object]:
+    """The same product by oneDNN: act(a @ b_tᵀ + bias) with b_t = bᵀ (a view), per slice when batched."""
+    lin = torch.ops.mkldnn._linear_pointwise
+    if name == "aten.mm.default":
+        a, b = args
+        return lambda: lin(a, b.t(), None, "none", [], "")
+    if name == "aten.addmm.default":
+        bias, a, b = args[:3]
+        vec = bias if bias.dim() == 1 else None  # a broadcast row bias; any other kind is added after
+        if vec is not None:
+            return lambda: lin(a, b.t(), vec, "none", [], "")
+        return lambda: lin(a, b.t(), None, "none", [], "") + bias
+    if name == "aten.bmm.default":
+        a, b = args
+        return lambda: [lin(a[i], b[i].t(), None, "none", [], "") for i in range(a.shape[0])]
+    bias, a, b = args[:3]  # baddbmm: bias [N, 1, out] in vaexp's stacks
+    return lambda: [lin(a[i], b[i].t(), bias[i].reshape(-1) if bias[i].shape[0] == 1 else None, "none", [], "")
+                    for i in range(a.shape[0])]
 
 
 def _strided(size, stride, dtype, device) -> Tensor:
@@ -189,6 +222,7 @@ class Trainer:
 
     def __init__(self, models, specs, seeds, data, device, new: bool):
         self.mode = "auto" if new else "plain"
+        self.gemm = dense.get_backend() if new else "aten"
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.step = make_step(list(models), list(specs), gens, [None] * len(models), SCHEDULE, device)
         self.fn = (capture.fast_step("auto", device, self.step) if new else None) or self.step
@@ -198,7 +232,7 @@ class Trainer:
         self.i = 0
 
     def run(self, n: int) -> None:
-        with likelihood.mode(self.mode):
+        with likelihood.mode(self.mode), dense.backend(self.gemm):
             for _ in range(n):
                 self.acc.add_(self.fn(self.epoch.batch(self.i % self.per_epoch, BATCH)))
                 self.i += 1
@@ -216,6 +250,7 @@ def rounds(variants: Dict[str, Callable[[], float]], roof: Roofline, n_rounds: i
         for name, fn in variants.items():
             out[name].append(fn())
         out["gemm"].append(roof.seconds())
+    out["gemm_aten"] = list(roof.aten_seconds[-n_rounds:])
     return out
 
 
@@ -245,6 +280,7 @@ def row_of(label: str, r: Dict[str, List[float]], flops: int, unit: float = 1.0,
                      "frac": statistics.median(g / s for g, s in zip(gemm, secs)),
                      "spread": (min(unit / s for s in secs), max(unit / s for s in secs))}
     row["gemm_gflops"] = statistics.median(flops / g / 1e9 for g in r["gemm"])
+    row["aten_gflops"] = statistics.median(flops / g / 1e9 for g in r["gemm_aten"]) if r.get("gemm_aten") else None
     row["speedup"] = statistics.median(t / n for t, n in zip(r["today"], r["new"]))
     return row
 
@@ -263,8 +299,10 @@ def eval_rows(args, data, device, sizes) -> List[Dict]:
     pass_rows = ev.pass_rows_for(model, device, k)
     report_k = [kk for kk in (1, 64) if kk < k]
 
-    def nll(mode: str, xs: Tensor) -> float:
-        with likelihood.mode(mode), ev.no_tf32():
+    new_gemm = dense.get_backend()
+
+    def nll(mode: str, xs: Tensor) -> float:  # plain: today's path (plain formula, ATen's GEMMs)
+        with likelihood.mode(mode), dense.backend("aten" if mode == "plain" else new_gemm), ev.no_tf32():
             ll = ev.log_likelihoods(model, xs, k, report_k, ev.DEFAULT_ROWS, 0, pass_rows=pass_rows)
         return float(-ll["log_px"].mean())
 
@@ -528,13 +566,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def roof_table(rows: List[Dict], what: str, unit: str) -> str:
     header = [what, f"today ({unit})", "GFLOP/s", "% GEMM", f"new ({unit})", "GFLOP/s", "% GEMM", "new / today",
-              "GEMM rate (GFLOP/s)"]
+              "GEMM rate (GFLOP/s)", "ATen's alone"]
     body = []
     for r in rows:
         t, n = r["today"], r["new"]
         label = r["label"] + (" (compiled)" if r.get("fast") == "checked" else "")
         body.append([label, f"{t['rate']:.1f}", f"{t['gflops']:.0f}", f"{100 * t['frac']:.0f}%", f"{n['rate']:.1f}",
-                     f"{n['gflops']:.0f}", f"{100 * n['frac']:.0f}%", f"{r['speedup']:.2f}×", f"{r['gemm_gflops']:.0f}"])
+                     f"{n['gflops']:.0f}", f"{100 * n['frac']:.0f}%", f"{r['speedup']:.2f}×", f"{r['gemm_gflops']:.0f}",
+                     "–" if r.get("aten_gflops") is None else f"{r['aten_gflops']:.0f}"])
     return table(header, body)
 
 

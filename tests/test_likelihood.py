@@ -122,7 +122,10 @@ def test_evaluation_equals_the_plain_formula(compiler):
         with L.mode(mode):
             res[mode] = ev.log_likelihoods(model, x, 600, [1, 64], ev.DEFAULT_ROWS, 0, pass_rows=512)
     for key in res["plain"]:
-        torch.testing.assert_close(res["compiled"][key], res["plain"][key], rtol=0, atol=1e-4)
+        # bounds: fp32 sums of 784 terms of log p ~ -700, a few ulp (6e-5 each); ESS and the largest
+        # weight are exponentials of log-weight differences, so such a δ moves them by a factor e^(2δ)
+        rtol = 1e-3 if key in ("ess", "max_weight") else 1e-6
+        torch.testing.assert_close(res["compiled"][key], res["plain"][key], rtol=rtol, atol=1e-4)
 
 
 def test_small_calls_and_plain_mode_are_the_plain_formula_exactly():

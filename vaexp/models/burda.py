@@ -12,17 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from vaexp.models.base import LogWeights, gaussian_log_prob, sample_encoder, std_normal_log_prob
+from vaexp.models.dense import MLP, Linear
 from vaexp.models.likelihood import bernoulli_log_lik
 
 # The one list of activations (the config checks read it).
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus}
 
 
-def mlp(n_in: int, width: int, depth: int, activation: str) -> nn.Sequential:
+def mlp(n_in: int, width: int, depth: int, activation: str) -> MLP:
     layers: List[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Linear(n_in if i == 0 else width, width), ACTIVATIONS[activation]()]
-    return nn.Sequential(*layers)
+        layers += [Linear(n_in if i == 0 else width, width), ACTIVATIONS[activation]()]
+    return MLP(*layers)
 
 
 class GaussianLayer(nn.Module):
@@ -31,8 +32,8 @@ class GaussianLayer(nn.Module):
     def __init__(self, n_in: int, width: int, depth: int, n_out: int, activation: str):
         super().__init__()
         self.net = mlp(n_in, width, depth, activation)
-        self.mu = nn.Linear(width, n_out)
-        self.logsig = nn.Linear(width, n_out)
+        self.mu = Linear(width, n_out)
+        self.logsig = Linear(width, n_out)
 
     def forward(self, h: Tensor):
         h = self.net(h)
@@ -45,7 +46,7 @@ class BernoulliLayer(nn.Module):
     def __init__(self, n_in: int, width: int, depth: int, n_out: int, activation: str):
         super().__init__()
         self.net = mlp(n_in, width, depth, activation)
-        self.logits = nn.Linear(width, n_out)
+        self.logits = Linear(width, n_out)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.logits(self.net(h))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vaexp import rundir, runtime
 from vaexp.data import Dataset
 from vaexp.errors import VaexpError
-from vaexp.models import build_model
+from vaexp.models import build_model, dense
 from vaexp.evaluate import format_table
 from vaexp.objectives import Objective, make_objective
 from vaexp import tblog
@@ -136,7 +136,8 @@ class Run:
                  f"valid_{slug}": history[-1]["valid_bound"] if history else float("nan"),
                  "epochs": self.state["epoch"], "steps": self.state["global_step"],
                  "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
-                 "flush_denormal": runtime.denormals_flushed()}  # subnormals flushed (vaexp.runtime)
+                 "flush_denormal": runtime.denormals_flushed(),  # subnormals flushed (vaexp.runtime)
+                 "gemm": dense.kernel_name(device)}  # the dense layers' GEMM kernel (vaexp.models.dense)
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
         return train
