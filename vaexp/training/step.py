@@ -18,10 +18,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from vaexp import rundir, runtime
 from vaexp.errors import VaexpError
 from vaexp.estimators import Estimator, Losses, get_estimator, gradients, surrogate_losses
+from vaexp.models.base import sample_encoder
+from vaexp.models.burda import VAE
 from vaexp.models.stacked import StackedVAE, from_models, to_model
 from vaexp.objectives import Objective, make_objective
 from vaexp.training import capture
@@ -104,10 +107,10 @@ class LoneStep:
                           self.spec.m, self.spec.k, self.generators[0]).unsqueeze(0)
 
     def compiled(self) -> Optional["CompiledLoneStep"]:
-        """This step with its forward and loss compiled (:class:`CompiledLoneStep`), or None where
-        that does not pay: θ and φ from two surrogates (stl, dreg, piwae) take two backward passes,
-        and through a compiled graph each is a whole one (measured ~10% slower than eager)."""
-        if self.est.name != "reparam" or self.obj.split:
+        """This step with its forward, loss and backward as one torch.compile'd graph
+        (:class:`CompiledLoneStep`), or None for a model other than Burda's VAE (the analytic
+        model's steps are microseconds: nothing to repay a compilation)."""
+        if not isinstance(self.model, VAE):
             return None
         return CompiledLoneStep(self)
 
@@ -124,22 +127,50 @@ class LoneStep:
         return [params_finite(self.model)]
 
 
+class _Joint(nn.Module):
+    """model.log_joint as a forward, so torch.func.functional_call can swap the decoder's parameters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: Tensor, zs: List[Tensor]) -> Tensor:
+        return self.m.log_joint(x, zs)
+
+
 class CompiledLoneStep:
-    """A LoneStep (one surrogate for θ and φ) with the forward and the loss as one torch.compile'd
-    graph: the ε drawn eagerly from the run's generator in the order and shapes log_weights draws
-    them (so the same values), the gradients by autograd through the compiled graph's backward,
-    then the step's own Adam. On a CPU it cuts the per-op dispatch and fuses the elementwise work
-    (tanh, the likelihood, log q): up to ~1.2x steps/s for burda1/burda2 reparam (scripts/bench.py).
-    Same contract as LoneStep; vaexp.training.capture.fast_step runs it behind a first-step check."""
+    """A LoneStep with the forward and the loss as one torch.compile'd graph (autograd runs its
+    compiled backward): the ε drawn eagerly from the run's generator in the order and shapes
+    log_weights draws them (so the same values), then the step's own Adam. With two surrogates
+    (stl, dreg, the rws family, split objectives) the graph returns L_θ(θ, stop(z)) + L_φ(stop(θ),
+    φ): the log-weights once with the samples stopped, once with the decoder's parameters stopped
+    (the same values; the compiler computes the shared forward once), so one backward pass of their
+    sum gives ∂L_θ/∂θ and ∂L_φ/∂φ, where the eager step needs two passes (through a compiled graph
+    each would be a whole one). On a CPU it cuts the per-op dispatch and fuses the elementwise work
+    (tanh, the likelihood, log q). Same contract as LoneStep; vaexp.training.capture.fast_step runs
+    it behind a first-step check of its gradients against the eager step's."""
 
     def __init__(self, lone: LoneStep):
         self.lone, self.opt, self.params, self.generators = lone, lone.opt, lone.params, lone.generators
         model, spec, obj, est = lone.model, lone.spec, lone.obj, lone.est
+        shared = est.name == "reparam" and not obj.split
+        joint = _Joint(model)
+        decoder = {name for name, _ in joint.named_parameters() if name.startswith("m.decoder.")}
 
         def forward(x: Tensor, eps: List[Tensor]):
-            lws = model.log_weights(x, spec.m, spec.k, need_bar=False, eps=eps)
-            losses = surrogate_losses(obj, est, lws.lw, None)
-            return losses.theta_loss, losses.bound.mean(), losses.phi_bound.mean()
+            zs, log_q, log_q_bar, log_q_score = sample_encoder(model.encoder, x, spec.m, spec.k, est.needs_lw_bar,
+                                                               eps=eps, need_score=est.needs_score)
+            if shared:  # one surrogate for θ and φ
+                losses = surrogate_losses(obj, est, model.log_joint(x, zs) - log_q, None)
+                return losses.theta_loss, losses.bound.mean(), losses.phi_bound.mean()
+            # θ's gradient never flows through the samples, φ's never through the decoder's parameters
+            lw_theta = model.log_joint(x, [z.detach() for z in zs]) - log_q.detach()
+            frozen = {name: p.detach() for name, p in joint.named_parameters() if name in decoder}
+            log_p = functional_call(joint, frozen, (x, zs), strict=False)
+            lw_bar = log_p - log_q_bar if est.needs_lw_bar else None
+            theta_bound = obj.theta(lw_theta)
+            phi = surrogate_losses(obj, est, log_p - log_q, lw_bar, log_q_score)
+            return -theta_bound.mean() + phi.phi_loss, theta_bound.detach().mean(), phi.phi_bound.mean()
 
         # Dynamo caches compiled code per code object, and `forward` is the same code object for
         # every run: the jobs of a sweep (run one after another in one process) would pile up
