@@ -52,6 +52,24 @@ def _models():
             "burda2": (burda2, torch.tensor([[1, 0, 1, 1, 0, 0], [0, 0, 1, 0, 1, 1]], dtype=F64))}
 
 
+def _assert_draws_are_the_trainers(model, x, obj, ests, m, k, n, seed, g_theta, g_phi, monkeypatch):
+    """Draw r of n (ε: generator `seed`, [n, M, K, B, D] per layer, sliced at r) fed to the plain
+    model gives exactly the trainer's gradients (surrogate_losses + gradients) for θ and every φ."""
+    gen = torch.Generator().manual_seed(seed)
+    layer_eps = [torch.randn((n, m, k, x.shape[0], d), generator=gen, dtype=F64) for d in model.latents]
+    real_randn = torch.randn
+    for r in range(n):
+        for e, est in enumerate(ests):
+            queue = [eps[r] for eps in layer_eps]
+            monkeypatch.setattr(torch, "randn", lambda *a, **kw: queue.pop(0))
+            lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, need_score=est.needs_score)
+            monkeypatch.setattr(torch, "randn", real_randn)
+            gt, gp = gradients(surrogate_losses(obj, est, lws.lw, lws.lw_bar, lws.log_q_score),
+                               model.theta_parameters(), model.phi_parameters())
+            torch.testing.assert_close(g_theta[r], torch.cat([g.reshape(-1) for g in gt]), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(g_phi[e][r], torch.cat([g.reshape(-1) for g in gp]), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("objective", ["piwae", "ciwae"])
 @pytest.mark.parametrize("name", ["gaussian2", "burda2"])
 def test_batched_draws_equal_the_trainers_gradients(name, objective, monkeypatch):
@@ -65,19 +83,7 @@ def test_batched_draws_equal_the_trainers_gradients(name, objective, monkeypatch
     g_theta, g_phi = sampler.draw(m, k, n, torch.Generator().manual_seed(5))
     assert g_theta.shape == (n, sampler.sizes[0]) and len(g_phi) == 3
 
-    gen = torch.Generator().manual_seed(5)
-    layer_eps = [torch.randn((n, m, k, x.shape[0], d), generator=gen, dtype=F64) for d in model.latents]
-    real_randn = torch.randn
-    for r in range(n):
-        for e, est in enumerate(ests):
-            queue = [eps[r] for eps in layer_eps]
-            monkeypatch.setattr(torch, "randn", lambda *a, **kw: queue.pop(0))
-            lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar)
-            monkeypatch.setattr(torch, "randn", real_randn)
-            gt, gp = gradients(surrogate_losses(obj, est, lws.lw, lws.lw_bar), model.theta_parameters(),
-                               model.phi_parameters())
-            torch.testing.assert_close(g_theta[r], torch.cat([g.reshape(-1) for g in gt]), rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(g_phi[e][r], torch.cat([g.reshape(-1) for g in gp]), rtol=1e-10, atol=1e-12)
+    _assert_draws_are_the_trainers(model, x, obj, ests, m, k, n, 5, g_theta, g_phi, monkeypatch)
     # the draws are independent, not copies
     assert (g_theta[0] - g_theta[1]).abs().max() > 1e-3
 
@@ -252,19 +258,7 @@ def test_batched_draws_of_the_new_estimators_equal_the_trainers(name, monkeypatc
         sampler = GradientSampler(model, x, obj, ests)
         assert sampler.need_score
         g_theta, g_phi = sampler.draw(m, k, n, torch.Generator().manual_seed(6))
-        gen = torch.Generator().manual_seed(6)
-        layer_eps = [torch.randn((n, m, k, x.shape[0], d), generator=gen, dtype=F64) for d in model.latents]
-        real_randn = torch.randn
-        for r in range(n):
-            for e, est in enumerate(ests):
-                queue = [eps[r] for eps in layer_eps]
-                monkeypatch.setattr(torch, "randn", lambda *a, **kw: queue.pop(0))
-                lws = model.log_weights(x, m, k, need_bar=est.needs_lw_bar, need_score=est.needs_score)
-                monkeypatch.setattr(torch, "randn", real_randn)
-                gt, gp = gradients(surrogate_losses(obj, est, lws.lw, lws.lw_bar, lws.log_q_score),
-                                   model.theta_parameters(), model.phi_parameters())
-                torch.testing.assert_close(g_theta[r], torch.cat([g.reshape(-1) for g in gt]), rtol=1e-10, atol=1e-12)
-                torch.testing.assert_close(g_phi[e][r], torch.cat([g.reshape(-1) for g in gp]), rtol=1e-10, atol=1e-12)
+        _assert_draws_are_the_trainers(model, x, obj, ests, m, k, n, 6, g_theta, g_phi, monkeypatch)
 
 
 def test_snr_command_with_the_new_estimators_and_the_bias_column(vaexp_main, tmp_path):
