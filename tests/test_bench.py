@@ -63,3 +63,23 @@ def test_the_roofline_counts_each_gemm_of_a_step():
     mm = [c for c in calls if c[0] == "aten.mm.default"][0]
     assert mm[1][0] == ((4, 6), (1, 4)) and roof.inputs[mm][0].stride() == (1, 4)
     assert roof.seconds(reps=1) > 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_the_rooflines_onednn_forms_compute_the_recorded_products():
+    """The limit is the faster kernel of the *same* product: each recorded GEMM (with vaexp's
+    layouts: transposed weights, a row bias, a stack's [N, 1, out] bias) by oneDNN equals ATen's."""
+    bench = load_bench()
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 20, generator=gen), torch.randn(20, 10, generator=gen)
+    bias = torch.randn(10, generator=gen)
+    a3, b3 = torch.randn(3, 30, 20, generator=gen), torch.randn(3, 20, 10, generator=gen)
+    bias3 = torch.randn(3, 1, 10, generator=gen)
+    cases = [("aten.mm.default", [a, b]), ("aten.mm.default", [a, b.t().contiguous().t()]),
+             ("aten.addmm.default", [bias, a, b]), ("aten.bmm.default", [a3, b3]),
+             ("aten.baddbmm.default", [bias3, a3, b3])]
+    for name, args in cases:
+        want = getattr(torch.ops.aten, name.split(".")[1])(*args)
+        got = bench._onednn_form(name, args)()
+        got = torch.stack(got) if isinstance(got, list) else got
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -623,6 +623,17 @@ def test_case15_settings_that_would_reach_torch_unchecked(override, tmp_path, va
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name,value,words", [("VAEXP_GEMM", "mkl", "one of auto, onednn, aten"),
+                                             ("VAEXP_THREADS", "two", "a whole number >= 1"),
+                                             ("VAEXP_THREADS", "0", "a whole number >= 1")])
+def test_case15_environment_variables_with_values_vaexp_cannot_take(name, value, words, tmp_path, vaexp_main,
+                                                                       monkeypatch):
+    monkeypatch.setenv(name, value)
+    res = vaexp_main("train", *TINY, f"out_root={tmp_path / 'out'}")
+    assert_one_line_error(res, 2, f"{name}={value!r}", words)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_case16_a_signal_while_loading_data_leaves_no_run_dir(sig, tmp_path, vaexp_main, monkeypatch):
     real = vaexp.training.loop.load_dataset

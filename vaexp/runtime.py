@@ -21,10 +21,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 FLUSH_ENV = "VAEXP_FLUSH_DENORMAL"   # "0": keep IEEE gradual underflow
 THREADS_ENV = "VAEXP_THREADS"        # a fixed intra-op thread count (no governor)
+GEMM_ENV = "VAEXP_GEMM"              # the dense layers' GEMM kernel (vaexp.models.dense)
+GEMM_BACKENDS = ("auto", "onednn", "aten")
 # The governor: how often it samples /proc/stat, and how much of a core other processes may use
 # before a thread gives way (0.3: a shell or an editor does not count; a busy process does).
 SAMPLE_S = 0.25
 SLACK = 0.3
+
+
+def env_problem() -> Optional[str]:
+    """One line naming a vaexp environment variable with a value it cannot take, or None."""
+    threads = os.environ.get(THREADS_ENV)
+    if threads and not (threads.strip().isdigit() and int(threads) >= 1):
+        return f"{THREADS_ENV}={threads!r}: a thread count must be a whole number >= 1; fix it or unset it"
+    gemm = os.environ.get(GEMM_ENV)
+    if gemm is not None and gemm not in GEMM_BACKENDS:
+        return (f"{GEMM_ENV}={gemm!r}: one of {', '.join(GEMM_BACKENDS)} (auto: oneDNN for big layers on "
+                f"non-Intel x86 CPUs, MKL elsewhere); fix it or unset it")
+    return None
 
 
 def tune_cpu_allocator() -> bool:

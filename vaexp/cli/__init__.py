@@ -89,6 +89,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(USAGE, end="")
         return
     name, rest = argv[0], argv[1:]
+    problem = runtime.env_problem()
+    if problem is not None:
+        print(f"vaexp: {problem}", file=sys.stderr)
+        sys.exit(2)
     if name not in COMMANDS:
         print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
         sys.exit(2)

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-BACKENDS = ("auto", "onednn", "aten")
-BACKEND_ENV = "VAEXP_GEMM"
+from vaexp.runtime import GEMM_BACKENDS as BACKENDS, GEMM_ENV as BACKEND_ENV
+
 # A layer goes through oneDNN from this many multiply-adds (rows x in x out) per GEMM. Eager with
 # gradients, below ~16M (burda1's layers at k = 5) the custom Function's Python cost per call
 # outweighs the faster kernel; without that cost (a compiled graph, or nothing to differentiate),
@@ -39,7 +39,8 @@ MIN_MACS_LEAN = 1 << 21
 FUSED = {"tanh": torch.ops.aten.tanh_backward, "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
 PLAIN = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus, None: None}
 
-_backend = os.environ.get(BACKEND_ENV, "auto")
+# (the CLI refuses another value of $VAEXP_GEMM with one line: vaexp.runtime.env_problem)
+_backend = os.environ.get(BACKEND_ENV) if os.environ.get(BACKEND_ENV) in BACKENDS else "auto"
 _cpu_vendor: Optional[str] = None
 
 
