@@ -146,8 +146,9 @@ def test_the_same_bits_at_one_and_two_threads():
 
 
 @needs_onednn
-def test_inside_torch_compile_the_same_numbers():
-    x, w, b, gen = _inputs((64,), 50, 200)
+@pytest.mark.parametrize("rows", [64, 600])  # 600: a widening layer on many rows, ∂W by oneDNN too
+def test_inside_torch_compile_the_same_numbers(rows):
+    x, w, b, gen = _inputs((rows,), 50, 200)
 
     def f(x, w, b):
         return (dense.linear(x, w, b, "tanh") ** 2).sum()

@@ -6,7 +6,7 @@ Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. :func:`li
 runs a layer's forward and ∂x GEMMs through oneDNN (backend auto: x86 CPUs that are not Intel's,
 for layers of at least MIN_MACS multiply-adds; smaller ones are launch-bound and stay on MKL),
 with tanh/relu fused into the forward GEMM's epilogue (their backward needs only y), and ∂W on
-MKL. Its backward computes only the gradients the running backward pass asks for (as torch's own
+MKL (in compiled graphs on oneDNN for widening layers on many rows). Its backward computes only the gradients the running backward pass asks for (as torch's own
 addmm does; a custom Function is only told which inputs require grad), which matters for the
 two passes of DReG/STL. Inside torch.compile the same kernel runs as the op vaexp::onednn_linear.
 Elsewhere (CUDA, other dtypes, torch.func transforms, dispatch modes, backend aten, small layers)
@@ -35,6 +35,8 @@ from vaexp.runtime import GEMM_BACKENDS as BACKENDS, GEMM_ENV as BACKEND_ENV
 # (measured on the Zen 5 VM, 2 threads).
 MIN_MACS = 1 << 24
 MIN_MACS_LEAN = 1 << 21
+# ∂W by oneDNN (compiled graphs, widening layers) from this many rows: fewer, and oneDNN is slower.
+MIN_WEIGHT_GRAD_ROWS = 512
 # Activations oneDNN fuses into the GEMM (its eltwise post-ops), with their backward from y alone.
 FUSED = {"tanh": torch.ops.aten.tanh_backward, "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
 PLAIN = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus, None: None}
@@ -141,15 +143,23 @@ def _wanted(node) -> bool:
         return True
 
 
-def _grads(g: Tensor, x2: Tensor, w: Tensor, y: Optional[Tensor], act: Optional[str], need, dnn):
+def _grads(g: Tensor, x2: Tensor, w: Tensor, y: Optional[Tensor], act: Optional[str], need, dnn,
+           traced: bool = False):
     """(∂x, ∂W, ∂b) of act(x2 Wᵀ + b) for the upstream gradient g; None where `need` says no."""
     if act is not None:
         g = FUSED[act](g, y)
     g = g.contiguous()
     dx = dnn(g, w.t(), None, "none") if need[0] else None
-    # ∂W = gᵀx by MKL, which reads transposed operands as they are; oneDNN's linear would first copy
-    # gᵀ (a transposing copy of [rows, out], slower in a real step than MKL's whole product)
-    dw = g.t() @ x2 if need[1] else None
+    dw = None
+    if need[1]:
+        # ∂W = gᵀx. oneDNN's linear reads gᵀ only as a contiguous copy: eager, that transposing
+        # copy costs more than MKL's whole product (which reads the transposed operands in place);
+        # in a compiled graph the compiler writes gᵀ from the kernel that makes g, and oneDNN wins
+        # for a widening layer on many rows (the 200->784 logits layer at k = 50: 0.70 ms vs 1.57)
+        if traced and w.shape[0] > w.shape[1] and x2.shape[0] >= MIN_WEIGHT_GRAD_ROWS:
+            dw = dnn(g.t().contiguous(), x2.t(), None, "none")
+        else:
+            dw = g.t() @ x2
     db = g.sum(0) if need[2] else None
     return dx, dw, db
 
@@ -206,7 +216,7 @@ class _TracedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x2, w, y = ctx.saved_tensors
-        return _grads(g, x2, w, y, ctx.act, ctx.needs_input_grad, _op) + (None,)
+        return _grads(g, x2, w, y, ctx.act, ctx.needs_input_grad, _op, traced=True) + (None,)
 
 
 def _plain(x: Tensor, w: Tensor, b: Optional[Tensor], act: Optional[str]) -> Tensor:
