@@ -146,9 +146,10 @@ def test_the_same_bits_at_one_and_two_threads():
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [64, 600])  # 600: a widening layer on many rows, ∂W by oneDNN too
-def test_inside_torch_compile_the_same_numbers(rows):
-    x, w, b, gen = _inputs((rows,), 50, 200)
+@pytest.mark.parametrize("rows,n_in,n_out", [(64, 50, 200), (600, 50, 200), (600, 30, 30), (600, 200, 50)])
+def test_inside_torch_compile_the_same_numbers(rows, n_in, n_out):
+    """(600 rows: ∂W by oneDNN for the widening and the square layer, MKL for the narrowing one.)"""
+    x, w, b, gen = _inputs((rows,), n_in, n_out)
 
     def f(x, w, b):
         return (dense.linear(x, w, b, "tanh") ** 2).sum()

@@ -6,7 +6,7 @@ Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. :func:`li
 runs a layer's forward and ∂x GEMMs through oneDNN (backend auto: x86 CPUs that are not Intel's,
 for layers of at least MIN_MACS multiply-adds; smaller ones are launch-bound and stay on MKL),
 with tanh/relu fused into the forward GEMM's epilogue (their backward needs only y), and ∂W on
-MKL (in compiled graphs on oneDNN for widening layers on many rows). Its backward computes only the gradients the running backward pass asks for (as torch's own
+MKL (in compiled graphs on oneDNN for widening and square layers on many rows). Its backward computes only the gradients the running backward pass asks for (as torch's own
 addmm does; a custom Function is only told which inputs require grad), which matters for the
 two passes of DReG/STL. Inside torch.compile the same kernel runs as the op vaexp::onednn_linear.
 Elsewhere (CUDA, other dtypes, torch.func transforms, dispatch modes, backend aten, small layers)
@@ -35,7 +35,8 @@ from vaexp.runtime import GEMM_BACKENDS as BACKENDS, GEMM_ENV as BACKEND_ENV
 # (measured on the Zen 5 VM, 2 threads).
 MIN_MACS = 1 << 24
 MIN_MACS_LEAN = 1 << 21
-# ∂W by oneDNN (compiled graphs, widening layers) from this many rows: fewer, and oneDNN is slower.
+# ∂W by oneDNN (compiled graphs, widening and square layers) from this many rows: fewer, and
+# oneDNN is slower.
 MIN_WEIGHT_GRAD_ROWS = 512
 # Activations oneDNN fuses into the GEMM (its eltwise post-ops), with their backward from y alone.
 FUSED = {"tanh": torch.ops.aten.tanh_backward, "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
@@ -155,8 +156,9 @@ def _grads(g: Tensor, x2: Tensor, w: Tensor, y: Optional[Tensor], act: Optional[
         # ∂W = gᵀx. oneDNN's linear reads gᵀ only as a contiguous copy: eager, that transposing
         # copy costs more than MKL's whole product (which reads the transposed operands in place);
         # in a compiled graph the compiler writes gᵀ from the kernel that makes g, and oneDNN wins
-        # for a widening layer on many rows (the 200->784 logits layer at k = 50: 0.70 ms vs 1.57)
-        if traced and w.shape[0] > w.shape[1] and x2.shape[0] >= MIN_WEIGHT_GRAD_ROWS:
+        # for a widening or square layer on many rows (at k = 50: the 200->784 logits layer 0.70 ms
+        # vs 1.57, a 200->200 layer 0.24 vs 0.41; a narrowing one measured no faster)
+        if traced and w.shape[0] >= w.shape[1] and x2.shape[0] >= MIN_WEIGHT_GRAD_ROWS:
             dw = dnn(g.t().contiguous(), x2.t(), None, "none")
         else:
             dw = g.t() @ x2
