@@ -6,9 +6,9 @@ Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. :func:`li
 runs a layer's forward and ∂x GEMMs through oneDNN (backend auto: x86 CPUs that are not Intel's,
 for layers of at least MIN_MACS multiply-adds; smaller ones are launch-bound and stay on MKL),
 with tanh/relu fused into the forward GEMM's epilogue (their backward needs only y), and ∂W on
-MKL (in compiled graphs on oneDNN for widening and square layers on many rows). Its backward computes only the gradients the running backward pass asks for (as torch's own
-addmm does; a custom Function is only told which inputs require grad), which matters for the
-two passes of DReG/STL. Inside torch.compile the same kernel runs as the op vaexp::onednn_linear.
+MKL (in compiled graphs on oneDNN for widening and square layers on many rows). Its backward
+computes only the gradients the running backward pass asks for (as torch's own addmm does; a
+custom Function is only told which inputs require grad), which matters for DReG/STL's two passes. Inside torch.compile the same kernel runs as the op vaexp::onednn_linear.
 Elsewhere (CUDA, other dtypes, torch.func transforms, dispatch modes, backend aten, small layers)
 it is F.linear plus the activation. Invariants: values and gradients equal the plain formula's up
 to float rounding (tests/test_dense.py); which kernel runs depends on the backend, the device,
