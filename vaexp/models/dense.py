@@ -8,12 +8,13 @@ for layers of at least MIN_MACS multiply-adds; smaller ones are launch-bound and
 with tanh/relu fused into the forward GEMM's epilogue (their backward needs only y), and ∂W on
 MKL (in compiled graphs on oneDNN for widening and square layers on many rows). Its backward
 computes only the gradients the running backward pass asks for (as torch's own addmm does; a
-custom Function is only told which inputs require grad), which matters for DReG/STL's two passes. Inside torch.compile the same kernel runs as the op vaexp::onednn_linear.
-Elsewhere (CUDA, other dtypes, torch.func transforms, dispatch modes, backend aten, small layers)
-it is F.linear plus the activation. Invariants: values and gradients equal the plain formula's up
-to float rounding (tests/test_dense.py); which kernel runs depends on the backend, the device,
-the CPU vendor, eager or compiled, and the shapes only, never on history or the thread count
-(both kernels give the same bits at 1 and 2 threads), so a resumed run computes what it would have.
+custom Function is only told which inputs require grad), which matters for DReG/STL's two passes.
+Inside torch.compile the same kernel runs as the op vaexp::onednn_linear. Elsewhere (CUDA, other
+dtypes, torch.func transforms, dispatch modes, backend aten, small layers) it is F.linear plus the
+activation. Invariants: values and gradients equal the plain formula's up to float rounding
+(tests/test_dense.py); which kernel runs depends on the backend, the device, the CPU vendor, eager
+or compiled, and the shapes only, never on history or the thread count (both kernels give the same
+bits at 1 and 2 threads), so a resumed run computes what it would have.
 """
 from __future__ import annotations
 
