@@ -190,9 +190,10 @@ def _onednn_form(name: str, args: List[Tensor]) -> Callable[[], object]:
     if name == "aten.bmm.default":
         a, b = args
         return lambda: [lin(a[i], b[i].t(), None, "none", [], "") for i in range(a.shape[0])]
-    bias, a, b = args[:3]  # baddbmm: bias [N, 1, out] in vaexp's stacks
-    return lambda: [lin(a[i], b[i].t(), bias[i].reshape(-1) if bias[i].shape[0] == 1 else None, "none", [], "")
-                    for i in range(a.shape[0])]
+    bias, a, b = args[:3]  # baddbmm: bias [N, 1, out] in vaexp's stacks (a row bias per slice)
+    if bias.dim() == 3 and bias.shape[1] == 1:
+        return lambda: [lin(a[i], b[i].t(), bias[i].reshape(-1), "none", [], "") for i in range(a.shape[0])]
+    return lambda: [lin(a[i], b[i].t(), None, "none", [], "") + bias[i] for i in range(a.shape[0])]
 
 
 def _strided(size, stride, dtype, device) -> Tensor:

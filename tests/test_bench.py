@@ -77,7 +77,8 @@ def test_the_rooflines_onednn_forms_compute_the_recorded_products():
     bias3 = torch.randn(3, 1, 10, generator=gen)
     cases = [("aten.mm.default", [a, b]), ("aten.mm.default", [a, b.t().contiguous().t()]),
              ("aten.addmm.default", [bias, a, b]), ("aten.bmm.default", [a3, b3]),
-             ("aten.baddbmm.default", [bias3, a3, b3])]
+             ("aten.baddbmm.default", [bias3, a3, b3]),
+             ("aten.baddbmm.default", [torch.randn(3, 30, 10, generator=gen), a3, b3])]
     for name, args in cases:
         want = getattr(torch.ops.aten, name.split(".")[1])(*args)
         got = bench._onednn_form(name, args)()

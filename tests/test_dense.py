@@ -201,8 +201,13 @@ def test_the_backend_rule(monkeypatch):
         dense.set_backend("mkl")
 
 
-def test_vendor_is_read_from_the_cpu():
-    assert dense.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "") or dense.cpu_vendor()
+def test_the_vendor_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    assert dense.read_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\n")                       # no vendor line (e.g. aarch64)
+    assert dense.read_vendor(str(info)) == ""
+    assert dense.read_vendor(str(tmp_path / "missing")) == ""  # not Linux: unknown, so MKL's kernels
 
 
 def test_the_plain_formula_where_onednn_does_not_apply():

@@ -70,18 +70,22 @@ def backend(name: str) -> Iterator[None]:
         set_backend(old)
 
 
+def read_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), "" where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_vendor() -> str:
     global _cpu_vendor
     if _cpu_vendor is None:
-        _cpu_vendor = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("vendor_id"):
-                        _cpu_vendor = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
+        _cpu_vendor = read_vendor()
     return _cpu_vendor
 
 
