@@ -9,6 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from vaexp import evaluate as ev
+from vaexp.models import likelihood
 from vaexp.schema import EvalConf
 from vaexp.evaluate import DEFAULT_ROWS, active_units, evaluate, format_table, log_likelihoods
 from vaexp.models.base import LogWeights
@@ -220,3 +222,95 @@ def test_format_table():
     names = [line.split()[0] for line in lines[1:-1]]
     assert names == ["L1", "L64", "L5000"]  # in numeric order
     assert "active units" in lines[-1] and "19/100, 5/50" in lines[-1]
+
+
+def _binary(n: int, d: int, seed: int) -> torch.Tensor:
+    return (torch.rand(n, d, generator=torch.Generator().manual_seed(seed)) < 0.3).float()
+
+
+@pytest.fixture
+def compiled_pass(monkeypatch):
+    """The compiled evaluation pass for evaluations of any size, built afresh (skips without a compiler)."""
+    if likelihood._kernels(torch.device("cpu")) is None:
+        pytest.skip("torch.compile does not work on this machine")
+    monkeypatch.setattr(ev, "COMPILE_MIN_ROWS", 0)
+    monkeypatch.setattr(ev, "_compiled_pass", {})
+
+
+def _eager_values(model, x, k, pass_rows):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ev._compiled_pass, "fn", False)
+        return log_likelihoods(model, x, k, [1, 8], 300, 0, pass_rows=pass_rows)
+
+
+@pytest.mark.parametrize("k,pass_rows", [(200, 64), (20, 64), (20, 1000)])  # slices, whole examples, one pass
+def test_the_compiled_pass_gives_the_eager_passs_values(compiled_pass, k, pass_rows):
+    model = VAE([4, 3], [16, 12]).eval()  # D = 784, as the other compiled tests (each D is a graph of its own)
+    x = _binary(7, 784, 1)
+    calls = []
+    real = torch.compile(ev._eager_pass, dynamic=True, fullgraph=True)
+    ev._compiled_pass["fn"] = lambda *a: calls.append(1) or real(*a)
+    out = log_likelihoods(model, x, k, [1, 8], 300, 0, pass_rows=pass_rows)
+    assert calls and ev._compiled_pass["fn"] is not False  # it ran, and its check passed
+    ref = _eager_values(model, x, k, pass_rows)
+    for key in ref:
+        rtol = 1e-3 if key in ("ess", "max_weight") else 1e-6  # exponentials of log-weight differences
+        torch.testing.assert_close(out[key], ref[key], rtol=rtol, atol=1e-5)
+
+
+def test_a_failing_or_wrong_compiled_pass_falls_back_to_the_eager_pass(compiled_pass):
+    model = VAE([4], [16]).eval()
+    x = _binary(5, 784, 2)
+    ref = _eager_values(model, x, 50, 64)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    def wrong(model, xb, kp, eps):
+        return ev._eager_pass(model, xb, kp, eps) + 0.5
+
+    for fn, match in ((broken, "no C\\+\\+ compiler"), (wrong, "differ from the eager pass")):
+        ev._compiled_pass["fn"] = fn
+        with pytest.warns(RuntimeWarning, match=match):
+            out = log_likelihoods(model, x, 50, [1, 8], 300, 0, pass_rows=64)
+        assert ev._compiled_pass["fn"] is False  # and the eager pass from then on
+        for key in ref:
+            assert torch.equal(out[key], ref[key]), key
+
+
+def test_small_evaluations_plain_mode_and_no_compile_setting_run_the_eager_pass(monkeypatch):
+    model = VAE([4], [16], x_dim=48).eval()
+    cpu = torch.device("cpu")
+    assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS - 1).fn is None  # too small to repay a compilation
+    monkeypatch.setattr(ev, "_compiled_pass", {"fn": "compiled"})
+    assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn == "compiled"
+    with likelihood.mode("plain"):
+        assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
+    monkeypatch.setenv("VAEXP_COMPILE", "0")
+    assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
+
+
+def test_draws_side_by_side_are_the_draws_one_after_another():
+    """The ε of several passes drawn in parallel threads (one generator each) are those the passes
+    draw one at a time."""
+    model = VAE([3, 2], [8, 6], x_dim=30)
+    x = _binary(11, 30, 3)
+    groups = [[(b, 2 * b, min(11, 2 * b + 2))] for b in range(6)]  # six blocks of two examples
+    out = {}
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            draws = ev._Draws(x, model, groups, 7, 4, 5, torch.Generator())
+            out[threads] = [draws(i) for i in range(len(groups))]
+            assert len(draws.generators) == min(threads, len(groups))
+    finally:
+        torch.set_num_threads(old)
+    for serial, parallel in zip(out[1], out[4]):
+        assert [kp for kp, _ in serial] == [kp for kp, _ in parallel] == [4, 3]  # pieces of 4 and 3 samples
+        for (_, e1), (_, e2) in zip(serial, parallel):
+            assert all(torch.equal(a, b) for a, b in zip(e1, e2))
+    # and they are the draws of log_weights itself, block by block
+    gen = torch.Generator().manual_seed(ev.block_seed(5, 3))
+    first = torch.randn((1, 4, 2, 3), generator=gen)
+    assert torch.equal(out[4][3][0][1][0], first)

@@ -4,6 +4,7 @@ backward pass and the evaluation; the fallbacks (no compiler, a kernel that fail
 torch.func transforms, small calls)."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -47,8 +48,9 @@ def test_plain_formula_matches_the_definition():
 
 @pytest.mark.parametrize("shape_l,shape_x", [((2, 3, 5, 784), (5, 784)),          # one model, M x K samples
                                              ((4, 6, 5, 784), (4, 1, 5, 784)),    # a stack of 4
-                                             ((3, 7, 30), (7, 30)),               # D = 30: groups of 15
-                                             ((2, 4, 13), (4, 13))])              # D prime: groups of 1
+                                             ((3, 7, 30), (7, 30)),               # D = 30: 15 factors of 2 lanes
+                                             ((2, 4, 13), (4, 13)),               # D prime: 13 factors, 1 lane
+                                             ((2, 3, 1600), (3, 1600))])          # 50 factors of 32 lanes
 def test_compiled_value_and_gradient_equal_the_plain_formula(compiler, shape_l, shape_x):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(*shape_l, generator=gen) * 6
@@ -190,3 +192,34 @@ def test_shapes_it_does_not_fuse_get_the_plain_formula():
         assert L._blocks(x, logits.transpose(1, 2).contiguous().transpose(1, 2)) is None  # not contiguous
         assert L._blocks(x, logits) == (1, 6, 100, 784)
         assert L._blocks(x_full[:, :1], logits) == (2, 3, 100, 784)  # a stack: x [N, 1, B, D]
+
+
+def test_products_run_down_whole_vectors_and_stay_inside_fp32():
+    """Each product has at most MAX_FACTORS factors in (1, 2] (so < 2^64), down a multiple of 16 lanes
+    where one divides D."""
+    assert L._factors(784) == 49          # 16 lanes (one AVX-512 vector) of 49 factors
+    assert L._factors(48) == 3
+    assert L._factors(1600) == 50         # 16 lanes would be 100 factors: 32 lanes
+    assert L._factors(30) == 15 and L._factors(13) == 13 and L._factors(1) == 1  # no multiple of 16 divides D
+    for d in range(1, 3000):
+        a = L._factors(d)
+        assert d % a == 0 and a <= L.MAX_FACTORS, d
+    # the largest product there can be: D pixels at logit 0, every factor exactly 2
+    logits, x = torch.zeros(1, 1600), torch.zeros(1, 1600)
+    torch.testing.assert_close(L._forward_math(logits, x), torch.tensor([-1600 * math.log(2.0)]))
+
+
+def test_inside_a_compiled_graph_it_is_the_fused_math_and_differentiates(compiler):
+    """In a torch.compile trace (the evaluation's compiled pass, the compiled training step) the
+    value without a gradient is the lane-product math, with one the plain formula's derivative."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 40, 784, generator=gen) * 6
+    x = (torch.rand(40, 784, generator=gen) < 0.3).float()
+    f = torch.compile(lambda x, l: L.bernoulli_log_lik(x, l) * 1.0, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x, logits), L._forward_math(logits.view(1, 3, 40, 784), x.view(1, 1, 40, 784))
+                                   .view(3, 40), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(f(x, logits).double(), reference(x, logits), rtol=1e-6, atol=2e-4)
+    logits.requires_grad_()
+    (g,) = torch.autograd.grad(f(x, logits).sum(), logits)
+    torch.testing.assert_close(g, x - torch.sigmoid(logits.detach()), rtol=1e-5, atol=1e-6)

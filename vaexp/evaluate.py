@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -18,6 +20,7 @@ from vaexp import rundir, runtime, surgery
 from vaexp.data import load_dataset
 from vaexp.errors import VaexpError, memory_hint
 from vaexp.models import build_model
+from vaexp.models import likelihood
 from vaexp.models.burda import VAE
 from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
@@ -35,6 +38,11 @@ LOW_ESS = 10
 # (2-core measurement: ~3x faster per example than passes of 65,536 rows, whose 200 MB
 # temporaries are page-faulted afresh on every allocation).
 CPU_PASS_ROWS = 4096
+# The compiled forward pass (_Pass) from this many log-weight rows (examples x K) per evaluation: it
+# saves ~0.5 ms per image at K = 5000 (~7%) and its compilation costs ~2 s more than the likelihood
+# kernels' alone with an empty compiler cache (~0.5 s with a warm one; Zen 5 VM, 2 threads), so
+# from ~3,400 images at K = 5000 (the whole test set, not the small evaluations during training).
+COMPILE_MIN_ROWS = 1 << 24
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -80,18 +88,21 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     # Whole blocks per forward pass (only when a block holds all K samples of its examples).
     per_pass = max(1, pass_rows // (examples * k)) if pass_rows is not None and per_piece == k else 1
     bar = _bar(n, progress)
-    for first in range(0, len(starts), per_pass):
+    groups = [[(b, starts[b], min(n, starts[b] + examples)) for b in range(first, min(first + per_pass, len(starts)))]
+              for first in range(0, len(starts), per_pass)]
+    if pass_rows is not None:
+        draws = _Draws(x, model, groups, k, per_piece, seed, generator)
+        run_pass = _Pass(model, x.device, n * k)
+    for i, blocks in enumerate(groups):
         runtime.adapt_threads()  # the thread governor's count, applied between passes
-        blocks = range(first, min(first + per_pass, len(starts)))
-        start, stop = starts[blocks[0]], min(n, starts[blocks[-1]] + examples)
+        start, stop = blocks[0][1], blocks[-1][2]
+        xb = x[start:stop]
         if pass_rows is None:
-            generator.manual_seed(block_seed(seed, blocks[0]))
-            xb = x[start:stop]
+            generator.manual_seed(block_seed(seed, blocks[0][0]))
             lw = torch.cat([model.log_weights(xb, 1, min(per_piece, k - s), generator=generator).lw[0]
                             for s in range(0, k, per_piece)])
         else:
-            lw = _blocks_log_weights(model, x, [(b, starts[b], min(n, starts[b] + examples)) for b in blocks],
-                                     k, per_piece, pass_rows, seed, generator)
+            lw = torch.cat([_passes(run_pass, xb, kp, eps, pass_rows) for kp, eps in draws(i)])
         lw = lw.double()  # [K, examples of these blocks]
         out["log_px"][start:stop] = torch.logsumexp(lw, 0) - math.log(k)
         out["ess"][start:stop], out["max_weight"][start:stop] = weight_diagnostics(lw)
@@ -121,13 +132,60 @@ def weight_summary(ess: Tensor, max_weight: Tensor) -> Dict[str, float]:
     return {key: float(v) for key, v in zip(rundir.WEIGHT_KEYS, values)}
 
 
-def _blocks_log_weights(model, x: Tensor, blocks, k: int, per_piece: int, pass_rows: int, seed: int,
-                        generator: torch.Generator) -> Tensor:
-    """lw [K, examples] of consecutive draw blocks (block, start, stop), ε drawn per block and
-    per piece in the order log_weights draws them, computed in passes of ~pass_rows rows."""
-    dtype = next(model.parameters()).dtype
-    latents = list(model.latents)
-    pieces = []  # per piece of samples: (k_p, [eps per layer, [1, k_p, examples, D]])
+# -- the forward pass: compiled on a CPU ----------------------------------------------------------
+
+def _eager_pass(model, xb: Tensor, kp: int, eps: List[Tensor]) -> Tensor:
+    return model.log_weights(xb, 1, kp, eps=eps).lw[0]
+
+
+_compiled_pass: Dict[str, object] = {}  # "fn" -> the compiled pass, or False once it has failed
+
+
+class _Pass:
+    """lw [kp, b] of examples xb with the given ε. On a CPU, for Burda's VAE, in an evaluation of at
+    least COMPILE_MIN_ROWS rows, where torch.compile works: one compiled graph (the GEMMs are dense.py's oneDNN op; the sampling, log q, log p(z)
+    and the likelihood, one log per lane, fuse into a few loops around them; eagerly those are ~20
+    small ops a pass), its first call in each evaluation checked against the eager pass on the same
+    ε; the eager pass elsewhere (on CUDA it has not been measured), after a failure (with one
+    warning) and with VAEXP_COMPILE=0 or the likelihood's plain mode (the benchmark's 'today')."""
+
+    def __init__(self, model, device: torch.device, rows: int):
+        self.model, self.checked = model, False
+        self.fn = None
+        if (device.type == "cpu" and isinstance(model, VAE) and rows >= COMPILE_MIN_ROWS
+                and os.environ.get("VAEXP_COMPILE", "1") != "0" and likelihood.get_mode() != "plain"
+                and _compiled_pass.get("fn") is not False):
+            if "fn" not in _compiled_pass:
+                _compiled_pass["fn"] = torch.compile(_eager_pass, dynamic=True, fullgraph=True)
+            self.fn = _compiled_pass["fn"]
+
+    def __call__(self, xb: Tensor, kp: int, eps: List[Tensor]) -> Tensor:
+        if self.fn is not None:
+            try:
+                lw = self.fn(self.model, xb, kp, eps)
+                if not self.checked:
+                    ref = _eager_pass(self.model, xb, kp, eps)
+                    # sums of ~D terms each, in fp32: rounding ~1e-6 relative to the row's magnitude
+                    if lw.shape != ref.shape or not bool(((lw - ref).abs() <= 1e-4 * (1 + ref.abs())).all()):
+                        raise RuntimeError("its log-weights differ from the eager pass's")
+                    self.checked = True
+                return lw
+            except Exception as err:  # noqa: BLE001 - any failure: the eager pass from now on
+                _compiled_pass["fn"], self.fn = False, None
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                warnings.warn(f"vaexp: the compiled evaluation pass does not work ({type(err).__name__}: "
+                              f"{first[:200]}); using the eager pass (same values up to float rounding)",
+                              RuntimeWarning, stacklevel=2)
+        return _eager_pass(self.model, xb, kp, eps)
+
+
+# -- the draws ---------------------------------------------------------------------------------------
+
+def _draw_blocks(x: Tensor, latents: List[int], dtype: torch.dtype, blocks, k: int, per_piece: int, seed: int,
+                 generator: torch.Generator):
+    """The ε of consecutive draw blocks (block, start, stop), per block and per piece in the order
+    log_weights draws them: [(k_p, [ε per layer, [1, k_p, examples of the blocks, D]])] per piece."""
+    pieces = []  # per piece of samples: (k_p, [eps per layer, per block])
     for block, start, stop in blocks:
         generator.manual_seed(block_seed(seed, block))
         for p, s in enumerate(range(0, k, per_piece)):
@@ -138,26 +196,57 @@ def _blocks_log_weights(model, x: Tensor, blocks, k: int, per_piece: int, pass_r
                 pieces.append((kp, [eps]))
             else:
                 pieces[p][1].append(eps)
-    xb = x[blocks[0][1]:blocks[-1][2]]
-    lws = []
-    for kp, per_block in pieces:
-        eps = [torch.cat([e[i] for e in per_block], dim=2) for i in range(len(latents))]
-        lws.append(_passes(model, xb, kp, eps, pass_rows))
-    return torch.cat(lws)
+    return [(kp, per_block[0] if len(per_block) == 1 else
+             [torch.cat([e[i] for e in per_block], dim=2) for i in range(len(latents))]) for kp, per_block in pieces]
 
 
-def _passes(model, xb: Tensor, kp: int, eps: List[Tensor], pass_rows: int) -> Tensor:
-    """lw [kp, b] for examples xb with the given ε, in forward passes of about pass_rows rows."""
+class _Draws:
+    """The ε of each pass's draw blocks, in pass order. On a CPU with several threads those of the
+    next few passes are drawn side by side, one pass per thread, each from its own generator (every
+    block's generator is re-seeded from (seed, block), so the values are the same; torch's CPU
+    normal_ runs on one core, and was ~8% of an evaluation). Not overlapped with the passes' GEMMs,
+    which use every thread."""
+
+    def __init__(self, x: Tensor, model, groups: List[list], k: int, per_piece: int, seed: int,
+                 generator: torch.Generator):
+        self.args = (x, list(model.latents), next(model.parameters()).dtype)
+        self.groups, self.k, self.per_piece, self.seed = groups, k, per_piece, seed
+        self.generators = [generator]
+        self.ready: Dict[int, list] = {}
+
+    def __call__(self, i: int) -> list:
+        if i not in self.ready:
+            self.ready.clear()
+            n = min(torch.get_num_threads(), len(self.groups) - i) if self.args[0].device.type == "cpu" else 1
+            while len(self.generators) < n:
+                self.generators.append(torch.Generator(device=self.args[0].device))
+            todo = list(range(i, i + n))
+            if n == 1:
+                self.ready[i] = self._draw(i, self.generators[0])
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(n) as pool:
+                    self.ready = dict(zip(todo, pool.map(self._draw, todo, self.generators[:n])))
+        return self.ready.pop(i)
+
+    def _draw(self, i: int, generator: torch.Generator) -> list:
+        return _draw_blocks(*self.args, self.groups[i], self.k, self.per_piece, self.seed, generator)
+
+
+def _passes(run_pass, xb: Tensor, kp: int, eps: List[Tensor], pass_rows: int) -> Tensor:
+    """lw [kp, b] for examples xb with the given ε, in forward passes of at most pass_rows rows
+    (a piece of more samples than that in equal parts: no small remainder pass)."""
     b = xb.shape[0]
     if kp * b <= pass_rows:
-        return model.log_weights(xb, 1, kp, eps=eps).lw[0]
+        return run_pass(xb, kp, eps)
     if kp <= pass_rows:  # whole examples per pass
         step = max(1, pass_rows // kp)
-        return torch.cat([model.log_weights(xb[e:e + step], 1, kp, eps=[v[:, :, e:e + step] for v in eps]).lw[0]
+        return torch.cat([run_pass(xb[e:e + step], kp, [v[:, :, e:e + step] for v in eps])
                           for e in range(0, b, step)], dim=1)
-    return torch.cat([torch.cat([model.log_weights(xb[e:e + 1], 1, min(pass_rows, kp - s),
-                                                   eps=[v[:, s:s + pass_rows, e:e + 1] for v in eps]).lw[0]
-                                 for s in range(0, kp, pass_rows)]) for e in range(b)], dim=1)
+    size = -(-kp // -(-kp // pass_rows))
+    return torch.cat([torch.cat([run_pass(xb[e:e + 1], min(size, kp - s), [v[:, s:s + size, e:e + 1] for v in eps])
+                                 for s in range(0, kp, size)]) for e in range(b)], dim=1)
 
 
 def pass_rows_for(model, device: torch.device, k: int) -> Optional[int]:
