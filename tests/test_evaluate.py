@@ -288,29 +288,3 @@ def test_small_evaluations_plain_mode_and_no_compile_setting_run_the_eager_pass(
         assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
     monkeypatch.setenv("VAEXP_COMPILE", "0")
     assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
-
-
-def test_draws_side_by_side_are_the_draws_one_after_another():
-    """The ε of several passes drawn in parallel threads (one generator each) are those the passes
-    draw one at a time."""
-    model = VAE([3, 2], [8, 6], x_dim=30)
-    x = _binary(11, 30, 3)
-    groups = [[(b, 2 * b, min(11, 2 * b + 2))] for b in range(6)]  # six blocks of two examples
-    out = {}
-    old = torch.get_num_threads()
-    try:
-        for threads in (1, 4):
-            torch.set_num_threads(threads)
-            draws = ev._Draws(x, model, groups, 7, 4, 5, torch.Generator())
-            out[threads] = [draws(i) for i in range(len(groups))]
-            assert len(draws.generators) == min(threads, len(groups))
-    finally:
-        torch.set_num_threads(old)
-    for serial, parallel in zip(out[1], out[4]):
-        assert [kp for kp, _ in serial] == [kp for kp, _ in parallel] == [4, 3]  # pieces of 4 and 3 samples
-        for (_, e1), (_, e2) in zip(serial, parallel):
-            assert all(torch.equal(a, b) for a, b in zip(e1, e2))
-    # and they are the draws of log_weights itself, block by block
-    gen = torch.Generator().manual_seed(ev.block_seed(5, 3))
-    first = torch.randn((1, 4, 2, 3), generator=gen)
-    assert torch.equal(out[4][3][0][1][0], first)

@@ -88,12 +88,13 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     # Whole blocks per forward pass (only when a block holds all K samples of its examples).
     per_pass = max(1, pass_rows // (examples * k)) if pass_rows is not None and per_piece == k else 1
     bar = _bar(n, progress)
-    groups = [[(b, starts[b], min(n, starts[b] + examples)) for b in range(first, min(first + per_pass, len(starts)))]
+    # per forward-pass group: its draw blocks (block, first example, end)
+    passes = [[(b, starts[b], min(n, starts[b] + examples)) for b in range(first, min(first + per_pass, len(starts)))]
               for first in range(0, len(starts), per_pass)]
     if pass_rows is not None:
-        draws = _Draws(x, model, groups, k, per_piece, seed, generator)
         run_pass = _Pass(model, x.device, n * k)
-    for i, blocks in enumerate(groups):
+        latents, dtype = list(model.latents), next(model.parameters()).dtype
+    for blocks in passes:
         runtime.adapt_threads()  # the thread governor's count, applied between passes
         start, stop = blocks[0][1], blocks[-1][2]
         xb = x[start:stop]
@@ -102,7 +103,8 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
             lw = torch.cat([model.log_weights(xb, 1, min(per_piece, k - s), generator=generator).lw[0]
                             for s in range(0, k, per_piece)])
         else:
-            lw = torch.cat([_passes(run_pass, xb, kp, eps, pass_rows) for kp, eps in draws(i)])
+            pieces = _draw_blocks(x, latents, dtype, blocks, k, per_piece, seed, generator)
+            lw = torch.cat([_passes(run_pass, xb, kp, eps, pass_rows) for kp, eps in pieces])
         lw = lw.double()  # [K, examples of these blocks]
         out["log_px"][start:stop] = torch.logsumexp(lw, 0) - math.log(k)
         out["ess"][start:stop], out["max_weight"][start:stop] = weight_diagnostics(lw)
@@ -143,11 +145,12 @@ _compiled_pass: Dict[str, object] = {}  # "fn" -> the compiled pass, or False on
 
 class _Pass:
     """lw [kp, b] of examples xb with the given ε. On a CPU, for Burda's VAE, in an evaluation of at
-    least COMPILE_MIN_ROWS rows, where torch.compile works: one compiled graph (the GEMMs are dense.py's oneDNN op; the sampling, log q, log p(z)
-    and the likelihood, one log per lane, fuse into a few loops around them; eagerly those are ~20
-    small ops a pass), its first call in each evaluation checked against the eager pass on the same
-    ε; the eager pass elsewhere (on CUDA it has not been measured), after a failure (with one
-    warning) and with VAEXP_COMPILE=0 or the likelihood's plain mode (the benchmark's 'today')."""
+    least COMPILE_MIN_ROWS rows, where torch.compile works: one compiled graph (the GEMMs are
+    dense.py's oneDNN op; the sampling, log q, log p(z) and the likelihood, one log per lane, fuse
+    into a few loops around them; eagerly those are ~20 small ops a pass), its first call in each
+    evaluation checked against the eager pass on the same ε; the eager pass elsewhere (on CUDA it
+    has not been measured), after a failure (with one warning) and with VAEXP_COMPILE=0 or the
+    likelihood's plain mode (the benchmark's 'today')."""
 
     def __init__(self, model, device: torch.device, rows: int):
         self.model, self.checked = model, False
@@ -198,40 +201,6 @@ def _draw_blocks(x: Tensor, latents: List[int], dtype: torch.dtype, blocks, k: i
                 pieces[p][1].append(eps)
     return [(kp, per_block[0] if len(per_block) == 1 else
              [torch.cat([e[i] for e in per_block], dim=2) for i in range(len(latents))]) for kp, per_block in pieces]
-
-
-class _Draws:
-    """The ε of each pass's draw blocks, in pass order. On a CPU with several threads those of the
-    next few passes are drawn side by side, one pass per thread, each from its own generator (every
-    block's generator is re-seeded from (seed, block), so the values are the same; torch's CPU
-    normal_ runs on one core, and was ~8% of an evaluation). Not overlapped with the passes' GEMMs,
-    which use every thread."""
-
-    def __init__(self, x: Tensor, model, groups: List[list], k: int, per_piece: int, seed: int,
-                 generator: torch.Generator):
-        self.args = (x, list(model.latents), next(model.parameters()).dtype)
-        self.groups, self.k, self.per_piece, self.seed = groups, k, per_piece, seed
-        self.generators = [generator]
-        self.ready: Dict[int, list] = {}
-
-    def __call__(self, i: int) -> list:
-        if i not in self.ready:
-            self.ready.clear()
-            n = min(torch.get_num_threads(), len(self.groups) - i) if self.args[0].device.type == "cpu" else 1
-            while len(self.generators) < n:
-                self.generators.append(torch.Generator(device=self.args[0].device))
-            todo = list(range(i, i + n))
-            if n == 1:
-                self.ready[i] = self._draw(i, self.generators[0])
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(n) as pool:
-                    self.ready = dict(zip(todo, pool.map(self._draw, todo, self.generators[:n])))
-        return self.ready.pop(i)
-
-    def _draw(self, i: int, generator: torch.Generator) -> list:
-        return _draw_blocks(*self.args, self.groups[i], self.k, self.per_piece, self.seed, generator)
 
 
 def _passes(run_pass, xb: Tensor, kp: int, eps: List[Tensor], pass_rows: int) -> Tensor:
