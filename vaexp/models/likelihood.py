@@ -6,10 +6,10 @@ K = 5000 evaluation they cost more than the matmuls. :func:`bernoulli_log_lik` i
 compiled pass forward (no [rows, D] tensor besides the logits; softplus summed as a log of
 products, one log per ~50 pixels) and one backward, which writes ∂/∂l = g·(x − σ(l)): the only
 [rows, D] tensor the Linear layer's backward needs. The logits' GEMM stays the layer's own, so
-autograd still computes only the products a backward pass asks for. Where torch.compile does not
-work (no compiler), for calls too small to pay the compiled call's overhead, under torch.func
-transforms and inside a torch.compile trace, it is the plain formula (eager PyTorch has no fused
-softplus-and-sum; the compiler fuses the plain formula itself). Invariants: value and gradient
+autograd still computes only the products a backward pass asks for. Inside a torch.compile trace
+the same math is handed to that compiler to fuse into the graph around it. Where torch.compile
+does not work (no compiler), for calls too small to pay the compiled call's overhead and under
+torch.func transforms, it is the plain formula (eager PyTorch has no fused softplus-and-sum). Invariants: value and gradient
 equal the plain formula's up to float rounding (tests/test_likelihood.py); which kernel runs
 depends on the mode, the device and the call's size only, never on history, so a resumed run
 computes bit for bit what it would have (and a machine without a compiler differs in the last bits).
@@ -31,11 +31,11 @@ from vaexp.models.base import bernoulli_log_prob
 # ~100 x 784 on a CPU), else the plain formula; compiled: whenever it works; plain: never.
 MODES = ("auto", "compiled", "plain")
 COMPILE_MIN_ELEMENTS = 1 << 18
-# Σ softplus(l) = Σ relu(l) + Σ_lanes log Π_lane (1 + e^-|l|): one log per FACTORS pixels instead of
-# one log1p per pixel. The products run down LANES contiguous lanes (16 fp32 = one AVX-512 vector,
-# two AVX2 ones: the compiled loop is whole vectors, ~30% faster than 28 lanes of 28 measured on the
-# Zen 5 VM). Each factor is in (1, 2], so a product of at most MAX_FACTORS stays far inside fp32's
-# range (2^64 of 2^128), and its rounding (≤ 64 ulp) is that of a plain sum of the D terms.
+# Σ softplus(l) = Σ relu(l) + Σ_lanes log Π_lane (1 + e^-|l|): one log per product (49 pixels for
+# D = 784) instead of one log1p per pixel. The products run down LANES contiguous lanes (16 fp32:
+# one AVX-512 vector, two AVX2 ones), so the compiled loop is whole vectors (~30% faster than 28
+# lanes of 28 on the Zen 5 VM). Each factor is in (1, 2], so a product of at most MAX_FACTORS stays
+# far inside fp32's range (2^64 of 2^128); its rounding (≤ 64 ulp) is that of a sum of the D terms.
 LANES = 16
 MAX_FACTORS = 64
 GROUP = 28  # where no multiple of LANES fits: products of the largest divisor of D up to GROUP
@@ -212,7 +212,7 @@ def bernoulli_log_lik(x: Tensor, logits: Tensor) -> Tensor:
         return _in_graph(x, logits)
     shape = _blocks(x, logits) if _use_compiled(logits) else None
     if (shape is None or x.requires_grad or torch._C._are_functorch_transforms_active()
-            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0):
+            or torch._C._len_torch_dispatch_stack() > 0):
         return plain(x, logits)  # (a TorchDispatchMode, e.g. a FLOP counter, would stop compilation)
     if _kernels(logits.device) is None:  # no working compiler
         return plain(x, logits)
