@@ -301,13 +301,15 @@ def eval_rows(args, data, device, sizes) -> List[Dict]:
     report_k = [kk for kk in (1, 64) if kk < k]
 
     new_gemm = dense.get_backend()
-    # `vaexp eval` compiles its forward pass for the whole test set (evaluate.COMPILE_MIN_ROWS rows
-    # and more); --small times a slice of it, which runs as part of such an evaluation.
-    ev.COMPILE_MIN_ROWS = 0
-
     def nll(mode: str, xs: Tensor) -> float:  # plain: today's path (plain formula, ATen's GEMMs)
-        with likelihood.mode(mode), dense.backend("aten" if mode == "plain" else new_gemm), ev.no_tf32():
-            ll = ev.log_likelihoods(model, xs, k, report_k, ev.DEFAULT_ROWS, 0, pass_rows=pass_rows)
+        # `vaexp eval` compiles its forward pass for a whole test set (evaluate.COMPILE_MIN_ROWS rows
+        # and more); --small times a slice of it, as it runs inside such an evaluation.
+        least, ev.COMPILE_MIN_ROWS = ev.COMPILE_MIN_ROWS, 0
+        try:
+            with likelihood.mode(mode), dense.backend("aten" if mode == "plain" else new_gemm), ev.no_tf32():
+                ll = ev.log_likelihoods(model, xs, k, report_k, ev.DEFAULT_ROWS, 0, pass_rows=pass_rows)
+        finally:
+            ev.COMPILE_MIN_ROWS = least
         return float(-ll["log_px"].mean())
 
     values = {m: nll(m, x) for m in ("plain", "auto")}  # also the warm-up (and the kernels' compilation)

@@ -50,6 +50,10 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert "subnormals kept (today)" in text and "flushed (vaexp)" in text
     assert "torch defaults (today)" in text and "vaexp.runtime.setup" in text
     assert re.search(r"\| 2 jobs of burda1 iwae k=5 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+× \|", text)
+    # it changes no setting of the library it runs in (its eval rows lower the compiled pass's size only inside)
+    from vaexp import evaluate
+
+    assert evaluate.COMPILE_MIN_ROWS == 1 << 24
 
 
 def test_the_roofline_counts_each_gemm_of_a_step():
