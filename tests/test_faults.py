@@ -635,7 +635,10 @@ def test_case15_environment_variables_with_values_vaexp_cannot_take(name, value,
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_case16_a_signal_while_loading_data_leaves_no_run_dir(sig, tmp_path, vaexp_main, monkeypatch):
+def test_case16_a_signal_while_loading_data_leaves_no_run_dir(sig, tmp_path, vaexp_main, monkeypatch, request):
+    if sig == signal.SIGINT:  # Python's Ctrl-C handler, also where a shell started the tests in the background (SIG_IGN)
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, old))
     real = vaexp.training.loop.load_dataset
 
     def signalled(*args, **kwargs):

@@ -169,17 +169,20 @@ def _backward(l: Tensor, x: Tensor, g: Tensor) -> Tensor:
 
 
 class _BernoulliLogLik(torch.autograd.Function):
-    """Forward: the compiled kernel (plain where it fails); backward: ∂/∂l in one pass."""
+    """Forward: the compiled kernel (plain where it fails); backward: ∂/∂l in one pass. Inside a
+    torch.compile trace the kernels' math itself, for that compiler to fuse into the graph around
+    it (the compiled kernels would be a graph in a graph)."""
 
     @staticmethod
     def forward(ctx, l: Tensor, x: Tensor) -> Tensor:
         ctx.save_for_backward(l, x)
-        return _forward(l, x)
+        return _forward_math(l, x) if torch.compiler.is_compiling() else _forward(l, x)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         l, x = ctx.saved_tensors
-        return _backward(l, x, g.contiguous()), None
+        g = g.contiguous()
+        return (_backward_math(l, x, g) if torch.compiler.is_compiling() else _backward(l, x, g)), None
 
 
 def _blocks(x: Tensor, logits: Tensor) -> Optional[Tuple[int, int, int, int]]:
@@ -224,21 +227,6 @@ def bernoulli_log_lik(x: Tensor, logits: Tensor) -> Tensor:
     return out.reshape(logits.shape[:-1])
 
 
-class _GraphLogLik(torch.autograd.Function):
-    """_BernoulliLogLik inside a torch.compile trace: the compiler fuses the same math into the
-    graph around it (the compiled kernels would be a graph in a graph)."""
-
-    @staticmethod
-    def forward(ctx, l: Tensor, x: Tensor) -> Tensor:
-        ctx.save_for_backward(l, x)
-        return _forward_math(l, x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        l, x = ctx.saved_tensors
-        return _backward_math(l, x, g), None
-
-
 def _in_graph(x: Tensor, logits: Tensor) -> Tensor:
     """bernoulli_log_lik inside a torch.compile trace (the compiled training step, the evaluation's
     compiled pass): the compiled kernels' math, one log per lane forward and g·(x − σ(l)) backward,
@@ -249,5 +237,5 @@ def _in_graph(x: Tensor, logits: Tensor) -> Tensor:
     if shape is None or x.requires_grad:
         return plain(x, logits)
     l4, x4 = logits.view(shape), x.reshape(shape[0], 1, shape[2], shape[3])
-    out = _GraphLogLik.apply(l4, x4) if torch.is_grad_enabled() and logits.requires_grad else _forward_math(l4, x4)
+    out = _BernoulliLogLik.apply(l4, x4) if torch.is_grad_enabled() and logits.requires_grad else _forward_math(l4, x4)
     return out.reshape(logits.shape[:-1])
