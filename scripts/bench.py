@@ -301,6 +301,7 @@ def eval_rows(args, data, device, sizes) -> List[Dict]:
     report_k = [kk for kk in (1, 64) if kk < k]
 
     new_gemm = dense.get_backend()
+
     def nll(mode: str, xs: Tensor) -> float:  # plain: today's path (plain formula, ATen's GEMMs)
         # `vaexp eval` compiles its forward pass for a whole test set (evaluate.COMPILE_MIN_ROWS rows
         # and more); --small times a slice of it, as it runs inside such an evaluation.

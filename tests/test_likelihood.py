@@ -210,12 +210,22 @@ def test_products_run_down_whole_vectors_and_stay_inside_fp32():
 
 
 def test_inside_a_compiled_graph_it_is_the_fused_math_and_differentiates(compiler):
-    """In a torch.compile trace (the evaluation's compiled pass, the compiled training step) the
-    value without a gradient is the lane-product math, with one the plain formula's derivative."""
+    """In a torch.compile trace (the evaluation's compiled pass, the compiled training step) it is
+    the kernels' math, the lane products, with and without a gradient; values and gradient equal
+    the definition's."""
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 40, 784, generator=gen) * 6
     x = (torch.rand(40, 784, generator=gen) < 0.3).float()
-    f = torch.compile(lambda x, l: L.bernoulli_log_lik(x, l) * 1.0, fullgraph=True, dynamic=False)
+
+    def fn(x, l):
+        return L.bernoulli_log_lik(x, l) * 1.0
+
+    for live in (False, True):
+        with torch.set_grad_enabled(live):
+            graphs = torch._dynamo.explain(fn)(x, logits.clone().requires_grad_(live)).graphs
+        code = "".join(g.print_readable(print_output=False) for g in graphs)
+        assert "prod" in code and "softplus" not in code, live
+    f = torch.compile(fn, fullgraph=True, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(f(x, logits), L._forward_math(logits.view(1, 3, 40, 784), x.view(1, 1, 40, 784))
                                    .view(3, 40), rtol=1e-6, atol=1e-4)
