@@ -9,10 +9,11 @@ products, one log per ~50 pixels) and one backward, which writes ∂/∂l = g·(
 autograd still computes only the products a backward pass asks for. Inside a torch.compile trace
 the same math is handed to that compiler to fuse into the graph around it. Where torch.compile
 does not work (no compiler), for calls too small to pay the compiled call's overhead and under
-torch.func transforms, it is the plain formula (eager PyTorch has no fused softplus-and-sum). Invariants: value and gradient
-equal the plain formula's up to float rounding (tests/test_likelihood.py); which kernel runs
-depends on the mode, the device and the call's size only, never on history, so a resumed run
-computes bit for bit what it would have (and a machine without a compiler differs in the last bits).
+torch.func transforms, it is the plain formula (eager PyTorch has no fused softplus-and-sum).
+Invariants: value and gradient equal the plain formula's up to float rounding
+(tests/test_likelihood.py); which kernel runs depends on the mode, the device, eager or compiled
+and the call's size only, never on history, so a resumed run computes bit for bit what it would
+have (and a machine without a compiler differs in the last bits).
 """
 from __future__ import annotations
 
