@@ -115,6 +115,7 @@ INVARIANCE = """
 import json, torch
 from types import SimpleNamespace
 from vaexp import evaluate as ev, runtime
+from vaexp.models import likelihood
 from vaexp.models.burda import VAE
 from vaexp.training import capture
 from vaexp.training.step import StepSpec, make_step
@@ -134,11 +135,17 @@ for threads in (1, 2):
         step = capture.fast_step("auto", torch.device("cpu"), step) or step
         metrics += [step(x[None, i * 20:(i + 1) * 20]) for i in range(3)]
         params += [p.detach().clone() for p in model.parameters()]
-    ll = ev.log_likelihoods(model.eval(), x[:2], 500, [1], ev.DEFAULT_ROWS, 0, pass_rows=256)["log_px"]
-    out.append((params, torch.cat(metrics), ll))
+    ll = [ev.log_likelihoods(model.eval(), x[:2], 500, [1], ev.DEFAULT_ROWS, 0, pass_rows=256)["log_px"]]
+    ev.COMPILE_MIN_ROWS = 0  # the compiled evaluation pass, as a whole test set runs it
+    ll.append(ev.log_likelihoods(model, x[:2], 500, [1], ev.DEFAULT_ROWS, 0, pass_rows=256)["log_px"])
+    ev.COMPILE_MIN_ROWS = 1 << 24
+    out.append((params, torch.cat(metrics), torch.stack(ll)))
 (p1, m1, l1), (p2, m2, l2) = out
 print(json.dumps({"params": all(torch.equal(a, b) for a, b in zip(p1, p2)), "metrics": torch.equal(m1, m2),
-                  "ll": torch.equal(l1, l2)}))
+                  "ll": torch.equal(l1, l2),
+                  # the compiled pass ran wherever a compiler works
+                  "compiled_pass": (ev._compiled_pass.get("fn") not in (None, False))
+                  == (likelihood._kernels(torch.device("cpu")) is not None)}))
 """
 
 
@@ -147,7 +154,7 @@ def test_steps_and_evaluation_do_not_depend_on_the_thread_count():
     fresh process set up as the CLI sets it up: every thread flushes subnormals)."""
     if runtime.cores() < 2:
         pytest.skip("needs 2 cores")
-    assert _fresh(INVARIANCE) == {"params": True, "metrics": True, "ll": True}
+    assert _fresh(INVARIANCE) == {"params": True, "metrics": True, "ll": True, "compiled_pass": True}
 
 
 def test_setup_after_the_threads_started_keeps_subnormals_everywhere():
