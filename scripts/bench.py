@@ -621,6 +621,10 @@ def report(res: Dict[str, List[Dict]], args, device: torch.device, data_name: st
     return "\n".join(out)
 
 
+# The sections, in the order of the module docstring (main's table maps each to its rows).
+SECTIONS = ("train", "eval", "stack", "flush", "shared", "jobs", "typical")
+
+
 def parse(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -642,7 +646,7 @@ def parse(argv: Optional[Sequence[str]] = None):
                    "(default: --rounds)")
     p.add_argument("--shared-k", default="5,50", help="k of the shared section's rows (comma-separated)")
     p.add_argument("--sections", default="train,eval,stack,flush,shared,jobs",
-                   help="train, eval, stack, flush, shared, jobs, typical (comma-separated)")
+                   help=f"{', '.join(SECTIONS)} (comma-separated)")
     p.add_argument("--data", default="auto", choices=["auto", "mnist", "synthetic"])
     p.add_argument("--threads", type=int, default=None, help="fixed intra-op threads (default: vaexp.runtime.setup's governor)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -659,6 +663,9 @@ def parse(argv: Optional[Sequence[str]] = None):
     args.child_rounds = args.child_rounds or args.rounds
     args.shared_k = [int(v) for v in args.shared_k.split(",") if v.strip()]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"--sections: no section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -678,6 +685,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 "stack": lambda: stack_rows(args, data, device, sizes), "flush": lambda: flush_rows(args),
                 "shared": lambda: shared_rows(args), "jobs": lambda: jobs_rows(args),
                 "typical": lambda: typical_rows(args, data, device, sizes)}
+    assert set(sections) == set(SECTIONS)
     res = {}
     for name in args.sections:
         print(f"bench: {name} on {device}", file=sys.stderr, flush=True)

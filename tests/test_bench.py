@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench.py"
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
 
 
 def load_bench():
@@ -88,3 +91,27 @@ def test_the_rooflines_onednn_forms_compute_the_recorded_products():
         got = bench._onednn_form(name, args)()
         got = torch.stack(got) if isinstance(got, list) else got
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_sections_are_refused_with_the_choices(capsys):
+    bench = load_bench()
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse(["--sections", "train,evaluation"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no section evaluation" in err and "typical" in err
+
+
+def test_the_gpu_check_script_names_what_exists():
+    """scripts/gpu_check.sh (the GPU verification, run where no test of it can) is valid bash, and
+    the test files, bench sections and commands it runs exist; without a verb it prints its usage."""
+    text = GPU_CHECK.read_text()
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    files = re.findall(r"tests/(test_\w+\.py)", text)
+    assert "test_capture.py" in files and "test_likelihood.py" in files
+    assert all((ROOT / "tests" / f).is_file() for f in files)
+    sections = re.search(r"--sections (\S+)", text).group(1)
+    assert load_bench().parse(["--sections", sections]).sections == ["train", "eval", "typical"]
+    for command in ("vaexp train", "vaexp eval"):
+        assert f"-m {command}" in text
+    usage = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "prepare | run" in usage.stderr

@@ -20,6 +20,7 @@ from vaexp.models.stacked import StackedVAE
 from vaexp.objectives import make_objective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,68 @@ def test_inside_a_compiled_graph_it_is_the_fused_math_and_differentiates(compile
     logits.requires_grad_()
     (g,) = torch.autograd.grad(f(x, logits).sum(), logits)
     torch.testing.assert_close(g, x - torch.sigmoid(logits.detach()), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ on a GPU
+
+def _kernel_ran(device: str, backward: bool) -> bool:
+    """The compiled kernels (forward, and backward if asked) ran and passed their first-call check
+    there, and none has failed since (a failure switches the device to the plain formula)."""
+    kernels = (0, 1) if backward else (0,)
+    return bool(L._compiled.get(device)) and all(L._checked.get(f"{device}:{k}") for k in kernels)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape_l,shape_x", [((2, 3, 5, 784), (5, 784)), ((1, 2500, 1, 784), (1, 784))])
+def test_cuda_compiled_value_and_gradient_equal_the_plain_formula(shape_l, shape_x):
+    """On CUDA the kernels are the compiler's GPU code (Triton): the same checks as on a CPU."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(*shape_l, generator=gen) * 6).cuda()
+    logits.view(-1)[:4] = torch.tensor([0.0, 60.0, -60.0, 19.9], device="cuda")
+    logits.requires_grad_()
+    x = (torch.rand(*shape_x, generator=gen) < 0.3).float().cuda()
+    with L.mode("compiled"):
+        value = L.bernoulli_log_lik(x, logits)
+    cot = torch.randn(value.shape, generator=gen).cuda()
+    (g_fast,) = torch.autograd.grad(value, logits, cot)
+    assert _kernel_ran("cuda", backward=True)  # not the plain formula after a failed kernel
+    l64 = logits.detach().double().requires_grad_()
+    ref = reference(x, l64)
+    (g_ref,) = torch.autograd.grad(ref, l64, cot.double())
+    assert ((value.double() - ref).abs() <= 1e-6 * (l64.detach().abs().sum(-1) + shape_l[-1])).all()
+    torch.testing.assert_close(g_fast.double(), g_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("estimator", ["reparam", "dreg"])
+def test_cuda_burda_gradients_equal_the_plain_formula(estimator):
+    model = _burda([50], [200]).cuda()
+    x = (torch.rand(20, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float().cuda()
+    obj, est = make_objective("iwae"), get_estimator(estimator)
+    out = {}
+    for mode in ("plain", "compiled"):
+        with L.mode(mode):
+            gen = torch.Generator(device="cuda").manual_seed(2)
+            lws = model.log_weights(x, 1, 30, need_bar=est.needs_lw_bar, generator=gen)
+            losses = surrogate_losses(obj, est, lws.lw, lws.lw_bar)
+            g_theta, g_phi = gradients(losses, model.theta_parameters(), model.phi_parameters())
+        out[mode] = (lws.lw.detach(), g_theta, g_phi)
+    assert _kernel_ran("cuda", backward=True)
+    torch.testing.assert_close(out["compiled"][0], out["plain"][0], rtol=1e-6, atol=2e-4)
+    for g_fast, g_plain in zip(out["compiled"][1] + out["compiled"][2], out["plain"][1] + out["plain"][2]):
+        assert torch.linalg.vector_norm(g_fast - g_plain) <= 1e-4 * torch.linalg.vector_norm(g_plain) + 1e-6
+
+
+@needs_cuda
+def test_cuda_evaluation_equals_the_plain_formula():
+    model = _burda([50], [200]).cuda().eval()
+    x = (torch.rand(3, 784, generator=torch.Generator().manual_seed(3)) < 0.3).float().cuda()
+    res = {}
+    for mode in ("plain", "compiled"):
+        with L.mode(mode):
+            res[mode] = ev.log_likelihoods(model, x, 600, [1, 64], ev.DEFAULT_ROWS, 0,
+                                           pass_rows=ev.pass_rows_for(model, torch.device("cuda"), 600))
+    assert _kernel_ran("cuda", backward=False)
+    for key in res["plain"]:
+        rtol = 1e-3 if key in ("ess", "max_weight") else 1e-6
+        torch.testing.assert_close(res["compiled"][key], res["plain"][key], rtol=rtol, atol=1e-4)
