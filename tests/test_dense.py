@@ -194,6 +194,9 @@ def test_the_backend_rule(monkeypatch):
         # small layers stay on MKL: burda1's at k = 5 with gradients, a 200->200 layer on 20 rows without
         assert not dense._by_onednn(100, 200, 784, lean=False) and dense._by_onednn(1000, 200, 784, lean=False)
         assert not dense._by_onednn(20, 200, 200, lean=True) and dense._by_onednn(100, 200, 784, lean=True)
+        # few rows stay on MKL however big the layer (some oneDNN builds split the sums between threads there)
+        assert not dense._by_onednn(dense.MIN_ROWS - 1, 784, 4096, lean=True)
+        assert dense._by_onednn(dense.MIN_ROWS, 784, 400, lean=True)
     monkeypatch.setattr(dense, "_works", False)
     with dense.backend("onednn"):
         assert not dense.uses_onednn(cpu)  # no oneDNN in this build: ATen's

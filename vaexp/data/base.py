@@ -113,7 +113,8 @@ def to_unit(pixels: np.ndarray) -> Tensor:
 
 def cpu_generator(seed: int, stream: int) -> torch.Generator:
     if stream:
-        seed = int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        # the shift by a uint64: numpy 1.x refuses uint64 >> int (no safe common type)
+        seed = int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
     return torch.Generator(device="cpu").manual_seed(seed)
 
 

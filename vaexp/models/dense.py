@@ -4,17 +4,19 @@ PyTorch's CPU build runs float32 matmuls through MKL, and MKL takes its AVX2 cod
 non-Intel CPUs: on the Zen 5 VM measured here (AVX-512) MKL reached ~110 GFLOP/s per core on
 Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. :func:`linear` therefore
 runs a layer's forward and ∂x GEMMs through oneDNN (backend auto: x86 CPUs that are not Intel's,
-for layers of at least MIN_MACS multiply-adds; smaller ones are launch-bound and stay on MKL),
-with tanh/relu fused into the forward GEMM's epilogue (their backward needs only y), and ∂W on
-MKL (in compiled graphs on oneDNN for widening and square layers on many rows). Its backward
-computes only the gradients the running backward pass asks for (as torch's own addmm does; a
-custom Function is only told which inputs require grad), which matters for DReG/STL's two passes.
+for layers of at least MIN_MACS multiply-adds, smaller ones being launch-bound, and MIN_ROWS rows;
+the others stay on MKL), with tanh/relu fused into the forward GEMM's epilogue (their backward
+needs only y), and ∂W on MKL (in compiled graphs on oneDNN for widening and square layers on many
+rows). Its backward computes only the gradients the running backward pass asks for (as torch's
+own addmm does; a custom Function is only told which inputs require grad), which matters for
+DReG/STL's two passes.
 Inside torch.compile the same kernel runs as the op vaexp::onednn_linear. Elsewhere (CUDA, other
 dtypes, torch.func transforms, dispatch modes, backend aten, small layers) it is F.linear plus the
 activation. Invariants: values and gradients equal the plain formula's up to float rounding
 (tests/test_dense.py); which kernel runs depends on the backend, the device, the CPU vendor, eager
 or compiled, and the shapes only, never on history or the thread count (both kernels give the same
-bits at 1 and 2 threads), so a resumed run computes what it would have.
+bits at 1 and 2 threads on the shapes routed to them: tests/test_runtime.py), so a resumed run
+computes what it would have.
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ from vaexp.runtime import GEMM_BACKENDS as BACKENDS, GEMM_ENV as BACKEND_ENV
 # (measured on the Zen 5 VM, 2 threads).
 MIN_MACS = 1 << 24
 MIN_MACS_LEAN = 1 << 21
+# ... and from this many rows. On fewer rows some oneDNN builds split the inner (in) dimension
+# between threads, so the sums depend on the thread count: torch 2.11's oneDNN does for ≤ 50 rows
+# of 784 -> 200/400 (the encoder's first layer on a batch of 20), 2.13's does not. MKL costs those
+# layers ~10 µs more a step; they keep the results independent of the thread count everywhere.
+MIN_ROWS = 64
 # ∂W by oneDNN (compiled graphs, widening and square layers) from this many rows: fewer, and
 # oneDNN is slower.
 MIN_WEIGHT_GRAD_ROWS = 512
@@ -122,7 +129,7 @@ def _by_onednn(rows: int, n_in: int, n_out: int, lean: bool) -> bool:
     """Whether a layer of these shapes runs its forward and ∂x GEMMs by oneDNN: a fixed rule of
     the shapes (and of `lean`: no Python Function around the call), so the same run always runs
     the same kernels."""
-    return _backend == "onednn" or rows * n_in * n_out >= (MIN_MACS_LEAN if lean else MIN_MACS)
+    return _backend == "onednn" or (rows >= MIN_ROWS and rows * n_in * n_out >= (MIN_MACS_LEAN if lean else MIN_MACS))
 
 
 def _node(t: Tensor):
