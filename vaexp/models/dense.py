@@ -40,8 +40,9 @@ MIN_MACS = 1 << 24
 MIN_MACS_LEAN = 1 << 21
 # ... and from this many rows. On fewer rows some oneDNN builds split the inner (in) dimension
 # between threads, so the sums depend on the thread count: torch 2.11's oneDNN does for ≤ 50 rows
-# of 784 -> 200/400 (the encoder's first layer on a batch of 20), 2.13's does not. MKL costs those
-# layers ~10 µs more a step; they keep the results independent of the thread count everywhere.
+# of 784 -> 200/400 (the encoder's first layer on a batch of 20), 2.13's does not. On MKL that layer
+# takes ~10 µs longer alone, and the k = 5 step is no slower measurably; with this rule the thread
+# count changes no result with torch 2.4, 2.11 or 2.13 (tests/test_runtime.py).
 MIN_ROWS = 64
 # ∂W by oneDNN (compiled graphs, widening and square layers) from this many rows: fewer, and
 # oneDNN is slower.
