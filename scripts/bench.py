@@ -621,8 +621,11 @@ def report(res: Dict[str, List[Dict]], args, device: torch.device, data_name: st
     return "\n".join(out)
 
 
-# The sections, in the order of the module docstring (main's table maps each to its rows).
-SECTIONS = ("train", "eval", "stack", "flush", "shared", "jobs", "typical")
+# The one list of sections, in the order of the module docstring: name -> its rows(args, data, device, sizes).
+SECTIONS = {"train": train_rows, "eval": eval_rows, "stack": stack_rows,
+            "flush": lambda args, data, device, sizes: flush_rows(args),
+            "shared": lambda args, data, device, sizes: shared_rows(args),
+            "jobs": lambda args, data, device, sizes: jobs_rows(args), "typical": typical_rows}
 
 
 def parse(argv: Optional[Sequence[str]] = None):
@@ -681,15 +684,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     setup = runtime.setup(threads=args.threads)
     data, data_name = load_data(args.data, device, n_train=max(2000, BATCH * (args.steps + args.warmup + 1)))
     sizes = TINY_MODELS if args.tiny_models else MODELS
-    sections = {"train": lambda: train_rows(args, data, device, sizes), "eval": lambda: eval_rows(args, data, device, sizes),
-                "stack": lambda: stack_rows(args, data, device, sizes), "flush": lambda: flush_rows(args),
-                "shared": lambda: shared_rows(args), "jobs": lambda: jobs_rows(args),
-                "typical": lambda: typical_rows(args, data, device, sizes)}
-    assert set(sections) == set(SECTIONS)
     res = {}
     for name in args.sections:
         print(f"bench: {name} on {device}", file=sys.stderr, flush=True)
-        res[name] = sections[name]()
+        res[name] = SECTIONS[name](args, data, device, sizes)
     text = report(res, args, device, data_name, setup)
     print(text)
     if args.markdown:
