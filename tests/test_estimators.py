@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -23,6 +24,7 @@ from torch.distributions import Bernoulli, Normal
 from vaexp.estimators import ESTIMATORS, get_estimator, gradients, surrogate_losses
 from vaexp.models.burda import VAE
 from vaexp.objectives import make_objective
+from vaexp.schema import GDREG_ALPHA
 
 ARCHS = {"burda1": ([3], [4]), "burda2": ([3, 2], [4, 3])}
 OBJECTIVES = ["vae", "iwae", "miwae", "ciwae", "piwae"]
@@ -739,10 +741,22 @@ def test_rws_at_k1_degenerates(arch):
 
 
 def test_get_estimator_alpha():
-    assert get_estimator("gdreg").alpha == 0.5
-    assert get_estimator("gdreg", 0.2).alpha == 0.2 and ESTIMATORS["gdreg"].alpha == 0.5
+    assert get_estimator("gdreg").alpha == GDREG_ALPHA
+    assert get_estimator("gdreg", 0.2).alpha == 0.2 and ESTIMATORS["gdreg"].alpha == GDREG_ALPHA
     with pytest.raises(ValueError):
         get_estimator("dreg", 0.2)
+
+
+def test_gdreg_default_alpha_is_one_setting_and_not_half_stl():
+    """conf/estimator/gdreg.yaml, train.yaml's diagnostics, snr.yaml, the estimator table and the
+    schemas share one default, and it is not 0.5, where gdreg is stl / 2 per draw (which Adam follows as stl)."""
+    from omegaconf import OmegaConf
+    from vaexp.schema import DiagnosticsConf, SnrConfig
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    yamls = [OmegaConf.load(conf / "estimator" / "gdreg.yaml").alpha,
+             OmegaConf.load(conf / "train.yaml").diagnostics.alpha, OmegaConf.load(conf / "snr.yaml").alpha]
+    assert yamls == [GDREG_ALPHA] * 3 and DiagnosticsConf().alpha == SnrConfig().alpha == GDREG_ALPHA
+    assert GDREG_ALPHA != 0.5
 
 
 def test_rws_dreg_norm_with_one_dominant_weight_is_finite():

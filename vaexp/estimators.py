@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from vaexp.objectives import Objective
+from vaexp.schema import GDREG_ALPHA
 
 
 # -- the weights ------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ ESTIMATORS: Dict[str, Estimator] = {
     "dreg": Estimator("dreg", _dreg, True),
     "rws": Estimator("rws", _rws, False, needs_score=True, wake=True),
     "rws_dreg": Estimator("rws_dreg", _rws_dreg, True, wake=True),
-    "gdreg": Estimator("gdreg", _gdreg, True, wake=True, alpha=0.5),
+    "gdreg": Estimator("gdreg", _gdreg, True, wake=True, alpha=GDREG_ALPHA),
     "dreg_norm": Estimator("dreg_norm", _dreg_norm, True, needs_convex=True),
     "rws_dreg_norm": Estimator("rws_dreg_norm", _rws_dreg_norm, True, wake=True, needs_convex=True),
     "vimco": Estimator("vimco", _vimco, False, needs_score=True, loo=True),
@@ -138,7 +139,7 @@ ESTIMATORS: Dict[str, Estimator] = {
 
 
 def get_estimator(name: str, alpha: Optional[float] = None) -> Estimator:
-    """The estimator `name`; alpha sets gdreg's mixing weight (None: its default, 0.5)."""
+    """The estimator `name`; alpha sets gdreg's mixing weight (None: its default, schema.GDREG_ALPHA)."""
     est = ESTIMATORS[name]
     if alpha is None:
         return est

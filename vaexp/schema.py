@@ -16,6 +16,11 @@ from omegaconf import MISSING
 
 from vaexp.errors import VaexpError
 
+# gdreg's default alpha, (1 - alpha)*dreg + alpha*rws_dreg: google-research dreg_estimators' default.
+# Not 0.5: dreg's and rws_dreg's weights add up to stl's, so alpha = 0.5 is exactly stl / 2 per
+# draw, which Adam follows as it follows stl (up to its epsilon).
+GDREG_ALPHA = 0.9
+
 
 class Device(str, Enum):
     auto = "auto"
@@ -107,7 +112,7 @@ class ObjectiveConf:
 @dataclass
 class EstimatorConf:
     name: str = MISSING
-    # gdreg only: (1 - alpha)*dreg + alpha*rws_dreg, alpha in [0, 1] (conf/estimator/gdreg.yaml: 0.5).
+    # gdreg only: (1 - alpha)*dreg + alpha*rws_dreg, alpha in [0, 1] (conf/estimator/gdreg.yaml: GDREG_ALPHA).
     alpha: Optional[float] = None
 
 
@@ -122,7 +127,7 @@ class DiagnosticsConf:
     # φ estimators to measure ([]: the run's own); reparam is always drawn too (the bias reference).
     estimators: List[str] = field(default_factory=list)
     # gdreg's alpha when gdreg is listed
-    alpha: float = 0.5
+    alpha: float = GDREG_ALPHA
     # The fixed batch: the first `batch` validation examples.
     batch: int = 20
     # Draws per vectorised pass (0: choose from the model size).
@@ -260,7 +265,7 @@ class SnrConfig:
     grid: str = "axes"
     estimators: List[str] = field(default_factory=lambda: ["reparam", "stl", "dreg"])
     # gdreg's alpha when gdreg is among the estimators.
-    alpha: float = 0.5
+    alpha: float = GDREG_ALPHA
     # R: independent gradient draws per (M, K) cell.
     draws: int = 100000
     beta: float = 0.5
