@@ -340,6 +340,30 @@ def test_checked_step_drops_a_candidate_that_differs_or_fails():
         strict(batches(1)[0][None])
 
 
+def test_checked_step_out_of_memory_in_the_eager_step_is_not_a_failed_candidate():
+    """Out of memory in the eager reference step: no fallback (the eager step is the fallback) and
+    no warning, the allocation failure itself; out of memory in the candidate alone: the eager step."""
+    import warnings
+
+    _, step = _lone()
+
+    def eager_oom(x):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+
+    checked = fast.CheckedStep(step, eager_oom, step.params, step.opt, step.generators, "test step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            checked(batches(1)[0][None])
+    ref_model, ref = _lone()
+    model, step = _lone()
+    checked = fast.CheckedStep(eager_oom, step, step.params, step.opt, step.generators, "test step")
+    with pytest.warns(RuntimeWarning, match="test step failed.*allocate"):
+        first = checked(batches(1)[0][None])
+    torch.testing.assert_close(first, ref(batches(1)[0][None]), rtol=0, atol=0)
+    assert checked.eager
+
+
 def test_fast_step_on_a_cpu_compiles_only_long_runs_of_burdas_models(monkeypatch):
     from vaexp.models.gaussian import LinearGaussianVAE
     from vaexp.training.step import LoneStep, adam

@@ -304,3 +304,16 @@ def test_every_run_gets_its_own_training_curve_and_legend_entry(tmp_path):
     assert len(set(labels)) == 2 and "seed=0" in labels[0] and "seed=1" in labels[1]
     (group,) = group_runs(runs)
     assert len(group.runs) == 2
+
+
+def test_labels_write_list_settings_as_the_report_tables_do():
+    from types import SimpleNamespace
+
+    from vaexp.report.compare import _label
+    from vaexp.report.tables import fmt_value
+
+    run = SimpleNamespace(flat={"objective.name": "iwae", "m": 1, "k": 5, "estimator.name": "reparam",
+                                "model.hidden": (200,), "schedule.lr": 0.001})
+    label = _label(run, ["model.hidden", "schedule.lr"])
+    assert label == "iwae m=1 k=5 reparam model.hidden=[200] schedule.lr=0.001"
+    assert fmt_value((200,)) == "[200]"

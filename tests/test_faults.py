@@ -756,3 +756,81 @@ def test_an_unexpected_error_in_the_checks_stops_the_run(vaexp_main, tiny_args, 
     res = vaexp_main("train", *tiny_args, f"hydra.run.dir={tmp_path / 'run'}")
     assert res.code != 0 and "a bug in a check" in res.err and "Traceback" not in res.err
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- Hydra's own errors, arguments
+
+@pytest.mark.parametrize("override,words", [
+    ("kk=5", ["kk=5: vaexp train has no setting kk", "did you mean k?"]),
+    ("schedule.lrr=1", ["no setting schedule.lrr", "did you mean schedule.lr?", "schedule's settings: name, lr"]),
+    ("schedule.lr=abc", ["schedule.lr=abc: schedule.lr takes a float, not 'abc'"]),
+    ("k=5.5", ["k=5.5: k takes an integer, not '5.5'"]),
+    ("objective=iwea", ["objective=iwea: objective has no option iwea", "did you mean objective=iwae?",
+                        "ciwae, iwae, jvi"]),
+    ("k=[1,", ["k=[1,: Hydra cannot parse this override"]),
+])
+def test_config_errors_are_one_line_with_status_2(vaexp_main, tmp_path, override, words):
+    """Hydra's own report is 5-10 lines, suggests +key=value (which vaexp refuses) and exits 1,
+    the status of a vaexp bug."""
+    out = tmp_path / "out"
+    for sweep in ([], ["-m"]):
+        res = vaexp_main("train", *sweep, *TINY, override, f"out_root={out}")
+        line = assert_one_line_error(res, 2, *words)
+        assert "+kk" not in line and "HYDRA_FULL_ERROR" not in res.err and len(res.err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_a_bad_value_in_a_sweep_is_a_config_error(vaexp_main, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(vaexp_main("train", "-m", *TINY, "k=1,a", f"out_root={out}"), 2, "k=a: k takes an integer")
+    assert_one_line_error(vaexp_main("eval", "/nonexistent", "eval.kk=1"), 2, "vaexp eval has no setting eval.kk",
+                          "did you mean eval.k?")
+    assert not out.exists()
+
+
+def test_eval_takes_one_run_directory(run_copy, tmp_path, vaexp_main):
+    other = tmp_path / "other"
+    other.mkdir()
+    before = tree(run_copy)
+    for args in ([str(run_copy), f"run={other}"], [str(run_copy), str(other)]):
+        assert_one_line_error(vaexp_main("eval", *args), 2, "eval takes one run directory", str(run_copy))
+    assert tree(run_copy) == before
+
+
+def test_resume_where_the_run_cannot_be_written_says_copy_it(run_copy, vaexp_main, monkeypatch):
+    """out_root= and hydra.run.dir= do not apply to resume=: the advice is to copy the run."""
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).endswith(rundir.LOCK) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    before = tree(run_copy)
+    monkeypatch.setattr(os, "open", read_only)
+    line = assert_one_line_error(vaexp_main("train", f"resume={run_copy}", "schedule.epochs=2"), 2,
+                                 f"resume={run_copy}", "Read-only file system", "copy the run")
+    monkeypatch.undo()
+    assert "out_root" not in line and "hydra.run.dir" not in line
+    assert tree(run_copy) == before
+
+
+def test_a_directory_of_another_command_is_not_a_run_to_continue(vaexp_main, tmp_path):
+    snr_out = tmp_path / "snr"
+    snr_out.mkdir()
+    (snr_out / rundir.CONFIG).write_text("run: null\nk: [2]\nm: [1]\ndraws: 3\n")
+    before = tree(snr_out)
+    line = assert_one_line_error(vaexp_main("train", *TINY, f"hydra.run.dir={snr_out}"), 2,
+                                 f"{snr_out} holds the output of another command", "use a new run directory")
+    assert "resume=" not in line
+    assert tree(snr_out) == before
+
+
+def test_more_test_images_than_the_test_set_has_is_refused(vaexp_main, tmp_path, run_copy):
+    out = tmp_path / "out"
+    line = assert_one_line_error(vaexp_main("train", *TINY, "eval.n_test=100000", f"out_root={out}"), 2,
+                                 "eval.n_test=100000: the test set of dataset=synthetic has", "eval.n_test=null")
+    assert not list(out.rglob(rundir.CONFIG)), line
+    before = tree(run_copy)
+    assert_one_line_error(vaexp_main("eval", run_copy, "eval.n_test=100000", "progress=false"), 2, "eval.n_test=100000")
+    assert tree(run_copy) == before

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vaexp.estimators import get_estimator, gradients, surrogate_losses
 from vaexp.models.burda import VAE
@@ -185,6 +186,52 @@ def test_snr_on_a_checkpoint(vaexp_main, tmp_path, tiny_args):
     assert {r.params for r in rows if r.network == THETA} == {n_theta}
     assert {r.params for r in rows if r.network == PHI} == {n_phi}
     assert all(math.isfinite(r.mean) and r.mean > 0 for r in rows)
+    # config.yaml records what was measured: the run's model and dataset, not snr's defaults
+    # (gaussian), and no perturbation (it applies only to the analytic model)
+    recorded = yaml.safe_load((snr_dir / "config.yaml").read_text())
+    assert recorded["model"]["name"] == "burda1" and recorded["model"]["latents"] == [4]
+    assert recorded["model"]["hidden"] == [8]
+    assert recorded["dataset"]["name"] == "synthetic" and recorded["dataset"]["n_train"] == 120
+    assert recorded["perturb"] is None
+    assert recorded["run"] == str(run) and recorded["objective"]["name"] == "miwae" and recorded["k"] == [1, 4]
+
+
+RUN_FIXES = [
+    (["dataset=mnist", "model=burda2"], ["dataset=mnist model=burda2 with run=", "(model=burda1, dataset=synthetic)",
+                                         "they would be ignored", "drop them", "omit run="]),
+    (["model=gaussian", "dataset=gaussian"], ["model=gaussian dataset=gaussian with run=", "drop them"]),
+    (["model.latents=[3]"], ["model.latents=[3] with run=", "it would be ignored", "drop it"]),
+    (["dataset.n_valid=5"], ["dataset.n_valid=5 with run=", "(model=burda1, dataset=synthetic)"]),
+    # a key snr's default dataset=gaussian lacks (Hydra alone would say "no setting path")
+    (["dataset.path=/data"], ["dataset.path=/data with run=", "(model=burda1, dataset=synthetic)", "drop it"]),
+    (["perturb=0.5"], ["perturb=0.5 with run=", "perturb only moves the analytic model", "drop it", "omit run="]),
+]
+
+
+def test_snr_refuses_settings_the_run_fixes(vaexp_main, tmp_path, tiny_args):
+    """With run=, snr measures the run's checkpoint on its own model and dataset: a model=,
+    dataset= (or one of their keys) or perturb= on the same command line would be ignored, so it is
+    refused in one line (exit 2) before any directory exists; what snr uses with run= is allowed."""
+    out = tmp_path / "out"
+    assert vaexp_main("train", *tiny_args, f"out_root={out}").code == 0
+    (run,) = (out / "train").iterdir()
+    for overrides, words in RUN_FIXES:
+        res = vaexp_main("snr", f"run={run}", *overrides, "draws=3", "k=[2]", "m=[1]", "progress=false",
+                         f"out_root={out}")
+        assert res.code == 2, (overrides, res.err)
+        assert "Traceback" not in res.out + res.err
+        lines = [line for line in res.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("vaexp: "), res.err
+        for word in words:
+            assert word in lines[0], lines[0]
+        assert not (out / "snr").exists(), overrides
+    res = vaexp_main("snr", "-m", f"run={run}", "perturb=0.1,0.2", "draws=3", "k=[2]", "m=[1]", "progress=false",
+                     f"out_root={out}")
+    assert res.code == 2 and "perturb=0.1 with run=" in res.err and "in the sweep job" in res.err, res.err
+    assert not (out / "multirun").exists() and not (out / "snr").exists()
+    res = vaexp_main("snr", str(run), "draws=3", "m=[1]", "seed=3", "index=1", "estimators=[dreg]",
+                     "objective=vae", "k=[1]", "progress=false", f"out_root={out}")
+    assert res.code == 0, res.err
 
 
 # -- bad input: one line, non-zero exit, nothing written ------------------------------------------------

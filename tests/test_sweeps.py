@@ -266,3 +266,17 @@ def test_missing_launcher_plugin_says_what_to_install(vaexp_main, monkeypatch, t
     res = vaexp_main("train", "-m", "hydra/launcher=slurm", "k=1,2", *TINY, f"out_root={tmp_path / 'out'}")
     assert res.code == 2
     assert 'pip install "vaexp[slurm]"' in res.err and "hydra-submitit-launcher" in res.err
+
+
+def test_slurm_launcher_without_srun_is_refused_before_any_directory(vaexp_main, monkeypatch, tmp_path):
+    """submitit would fail with a traceback after Hydra made the sweep directory."""
+    import shutil
+
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: None if name == "srun" else real(name, *a, **kw))
+    for launcher in ("slurm", "submitit_slurm"):
+        res = vaexp_main("train", "-m", f"hydra/launcher={launcher}", "k=1,2", *TINY, f"out_root={tmp_path / 'out'}")
+        assert res.code == 2, res.err
+        no_traceback(res)
+        assert f"hydra/launcher={launcher}" in res.err and "srun" in res.err and "hydra/launcher=parallel" in res.err
+        assert not (tmp_path / "out").exists()

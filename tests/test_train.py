@@ -3,6 +3,8 @@ SIGKILL), non-finite bounds, and unit checks of the schedule, atomic checkpoints
 binarisation and the train step."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import subprocess
@@ -326,6 +328,37 @@ def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
     rundir.atomic_save({"version": 2}, path)
     assert torch.load(path, weights_only=False)["version"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up after 200 bytes."""
+
+    def write(self, b):
+        if self.tell() + len(b) > 200:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(b)
+
+
+def test_atomic_save_on_a_full_disk_is_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports the failed write as its own RuntimeError ('unexpected pos'); the run
+    must say 'no space left' and name the checkpoint, not report a bug."""
+    from vaexp.errors import fault_line
+    from vaexp.rundir import files
+
+    obj = {"w": torch.zeros(10_000)}
+    with pytest.raises(RuntimeError), _FullDisk(tmp_path / "raw.pt", "wb") as f:
+        torch.save(obj, f)  # the behaviour worked around (if torch raised the OSError itself, fine too)
+    path = tmp_path / "checkpoint.pt"
+    rundir.atomic_save({"version": 1}, path)
+    monkeypatch.setattr(files, "open", lambda p, mode: _FullDisk(p, mode), raising=False)
+    with pytest.raises(OSError) as info:
+        rundir.atomic_save(obj, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    line, code = fault_line(info.value)
+    assert code == 2 and line.startswith(f"no space left on the device for {path}")
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["version"] == 1  # the old checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "raw.pt"]
 
 
 def test_atomic_save_failing_rename_keeps_old_file(tmp_path, monkeypatch):

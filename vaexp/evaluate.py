@@ -249,6 +249,13 @@ def active_units(model: VAE, x: Tensor, threshold: float, samples: int, generato
     return result
 
 
+def check_test_size(cfg, n_available: int, dataset: str) -> None:
+    """eval.n_test larger than the test set would evaluate fewer images than the config says it did."""
+    if cfg.n_test is not None and cfg.n_test > n_available:
+        raise VaexpError(f"eval.n_test={cfg.n_test}: the test set of dataset={dataset} has {n_available} images; "
+                         f"use eval.n_test=null (all of them) or at most {n_available}")
+
+
 def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bool = False) -> Dict:
     """Everything a run reports about the test set, as plain numbers (and per-example tensors)."""
     was_training = model.training
@@ -353,6 +360,7 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
                              f"epoch); train it first")
         rundir.check_checkpoint(state, saved_cfg, run_dir)
         data = load_dataset(saved_cfg.dataset, device)
+        check_test_size(settings, data.test.shape[0], saved_cfg.dataset.name)
         model = build_model(saved_cfg.model, data).to(device)
         rundir.restore_model(model, state, run_dir)
         with memory_hint_for(settings):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from vaexp import rundir
@@ -141,12 +141,31 @@ def noise_floor(draws: int) -> float:
 
 # -- the point to measure at -------------------------------------------------------------------------
 
-def load_point(cfg, device: torch.device):
-    """(model, data, description): a trained run's checkpoint, or the analytic model at its optimum
-    for the training data plus N(0, perturb²) on every parameter (Rainforth et al.)."""
+def run_config(run) -> DictConfig:
+    """The config of the vaexp train run in `run` (its model and dataset are what snr measures)."""
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(Path(run) / rundir.CONFIG))
+
+
+def recorded_config(cfg, saved: Optional[DictConfig] = None) -> Dict:
+    """What config.yaml records: the command's settings, resolved; with run=, the model and dataset
+    are the run's own (`saved`, its config: what was measured, not snr's unused defaults) and
+    perturb is null (it applies only to the analytic model)."""
+    record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if cfg.run:
+        saved = run_config(cfg.run) if saved is None else saved
+        for key in ("model", "dataset"):
+            record[key] = OmegaConf.to_container(saved[key], resolve=True, enum_to_str=True)
+        record["perturb"] = None
+    return record
+
+
+def load_point(cfg, device: torch.device, saved: Optional[DictConfig] = None):
+    """(model, data, description): a trained run's checkpoint (`saved`: its config, read from the
+    run when None), or the analytic model at its optimum for the training data plus N(0, perturb²)
+    on every parameter (Rainforth et al.)."""
     if cfg.run:
         run = Path(cfg.run)
-        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run / rundir.CONFIG))
+        saved = run_config(run) if saved is None else saved
         data = load_dataset(saved.dataset, device)
         model = build_model(saved.model, data).to(device)
         state = rundir.load_checkpoint(run, map_location=device)
@@ -180,13 +199,14 @@ def minibatch(data, index: int, batch: int, seed: int) -> Tensor:
 # -- the command --------------------------------------------------------------------------------------
 
 def snr(cfg, out_dir: Path) -> Dict:
-    """`vaexp snr`: measure, then write snr.csv, snr.png, TensorBoard scalars and config.yaml."""
+    """`vaexp snr`: measure, then write snr.csv, snr.png, TensorBoard scalars and config.yaml (the
+    settings, with run= the run's model and dataset: see recorded_config)."""
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
-                   out_dir / "config.yaml")
-    model, data, where = load_point(cfg, device)
+    saved = run_config(cfg.run) if cfg.run else None
+    rundir.atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded_config(cfg, saved))))
+    model, data, where = load_point(cfg, device, saved)
     model.eval()
     x = minibatch(data, cfg.index, cfg.batch, cfg.seed)
     obj = make_objective(cfg.objective.name, cfg.beta)

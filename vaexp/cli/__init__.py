@@ -1,7 +1,8 @@
 """`vaexp <command> [hydra overrides]`: the first word picks the command, Hydra parses the rest.
 
 This package is the only one that uses Hydra's application machinery: argv handling (argv.py),
-completion (completion.py), the commands (commands.py), the checks (checks.py), the callback
+completion (completion.py), Hydra's config errors as one line (hydra_errors.py), the commands
+(commands.py), the checks (checks.py), the callback
 that runs them before any directory exists (callback.py), multirun jobs (sweep.py) and the
 stacks of a stack=true sweep (stacking.py). Every computing job runs after
 vaexp.runtime.setup in its own process (:func:`with_runtime`).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +23,7 @@ from vaexp.cli.argv import hydra_args
 from vaexp.cli.commands import COMMANDS, hydra_entry
 from vaexp.cli.completion import complete
 from vaexp.cli.configs import register_configs
+from vaexp.cli.hydra_errors import route_hydra_errors
 from vaexp.errors import debugging, fault_line
 from vaexp.rundir import abandon_all
 
@@ -100,14 +103,31 @@ def main(argv: Optional[List[str]] = None) -> None:
     command = COMMANDS[name]
     old_hook = threading.excepthook
     threading.excepthook = _thread_fault
+    undo = route_hydra_errors(name)
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _warning_line
     try:
         hydra_entry(command._replace(task=with_runtime(command.task)))()
     except KeyboardInterrupt:  # before the command's own boundary (inside Hydra's start-up)
         print("vaexp: interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        warnings.formatwarning = old_format
+        undo()
         threading.excepthook = old_hook
         abandon_all()  # a run directory taken by the callback but never handed to the command
+
+
+_python_format = warnings.formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """vaexp's own warnings ("vaexp: ...") as the one line they are, without Python's file, line
+    number and source line; other libraries' warnings as Python shows them."""
+    text = str(message)
+    if text.startswith("vaexp:"):
+        return text + "\n"
+    return _python_format(message, category, filename, lineno, line)
 
 
 def _thread_fault(args) -> None:

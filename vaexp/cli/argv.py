@@ -1,18 +1,22 @@
 """What vaexp does to argv before Hydra parses it.
 
-Invariants: `vaexp eval <dir>` / `vaexp snr <dir>` / `vaexp report <dir>...` take directories
-positionally, and an existing directory counts as one whatever '=' or ',' its name holds (sweep
-job names do); such a path given as `resume=`/`run=`/`hydra.run.dir=`/... is quoted for Hydra's
-grammar (with '=' always, with ',' when it exists); any other bare '=' in a value is refused
-with the quoting to use; Hydra's flags may come anywhere (argparse wants them first); a launcher
-whose plugin is missing is refused with the extra to install; a dataset.<key> that the chosen
-dataset does not have is refused with the keys it does have (Hydra's own error does not list them).
+Invariants: `vaexp eval <dir>` / `vaexp snr <dir>` (one directory, not with run= as well) /
+`vaexp report <dir>...` take directories positionally, and an existing directory counts as one
+whatever '=' or ',' its name holds (sweep job names do); such a path given as `resume=`/`run=`/
+`hydra.run.dir=`/... is quoted for Hydra's grammar (with '=' always, with ',' when it exists);
+any other bare '=' in a value is refused with the quoting to use; Hydra's flags may come anywhere
+(argparse wants them first); a launcher whose plugin is missing is refused with the extra to
+install, SLURM's where srun is missing; a dataset.<key> that the chosen dataset does not have is
+refused with the keys it does have (Hydra's own error does not list them), and with
+`vaexp snr run=` any model.* / dataset.* key (the run fixes both).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,6 +31,7 @@ _LAUNCHER_PLUGINS = {
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
     "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm", "hydra-submitit-launcher"),
 }
+_SLURM = ("submitit_slurm", "slurm")
 # Hydra's flags, with and without a value.
 _FLAGS = {"-m", "--multirun", "-h", "--help", "--hydra-help", "--version", "--resolve", "-i", "--info"}
 _FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
@@ -59,6 +64,13 @@ def check_launcher(args: List[str]) -> None:
             if not found:
                 print(f"vaexp: hydra/launcher={choice} needs Hydra's {package} plugin, which is not installed; "
                       f"pip install \"vaexp[{extra}]\" (or pip install {package})", file=sys.stderr)
+                sys.exit(2)
+            # submitit's SLURM executor needs srun (it fails with a traceback, after Hydra has
+            # made the sweep directory); only a sweep (-m) launches.
+            if choice in _SLURM and shutil.which("srun") is None and any(a in ("-m", "--multirun") for a in args):
+                print(f"vaexp: hydra/launcher={choice} submits the jobs to SLURM, and SLURM's srun is not on this "
+                      f"machine's PATH; run the sweep on the cluster's login node, or use hydra/launcher=parallel "
+                      f"(the jobs side by side on this machine)", file=sys.stderr)
                 sys.exit(2)
 
 
@@ -147,10 +159,45 @@ def check_dataset_keys(config_name: str, args: List[str]) -> None:
             sys.exit(2)
 
 
+def check_snr_run_keys(overrides: List[str]) -> None:
+    """`vaexp snr run=<dir>` measures the run's model on its dataset: a model.* or dataset.* key
+    would be ignored (and is checked here, before Hydra fails on a key that snr's default
+    dataset=gaussian / model=gaussian lacks); model= / dataset= themselves are refused by
+    vaexp.cli.checks, which names the run's."""
+    run = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run")
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("dataset.", "model.")):
+            print(f"vaexp: {o} with run={run}: snr measures the run's checkpoint on the model and dataset it was "
+                  f"trained with{_run_model_and_data(run)}, so it would be ignored; drop it to measure the run as "
+                  f"trained, or omit run= to measure the analytic model", file=sys.stderr)
+            sys.exit(2)
+
+
+def _run_model_and_data(run: str) -> str:
+    """' (model=<name>, dataset=<name>)' from the run's config.yaml, or '' where it cannot be read
+    (vaexp.cli.checks then reports the run itself)."""
+    try:
+        import yaml
+
+        saved = yaml.safe_load((Path(run.strip("'\"")) / "config.yaml").read_text())
+        return f" (model={saved['model']['name']}, dataset={saved['dataset']['name']})"
+    except Exception:  # noqa: BLE001 - a missing or damaged run: named by the later checks
+        return ""
+
+
 def named(command: str, rest: List[str]) -> List[str]:
     """`rest` with the positional directories of eval / snr / report / compare as run= / dirs= overrides."""
     rest = list(rest)
     if command in ("eval", "snr") and rest and _is_dir_arg(rest[0]):
+        overrides = _split_flags(rest[1:])[1]
+        given = [a for a in overrides if a.split("=", 1)[0].lstrip("+") == "run"]
+        more = [a for a in overrides if _is_dir_arg(a)]
+        if given or more:  # Hydra would take run= silently, or fail to parse a second path
+            other = given[0] if given else more[0]
+            print(f"vaexp: {command} takes one run directory, and got {rest[0]} and {other}; give one "
+                  f"(vaexp {command} <run dir> or vaexp {command} run=<run dir>)", file=sys.stderr)
+            sys.exit(2)
         rest = [f"run={quote(rest[0])}"] + rest[1:]
     if command in ("report", "compare"):
         dirs = []
@@ -179,6 +226,9 @@ def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None)
     check_launcher(rest)
     args = [_quote_path_value(a) for a in rest]
     check_bare_equals(args)
-    if config_name:
-        check_dataset_keys(config_name, _split_flags(args)[1])
+    overrides = _split_flags(args)[1]
+    if command == "snr" and any(o.split("=", 1)[0] == "run" for o in overrides):
+        check_snr_run_keys(overrides)
+    elif config_name:
+        check_dataset_keys(config_name, overrides)
     return _flags_first(args)

@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 
 from vaexp import rundir
 from vaexp.cli import sweep
-from vaexp.errors import VaexpError, debugging, fault_line, os_error_line
+from vaexp.cli.hydra_errors import report
+from vaexp.errors import VaexpError, debugging, os_error_line
 from vaexp.report import check_dirs
 from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
 
@@ -43,14 +44,12 @@ def _check(config: DictConfig) -> None:
     validate_command(config)
 
 
-def _report_and_exit(err: BaseException) -> None:
+def _report_and_exit(err: BaseException, config: DictConfig) -> None:
     """One line and the exit status. Any exception, not only VaexpError: Hydra only *warns* about
     an exception raised in a callback and then runs the job anyway, unchecked."""
     if debugging():
         traceback.print_exc()
-    line, code = fault_line(err)
-    print(f"vaexp: {line}", file=sys.stderr)
-    sys.exit(code)
+    report(err, str(config.hydra.job.name) if "hydra" in config else "train")
 
 
 def _check_grid_needs_multirun(config: DictConfig) -> None:
@@ -126,6 +125,10 @@ def _hold_run_dir(config: DictConfig) -> None:
             raise VaexpError(f"run={path}: cannot write there ({err.strerror or err}); vaexp eval adds its result to "
                              f"{path / rundir.METRICS}: make the directory writable, or copy the run (cp -r) and "
                              f"evaluate the copy") from None
+        if job == "train" and config.get("resume"):  # out_root= and hydra.run.dir= do not apply to a resume
+            raise VaexpError(f"resume={path}: cannot write there ({err.strerror or err}); a resumed run goes on "
+                             f"in its own directory: make it writable, or copy the run (cp -r) and resume the "
+                             f"copy") from None
         what = "run" if job == "train" else "output"
         raise VaexpError(f"{_dir_setting(config, job)}: cannot create the {what} directory: "
                          f"{os_error_line(err)}") from None
@@ -162,14 +165,14 @@ class ValidateCallback(Callback):
             _check(config)
             _hold_run_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
-            _report_and_exit(err)
+            _report_and_exit(err, config)
 
     def on_multirun_start(self, config: DictConfig, config_name: Optional[str] = None, **kwargs: Any) -> None:
         self._job_dirs = None
         try:
             _check_additions(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
-            _report_and_exit(err)
+            _report_and_exit(err, config)
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             return  # another sweeper chooses its own jobs
         try:
@@ -185,7 +188,7 @@ class ValidateCallback(Callback):
                     raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)})") from None
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
-            _report_and_exit(err)
+            _report_and_exit(err, config)
         self._sweep_dir = str(config.hydra.sweep.dir)
         self._job_dirs = [sweep.job_directory(self._sweep_dir, job_cfg) for _, job_cfg in jobs]
         sweep.stack_plan = None

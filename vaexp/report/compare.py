@@ -22,6 +22,7 @@ import torch
 
 from vaexp import rundir, stats
 from vaexp.report.runs import IGNORED, Group, ReportError, Run, find_runs, group_runs, varying_keys
+from vaexp.report.tables import fmt_value
 
 # The dataset keys that do not change which test images a run scores.
 _NOT_THE_TEST_SET = ("dataset.path", "dataset.data_dir", "dataset.download", "dataset.n_valid", "dataset.n_train",
@@ -75,7 +76,7 @@ def _label(run: Run, varying: Sequence[str]) -> str:
     parts = [f"{f.get('objective.name')} m={f.get('m')} k={f.get('k')} {f.get('estimator.name')}"]
     if f.get("objective.name") == "ciwae":
         parts.append(f"β={f.get('beta')}")
-    parts += [f"{k}={f.get(k)}" for k in varying]
+    parts += [f"{k}={fmt_value(f.get(k))}" for k in varying]  # as the report's tables write them
     return " ".join(parts)
 
 

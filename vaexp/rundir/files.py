@@ -38,9 +38,21 @@ def _atomic(path: Path, mode: str, write) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError) and (err.filename is None or str(err.filename) == str(tmp)):
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err  # name the file meant
+        # torch.save turns a failed write (a full disk) into a RuntimeError of its own ("unexpected
+        # pos ..."), raised while handling the OSError: report that OSError.
+        cause = err if isinstance(err, OSError) else _os_error_within(err)
+        if cause is not None and (cause.filename is None or str(cause.filename) == str(tmp)):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err  # name the file meant
         raise
+
+
+def _os_error_within(err: BaseException, depth: int = 5) -> Optional[OSError]:
+    """The OSError among the exceptions `err` was raised while handling, if any."""
+    for _ in range(depth):
+        err = err.__context__
+        if err is None or isinstance(err, OSError):
+            return err
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -187,6 +199,11 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
         except Exception as err:
             raise VaexpError(f"{run_dir / CONFIG}: not a vaexp train config ({one_line(err, 160)}); fix or "
                              f"restore it, or use another run directory") from None
+    # Another command's output (vaexp snr's config.yaml has no estimator or schedule): not a run,
+    # so neither "continue it" nor resume= applies.
+    if not all(isinstance(saved.get(key), dict) for key in ("objective", "estimator", "schedule")):
+        raise VaexpError(f"{run_dir} holds the output of another command ({run_dir / CONFIG} is not a vaexp "
+                         f"train config); use a new run directory")
     # A saved key the current config lacks is not compared: it belongs to a schema that has
     # dropped it (a config.yaml from before the per-dataset schemas lists every dataset's keys);
     # a different dataset or model differs in its name, which both have.

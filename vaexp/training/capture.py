@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from vaexp.errors import VaexpError
+from vaexp.errors import VaexpError, is_out_of_memory
 
 # The graph's first replay must reproduce the eager step this closely (parameters after one
 # Adam step move by ~lr = 1e-3, so 1e-6 is 0.1% of a step; outputs are bounds and norms).
@@ -217,8 +217,10 @@ class CapturedStep:
 
     def _capture_and_step(self, x: Tensor) -> Tensor:
         snap = Snapshot(self.params, self.opt, self.generators)
+        eager_ran = False
         try:
             reference = self.step(x).detach().clone()
+            eager_ran = True
             after = [p.detach().clone() for p in self.params]
             snap.restore()
             self.x = x.detach().clone()
@@ -274,8 +276,10 @@ class CheckedStep:
         if self.eager:
             return self.step(x)
         snap = Snapshot(self.params, self.opt, self.generators)
+        eager_ran = False
         try:
             reference = self.step(x).detach().clone()
+            eager_ran = True
             grads = [p.grad.detach().clone() for p in self.params]
             snap.restore()
             out = self.candidate(x)
@@ -283,6 +287,8 @@ class CheckedStep:
                 raise CaptureError(f"the {self.what}'s first result differs from the eager step's")
         except Exception as err:  # noqa: BLE001 - any failure means: use the eager step
             snap.restore()
+            if not eager_ran and is_out_of_memory(err):
+                raise  # the eager step itself does not fit: nothing to fall back to
             self.eager = True
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self.reason = f"{type(err).__name__}: {first[:300]}"

@@ -371,6 +371,7 @@ def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
     with rundir.locked(run_dir):
         device = resolve_device(cfg.device)
         data = load_dataset(cfg.dataset, device)
+        ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)
         run = open_run(cfg, run_dir, data, device)
         _start([run], len(epoch_learning_rates(cfg.schedule)))
         result = fit([run], data, device, stop)[0]
@@ -393,6 +394,8 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[
             held.enter_context(rundir.locked(Path(d)))
         device = resolve_device(cfgs[0].device)
         data = load_dataset(cfgs[0].dataset, device)
+        for cfg in cfgs:
+            ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)
         runs = [open_run(cfg, Path(d), data, device) for cfg, d in zip(cfgs, run_dirs)]
         positions = {(r.state["epoch"], r.state["step"], r.state["global_step"]) for r in runs}
         if len(positions) != 1 or len({r.resumed for r in runs}) != 1:
