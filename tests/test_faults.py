@@ -558,8 +558,10 @@ def test_case13_read_only_locations(trained, tmp_path, data_dir):
     assert tree(run) == before
 
 
-def test_case13_read_only_run_dir_for_eval_without_namespaces(run_copy, vaexp_main, monkeypatch):
-    """Where no mount is possible: the lock file cannot be created (as on a read-only run dir)."""
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_case13_read_only_run_dir_without_namespaces(run_copy, vaexp_main, monkeypatch, command):
+    """Where no mount is possible: the lock file cannot be created (as on a read-only run dir).
+    For resume= the advice is to copy the run too (out_root= and hydra.run.dir= do not apply)."""
     real_open = os.open
 
     def read_only(path, flags, *args, **kwargs):
@@ -569,9 +571,14 @@ def test_case13_read_only_run_dir_for_eval_without_namespaces(run_copy, vaexp_ma
 
     before = tree(run_copy)
     monkeypatch.setattr(os, "open", read_only)
-    res = vaexp_main("eval", run_copy, "progress=false")
-    assert_one_line_error(res, 2, f"run={run_copy}", "Read-only file system", "copy the run")
+    if command == "eval":
+        res = vaexp_main("eval", run_copy, "progress=false")
+    else:
+        res = vaexp_main("train", f"resume={run_copy}", "schedule.epochs=2")
+    line = assert_one_line_error(res, 2, f"{'run' if command == 'eval' else 'resume'}={run_copy}",
+                                 "Read-only file system", "copy the run")
     monkeypatch.undo()
+    assert "out_root" not in line and "hydra.run.dir" not in line
     assert tree(run_copy) == before
 
 
@@ -794,24 +801,6 @@ def test_eval_takes_one_run_directory(run_copy, tmp_path, vaexp_main):
     before = tree(run_copy)
     for args in ([str(run_copy), f"run={other}"], [str(run_copy), str(other)]):
         assert_one_line_error(vaexp_main("eval", *args), 2, "eval takes one run directory", str(run_copy))
-    assert tree(run_copy) == before
-
-
-def test_resume_where_the_run_cannot_be_written_says_copy_it(run_copy, vaexp_main, monkeypatch):
-    """out_root= and hydra.run.dir= do not apply to resume=: the advice is to copy the run."""
-    real_open = os.open
-
-    def read_only(path, flags, *args, **kwargs):
-        if str(path).endswith(rundir.LOCK) and flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    before = tree(run_copy)
-    monkeypatch.setattr(os, "open", read_only)
-    line = assert_one_line_error(vaexp_main("train", f"resume={run_copy}", "schedule.epochs=2"), 2,
-                                 f"resume={run_copy}", "Read-only file system", "copy the run")
-    monkeypatch.undo()
-    assert "out_root" not in line and "hydra.run.dir" not in line
     assert tree(run_copy) == before
 
 
