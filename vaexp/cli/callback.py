@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from vaexp import rundir
 from vaexp.cli import sweep
-from vaexp.cli.hydra_errors import report
+from vaexp.cli.hydra_errors import exit_with_line
 from vaexp.errors import VaexpError, debugging, os_error_line
 from vaexp.report import check_dirs
 from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
@@ -49,7 +49,7 @@ def _report_and_exit(err: BaseException, config: DictConfig) -> None:
     an exception raised in a callback and then runs the job anyway, unchecked."""
     if debugging():
         traceback.print_exc()
-    report(err, str(config.hydra.job.name) if "hydra" in config else "train")
+    exit_with_line(err, str(config.hydra.job.name) if "hydra" in config else "train")
 
 
 def _check_grid_needs_multirun(config: DictConfig) -> None:

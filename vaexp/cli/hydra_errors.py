@@ -77,7 +77,7 @@ def config_error_line(err: BaseException, command: str) -> Optional[str]:
     return None
 
 
-def report(err: BaseException, command: str) -> None:
+def exit_with_line(err: BaseException, command: str) -> None:
     """Print the one line for `err` and exit: 2 for a config error, else fault_line's status."""
     line = config_error_line(err, command)
     code = 2
@@ -89,9 +89,10 @@ def report(err: BaseException, command: str) -> None:
 
 def route_hydra_errors(command: str) -> Callable[[], None]:
     """Make Hydra report the errors it catches (composing the config, launching) through
-    :func:`report`; returns the undo. Hydra catches them in hydra._internal.utils.run_and_report,
-    a private function: were it renamed, Hydra's own report (several lines, exit 1) would come
-    back, nothing worse. With VAEXP_DEBUG=1 / HYDRA_FULL_ERROR=1, Hydra's own behaviour stays."""
+    :func:`exit_with_line`; returns the undo. Hydra catches them in
+    hydra._internal.utils.run_and_report, a private function: were it renamed, Hydra's own report
+    (several lines, exit 1) would come back, nothing worse. With VAEXP_DEBUG=1 or
+    HYDRA_FULL_ERROR=1, Hydra's own behaviour stays."""
     import hydra._internal.hydra as hydra_mod
     import hydra._internal.utils as utils
 
@@ -103,7 +104,7 @@ def route_hydra_errors(command: str) -> Callable[[], None]:
         try:
             return func()
         except Exception as err:  # noqa: BLE001 - Hydra's own boundary, which exits too
-            report(err, command)
+            exit_with_line(err, command)
 
     modules = [m for m in (utils, hydra_mod) if getattr(m, "run_and_report", None) is original]
     for m in modules:
