@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,43 @@ def test_a_run_without_its_per_image_file_is_left_out_not_fatal(tmp_path):
     assert len(result["rows"]) == 1 and any("cannot read the per-image estimates" in x for x in result["notes"])
 
 
+def test_a_seed_without_its_per_image_file_leaves_its_setting_on_the_other_seeds(tmp_path, vaexp_main):
+    n = 30
+    for name, obj, seed, shift in (("a0", "iwae", 0, 0.2), ("a1", "iwae", 1, 0.3), ("b0", "vae", 0, 0.0)):
+        nll = 85.0 - shift
+        d = fake_run(tmp_path / "s", name, objective=obj, seed=seed, nll=nll,
+                     evals=[evaluation(nll, seed, settings={"n_test": n})])
+        if name != "a1":
+            with_per_image(d, images(n, 0, shift))
+    result = compare.compare([tmp_path / "s"], write=False)
+    (row,) = result["rows"]
+    assert row.a.seeds == [0] and "iwae" in row.a.label
+    assert any(x.startswith("a1: ") and "compared on its other seeds" in x for x in result["notes"])
+    # with no comparable pair left, the reason, not "all one setting"
+    (tmp_path / "s" / "b0" / "test_log_px.0.pt").unlink()
+    res = vaexp_main("compare", tmp_path / "s")
+    assert res.code == 2 and "fewer than two settings can be compared" in res.err and "b0: " in res.err, res.err
+    res = vaexp_main("report", tmp_path / "s", "plots=false")
+    assert res.code == 0, res.err
+    section = (tmp_path / "s" / "report" / "report.md").read_text().split("## Paired comparisons")[1]
+    assert "No comparable pair of settings." in section and "b0: " in section
+
+
+def test_compare_counts_a_copied_run_once(tmp_path):
+    n = 30
+    for name, obj, seed, shift in (("a0", "iwae", 0, 0.2), ("a1", "iwae", 1, 0.4), ("b0", "vae", 0, 0.0)):
+        nll = 85.0 - shift
+        d = fake_run(tmp_path / "s", name, objective=obj, seed=seed, nll=nll,
+                     evals=[evaluation(nll, seed, settings={"n_test": n})])
+        with_per_image(d, images(n, 0, shift))
+    once = compare.compare([tmp_path / "s"], write=False)["rows"][0].results["log_px"]
+    shutil.copytree(tmp_path / "s" / "a0", tmp_path / "s" / "a0-copy")
+    result = compare.compare([tmp_path / "s"], write=False)
+    (row,) = result["rows"]
+    assert row.a.seeds == [0, 1] and row.results["log_px"].mean == pytest.approx(once.mean, abs=1e-12)
+    assert any("a0-copy repeats a0" in x and "counted once" in x for x in result["notes"])
+
+
 def test_the_report_has_the_paired_section_and_its_csv(tmp_path, vaexp_main):
     n = 20
     for name, obj, shift in (("a", "iwae", 0.4), ("b", "vae", 0.0)):
@@ -195,6 +233,12 @@ def test_published_columns_appear_for_matching_runs(tmp_path, vaexp_main):
     (sweep / "quick" / "config.yaml").write_text(yaml.safe_dump(cfg))
     # Rainforth et al., PIWAE(8, 8): 84.46 ± 0.06.
     fake_run(sweep, "piwae", objective="piwae", m=8, k=8, nll=84.50)
+    # burda1 and schedule=burda by name, but not the options as the papers ran them: no cell.
+    for name, group, key, value in (("short", "schedule", "stages", 1), ("narrow", "model", "hidden", [100])):
+        fake_run(sweep, name, objective="iwae", k=50, nll=120.0)
+        cfg = yaml.safe_load((sweep / name / "config.yaml").read_text())
+        cfg[group][key] = value
+        (sweep / name / "config.yaml").write_text(yaml.safe_dump(cfg))
     res = vaexp_main("report", sweep)
     assert res.code == 0, res.err
     assert "## Published numbers" in res.out
@@ -202,7 +246,9 @@ def test_published_columns_appear_for_matching_runs(tmp_path, vaexp_main):
     se = sd / math.sqrt(2)
     assert f"| burda1 iwae m=1 k=50 | 84.78 | {mean:.2f} ± {se:.2f} (n=2) | {mean - 84.78:+.2f} | no |" in res.out
     assert "| burda1 piwae m=8 k=8 | 84.46 ± 0.06 | 84.50 ± 0.30 (n=1) | +0.04 | yes |" in res.out
-    assert "m=1 k=5 |" not in res.out.split("## Published numbers")[1].split("\n\n")[1]   # the quick run: no cell
+    published_rows = res.out.split("## Published numbers")[1].split("\n\n")[1]
+    assert "m=1 k=5 |" not in published_rows   # the quick run: no cell
+    assert "120.00" not in published_rows and published_rows.count("| burda1 iwae m=1 k=50 |") == 1
     rows = {(r["objective"], r["k"]): r for r in read_csv(sweep / "report" / "summary.csv")}
     assert float(rows[("iwae", "50")]["published_nll"]) == 84.78
     assert rows[("iwae", "50")]["published_within"] == "false" and rows[("piwae", "8")]["published_within"] == "true"
@@ -304,6 +350,19 @@ def test_every_run_gets_its_own_training_curve_and_legend_entry(tmp_path):
     assert len(set(labels)) == 2 and "seed=0" in labels[0] and "seed=1" in labels[1]
     (group,) = group_runs(runs)
     assert len(group.runs) == 2
+
+
+def test_unfinished_runs_join_the_training_curves_of_their_setting(tmp_path):
+    """A finished run's eval.n_test is the evaluated count, an unfinished one's as configured
+    (null): the curves (which do not depend on eval.*) still put them together, labelled by status."""
+    from vaexp.report import plots
+
+    fake_run(tmp_path / "s", "done", seed=0)
+    fake_run(tmp_path / "s", "stopped", seed=1, status="unfinished", epoch=2)
+    runs, _ = find_runs([tmp_path / "s"])
+    done, stopped = sorted(runs, key=lambda r: r.name)
+    assert done.context != stopped.context and done.training_context == stopped.training_context
+    assert plots.curve_label(stopped).endswith("seed=1 (unfinished)") and plots.curve_label(done).endswith("seed=0")
 
 
 def test_labels_write_list_settings_as_the_report_tables_do():

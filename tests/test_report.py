@@ -98,7 +98,7 @@ def test_table_csvs_and_seed_statistics(tmp_path, vaexp_main):
     out = sweep / "report"
     # stdout: the markdown table, one row per setting; the three seeds give mean ± sample std
     assert "| miwae | 1 | 64 | – | 3 (0,1,2) | 86.17 ± 1.26 |" in res.out
-    assert "| miwae | 4 | 16 | – | 0 | 84.00 |" in res.out
+    assert "| miwae | 4 | 16 | – | 1 (0) | 84.00 |" in res.out   # one seed: a count too, not "0"
     assert "All runs: dataset=mnist, model=burda1, estimator=reparam." in res.out
     assert (out / "report.md").read_text() == res.out
     runs = read_csv(out / "runs.csv")
@@ -156,6 +156,21 @@ def test_partial_sweep_lists_what_did_not_finish(tmp_path, vaexp_main):
     assert rows["running"]["status"] == "unfinished" and rows["running"]["test_nll"] == ""
     assert rows["broken"]["status"] == "failed"
     assert not list((sweep / "report").glob("*.png"))       # plots=false
+
+
+def test_a_diverged_sweep_job_is_diverged_not_failed(tmp_path, vaexp_main):
+    """A sweep job that diverges records error.txt as every failed job does; running the sweep
+    again would only diverge again, so the report says diverged and to lower the learning rate."""
+    sweep = tmp_path / "s"
+    fake_run(sweep, "done", nll=85.0)
+    d = fake_run(sweep, "nan", m=2, k=32, run={"state": "diverged", "message": "training bound became nan",
+                                                 "epoch": 4, "global_step": 40, "epochs": 3280}, epoch=3)
+    (d / "error.txt").write_text("training bound became nan at epoch 5\n")
+    res = vaexp_main("report", sweep, "plots=false")
+    assert res.code == 0, res.err
+    rows = {r["run"]: r for r in read_csv(sweep / "report" / "runs.csv")}
+    assert rows["nan"]["status"] == "diverged" and rows["nan"]["test_nll"] == ""
+    assert "lower schedule.lr" in res.out and "fix the error" not in res.out
 
 
 def test_corrupt_metrics_is_skipped_with_a_warning(tmp_path, vaexp_main):
@@ -274,3 +289,16 @@ def test_jvi_runs_report_a_jvi_estimate_never_a_bound(tmp_path, vaexp_main):
     assert rows["jvi"]["train_bound_mean"] == "" and float(rows["iwae"]["train_bound_mean"]) == -87.0
     runs = {r["run"]: r for r in read_csv(sweep / "report" / "runs.csv")}
     assert float(runs["jvi"]["valid_jvi_estimate"]) == -84.0 and runs["jvi"]["train_bound"] == ""
+
+
+def test_a_seed_without_a_finite_nll_is_named_in_its_cell(tmp_path, vaexp_main):
+    """metrics.json stores a non-finite NLL as null: the mean is the other seeds', and the cell says so."""
+    sweep = tmp_path / "s"
+    fake_run(sweep, "a", seed=0, nll=85.0)
+    d = fake_run(sweep, "b", seed=1, nll=86.0)
+    metrics = json.loads((d / "metrics.json").read_text())
+    metrics["evals"][-1]["nll"] = metrics["test"]["nll"] = None
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    res = vaexp_main("report", sweep, "plots=false")
+    assert res.code == 0, res.err
+    assert "| 2 (0,1) | 85.00 (1 of 2 seeds finite) |" in res.out

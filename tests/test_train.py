@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,41 @@ def test_interrupt_hook_then_resume_is_exact(reference_run, cli, vaexp_main, tmp
     assert ma["test"] == mb["test"]
     assert ma["train"]["bound"] == mb["train"]["bound"]
     assert ma["train"]["steps"] == mb["train"]["steps"] == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_interrupt_then_resume_on_cuda_is_exact(cli, vaexp_main, tmp_path):
+    """The checkpoint is loaded onto the GPU; its random-number states must go back to the CPU
+    byte tensors that set_state takes (a GPU copy raised TypeError on every resume)."""
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert vaexp_main("train", *RESUME_ARGS, "device=cuda", "fast=false", f"hydra.run.dir={ref}").code == 0
+    res = cli("train", *RESUME_ARGS, "device=cuda", "fast=false", f"hydra.run.dir={run_dir}",
+              env_extra={"VAEXP_INTERRUPT_AT_STEP": "7"})
+    assert res.code == 130, res.err
+    res = vaexp_main("train", f"resume={run_dir}", "progress=false")
+    assert res.code == 0, res.err
+    assert_same_training_state(load_ckpt(run_dir), load_ckpt(ref))
+    assert metrics(run_dir)["test"] == metrics(ref)["test"]
+
+
+def test_resume_from_another_devices_checkpoint_reseeds_with_a_warning(reference_run, vaexp_main, tmp_path):
+    """README lets device change on resume; a CUDA generator's state (16 bytes) cannot go into a
+    CPU generator (5056): a new stream from (seed, step), said in one warning, not a crash."""
+    from vaexp.training.run import reseed_on_new_device, restore_rng_states
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ck["rng"]["eps"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() returns
+    torch.save(ck, run_dir / "checkpoint.pt")
+    gens = {"eps": torch.Generator(), "eval": torch.Generator()}
+    assert restore_rng_states(ck["rng"], gens) == ["eps"]
+    assert torch.equal(gens["eval"].get_state(), ck["rng"]["eval"])
+    assert reseed_on_new_device(0, 10, "eps") != reseed_on_new_device(0, 11, "eps") != 0
+    with pytest.warns(RuntimeWarning, match="written on another device.*not bit for bit"):
+        res = vaexp_main("train", f"resume={run_dir}", "schedule.epochs=3", "progress=false")
+    assert res.code == 0, res.err
+    assert load_ckpt(run_dir)["state"]["epoch"] == 3
 
 
 @pytest.mark.parametrize("signal_at_call", [3, 5], ids=["mid-epoch-1", "last-step-of-epoch-1"])

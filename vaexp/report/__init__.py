@@ -94,8 +94,8 @@ def report(dirs: Sequence[str], out: Optional[str] = None, plots: bool = True, c
             sub += plot_nll_curves(gs, title, out_dir, suffix)
             if curves:
                 members = [r for g in gs for r in g.runs]
-                ctx = gs[0].first.context
-                members += [r for r in unfinished if r.context == ctx]
+                ctx = gs[0].first.training_context
+                members += [r for r in unfinished if r.training_context == ctx]
                 sub += plot_curves(members, title, out_dir, suffix)
             plotted += sub
     stream.write(md)
@@ -125,14 +125,12 @@ def _plot_index(contexts) -> str:
 
 
 def _paired_section(finished: Sequence[Run]):
-    """(markdown, CSV) of the paired per-image comparisons (vaexp.report.compare), ("", "") when
-    fewer than two settings are comparable."""
+    """(markdown, CSV) of the paired per-image comparisons (vaexp.report.compare): ("", "") for one
+    setting; the section without a table when no pair is comparable, saying why."""
     from vaexp.report import compare  # loads torch (the per-image files): only when there is something to compare
 
+    if len(group_runs(finished)) < 2:
+        return "", ""
     settings, notes = compare.settings_of(finished)
-    if len(settings) < 2:
-        return "", ""
     rows, refused = compare.compare_settings(settings)
-    if not rows:
-        return "", ""
-    return compare.markdown(rows, refused, notes), compare.to_csv(rows)
+    return compare.markdown(rows, refused, notes), (compare.to_csv(rows) if rows else "")

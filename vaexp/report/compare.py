@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vaexp import rundir, stats
-from vaexp.report.runs import IGNORED, Group, ReportError, Run, find_runs, group_runs, varying_keys
+from vaexp.report.runs import (IGNORED, Group, ReportError, Run, find_runs, group_runs, split_duplicates,
+                               varying_keys)
 from vaexp.report.tables import fmt_value
 
 # The dataset keys that do not change which test images a run scores.
@@ -92,11 +93,17 @@ def settings_of(runs: Sequence[Run]) -> Tuple[List[Setting], List[str]]:
             notes.append(f"{g.first.name}: its seeds were evaluated on different test sets or eval settings; "
                          f"compared seed by seed is not possible, left out")
             continue
-        try:
-            loaded = [per_image(r) for r in g.runs]
-        except ReportError as err:  # a run without its per-image file cannot be paired; the rest can
-            notes.append(f"{g.first.name}: {err}")
+        kept, loaded = [], []
+        for r in g.runs:
+            try:
+                loaded.append(per_image(r))
+                kept.append(r)
+            except ReportError as err:  # a seed without its per-image file cannot be paired; the others can
+                notes.append(f"{r.name}: {err}" + ("" if len(g.runs) == 1 else
+                                                   "; its setting is compared on its other seeds"))
+        if not kept:
             continue
+        g = Group(kept)
         values = {}
         for q, _ in QUANTITIES:
             if all(q in t for t in loaded) and len({t[q].shape for t in loaded}) == 1:
@@ -187,14 +194,18 @@ def compare(dirs: Sequence[str], out: Optional[str] = None, write: bool = True) 
     compare.md and compare.csv to `out` (default <first dir>/report). Raises ReportError when
     there is nothing to compare (with the reason)."""
     runs, skipped = find_runs(dirs)
-    finished = [r for r in runs if r.status == "finished"]
+    finished, duplicates = split_duplicates([r for r in runs if r.status == "finished"])
     if len(finished) < 2:
         raise ReportError(f"vaexp compare needs at least two finished runs under {', '.join(map(str, dirs))}; "
                           f"found {len(finished)}")
     settings, notes = settings_of(finished)
+    notes = [f"{d.name} repeats {o.name} (the same setting and seed, e.g. a copied run directory): counted once"
+             for d, o in duplicates] + notes
     if len(settings) < 2:
-        raise ReportError("the finished runs are all one setting (they differ only in seed): nothing to compare"
-                          + (f"; {'; '.join(notes)}" if notes else ""))
+        if len(group_runs(finished)) < 2:
+            raise ReportError("the finished runs are all one setting (they differ only in seed): nothing to compare"
+                              + (f"; {'; '.join(notes)}" if notes else ""))
+        raise ReportError("fewer than two settings can be compared: " + "; ".join(notes))
     rows, refused = compare_settings(settings)
     if not rows:
         raise ReportError("no two settings are comparable: " + "; ".join(refused + notes))

@@ -165,7 +165,7 @@ def curve_label(run: Run) -> str:
     """A run's legend entry: its setting and its seed (two seeds of one setting are two curves)."""
     f = run.flat
     return (f"{_line_label(_line_key(run))} M={f.get('m')} K={f.get('k')} seed={f.get('seed')}"
-            + ("" if run.status == "finished" else " (running)"))
+            + ("" if run.status == "finished" else f" ({run.status})"))
 
 
 def plot_curves(runs: Sequence[Run], title: str, out: Path, suffix: str) -> List[Path]:

@@ -4,20 +4,26 @@ A file names its source and what its numbers are, the protocol every cell shares
 schedule, batch, evaluation, ...) and per cell the settings that identify it and the published
 test NLL (with its spread over runs, when the paper gives one) and active units. Invariants: a
 setting is compared with a cell only when it has every protocol and cell setting (its eval.k and
-test images as its stored evaluation says); the verdict "within" is |measured − published| <=
+test images as its stored evaluation says), a named model or schedule with all its settings; the verdict "within" is |measured − published| <=
 published spread + the measured standard error (over seeds when there are several, else the
 K-sample estimate's own); nothing here is in code: the numbers live in the data files.
 """
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
+from omegaconf import OmegaConf
 
 from vaexp.report.runs import Group, fmt_num
+from vaexp.rundir import flatten
+from vaexp.schema import TrainConfig
 
 DATA_DIR = Path(__file__).with_name("published")
 
@@ -51,9 +57,33 @@ def _same(value: Any, wanted: Any) -> bool:
     return value == wanted
 
 
+# A cell's model.name / schedule.name means that option unchanged: a run is compared with it only
+# with every setting of conf/<group>/<name>.yaml (on its schema), so a burda1 of other widths or a
+# shortened burda schedule (schedule.stages=1) never sits next to the published number.
+WHOLE_OPTIONS = ("model", "schedule")
+
+
+@functools.lru_cache(maxsize=None)
+def option_settings(group: str, name: str) -> Tuple[Tuple[str, Any], ...]:
+    """The dotted settings that `<group>=<name>` composes (conf/<group>/<name>.yaml on the schema
+    TrainConfig types the group with); () for an option vaexp does not have."""
+    path = resources.files("vaexp.conf").joinpath(group, f"{name}.yaml")
+    if not path.is_file():
+        return ()
+    doc = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"}
+    schema = typing.get_type_hints(TrainConfig)[group]
+    values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), doc), resolve=True)
+    return tuple((f"{group}.{k}", tuple(v) if isinstance(v, list) else v) for k, v in flatten(values).items())
+
+
 def matches(group: Group, cell: Cell) -> bool:
     flat = group.first.flat
-    return all(key in flat and _same(flat[key], wanted) for key, wanted in cell.settings.items())
+    if not all(key in flat and _same(flat[key], value) for key, value in cell.settings.items()):
+        return False
+    # (a key the run's config lacks is from an older schema, which had only the default)
+    return all(key not in flat or _same(flat[key], value)
+               for g in WHOLE_OPTIONS if f"{g}.name" in cell.settings
+               for key, value in option_settings(g, str(cell.settings[f"{g}.name"])))
 
 
 @dataclass

@@ -60,6 +60,12 @@ class Run:
     def context(self) -> Tuple:
         return _key(self.flat, IGNORED + LINE_KEYS + GRID_KEYS)
 
+    @property
+    def training_context(self) -> Tuple:
+        """context without the eval.* settings, which a training curve does not depend on (and
+        which an unfinished run has only as configured: n_test=null, not the evaluated count)."""
+        return _key(self.flat, IGNORED + LINE_KEYS + GRID_KEYS + ("eval",))
+
 
 # --------------------------------------------------------------------------- finding runs
 
@@ -160,7 +166,7 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                 run.train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
                 run.curve = [p for p in metrics.get("curve") or [] if isinstance(p, dict) and "epoch" in p]
                 run.flat = _with_eval_settings(run.flat, last)
-            elif ERROR_FILE in files:
+            elif ERROR_FILE in files and state != "diverged":  # a diverged sweep job writes error.txt too
                 run.status = "failed"
                 lines = [ln for ln in (here / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
                 run.detail = lines[0] if lines else "failed"

@@ -21,10 +21,8 @@ def _config_columns(run: Run) -> Dict[str, Any]:
             "latents": fmt_list(f.get("model.latents")), "objective": f.get("objective.name"),
             "estimator": f.get("estimator.name"), "m": f.get("m"), "k": f.get("k"),
             "mk": (f["m"] * f["k"]) if isinstance(f.get("m"), int) and isinstance(f.get("k"), int) else None,
-            "beta": run.config.get("beta"), "seed": f.get("seed"),
+            "beta": f.get("beta"), "seed": f.get("seed"),  # None where it weighs nothing (not ciwae)
             "eval_k": run.test.get("k", f.get("eval.k")), "n_test": run.test.get("n_test", f.get("eval.n_test"))}
-
-
 
 
 # --------------------------------------------------------------------------- formatting
@@ -99,10 +97,12 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
         f = g.first.flat
         seeds = sorted({str(r.flat.get("seed")) for r in g.runs})
         row = [_md_escape(f.get(key)) for _, key in header]
-        beta = g.first.config.get("beta") if f.get("objective.name") == "ciwae" else None
+        beta = f.get("beta")
         row += [str(f.get("m")), str(f.get("k")), "–" if beta is None else fmt_num(beta),
-                seeds[0] if len(g.runs) == 1 else f"{len(g.runs)} ({','.join(seeds)})"]
-        row.append(_fmt(*g.stats("test_nll")[:2]))
+                f"{len(g.runs)} ({','.join(seeds)})"]
+        mean, std, n = g.stats("test_nll")
+        # a seed whose NLL is not finite (stored as null) is left out of the mean: say so in the cell
+        row.append(_fmt(mean, std) + (f" ({n} of {len(g.runs)} seeds finite)" if n < len(g.runs) else ""))
         for key in l_keys:
             row.append(_fmt(*g.stats(key)[:2]))
         if neg_kl:

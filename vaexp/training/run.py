@@ -11,6 +11,7 @@ seed and restored from the checkpoint, so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -45,12 +46,29 @@ def rng_states(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
     return states
 
 
-def restore_rng_states(states: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+def restore_rng_states(states: Dict[str, Any], generators: Dict[str, torch.Generator]) -> List[str]:
+    """Put the saved states back; the names of the generators that could not take theirs, being of
+    another device than the one they were saved from (a CPU generator's state is 5056 bytes, a
+    CUDA one's 16). States are CPU byte tensors, whatever map_location moved them to: set_state
+    takes nothing else."""
+    other_device = []
     for name, g in generators.items():
-        g.set_state(states[name])
-    torch.set_rng_state(states["torch_cpu"])
-    if "torch_cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch_cuda"])
+        state = states[name].cpu()
+        if state.numel() != g.get_state().numel():
+            other_device.append(name)
+            continue
+        g.set_state(state)
+    torch.set_rng_state(states["torch_cpu"].cpu())
+    cuda = [s.cpu() for s in states.get("torch_cuda") or []]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return other_device
+
+
+def reseed_on_new_device(seed: int, global_step: int, name: str) -> int:
+    """The seed of a generator whose saved state is of another device: a fresh stream from the run's
+    seed and step (never the start of its first one again)."""
+    return (seed * 1_000_003 + global_step * 104_729 + (7 if name == "eps" else 13)) % (2 ** 63)
 
 
 @dataclass
@@ -158,8 +176,16 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
         rundir.check_checkpoint(saved, cfg, run_dir)
         rundir.restore_model(model, saved, run_dir)
         run.saved_optimizer = saved["optimizer"]
-        restore_rng_states(saved["rng"], {"eps": run.eps_gen, "eval": run.eval_gen})
+        gens = {"eps": run.eps_gen, "eval": run.eval_gen}
+        moved = restore_rng_states(saved["rng"], gens)
         run.state = saved["state"]
+        for name in moved:
+            gens[name].manual_seed(reseed_on_new_device(cfg.seed, run.state["global_step"], name))
+        if moved:
+            warnings.warn(f"vaexp: {run_dir / rundir.CHECKPOINT} was written on another device (its random-number "
+                          f"state is not {device.type}'s): the resumed run draws its noise from a new stream "
+                          f"(from the seed and step), so it continues correctly but not bit for bit as it would "
+                          f"have on the first device", RuntimeWarning, stacklevel=2)
         run.saved_epoch_acc = run.state.pop("epoch_acc", None)
         run.last_saved = run.state["global_step"]
         run.saved_state = {key: run.state[key] for key in ("epoch", "step", "global_step")}
