@@ -171,3 +171,18 @@ def test_evaluate_reports_surgery_and_can_turn_it_off():
     off.surgery_n = 0
     res = evaluate(m, x, off, torch.device("cpu"))["metrics"]
     assert "avg_kl" not in res and "ELBO surgery" not in format_table(res)
+
+
+def test_an_unresolved_posterior_gives_nan_with_a_warning_not_a_number():
+    """σ far below what float32 resolves at |μ| (as after a divergence): the draws lose σε and the
+    aggregate's expansion cancels, so I(x;z) came out as -3.7e50; NaN and one warning instead."""
+    n = 6
+    m, x = model(), one_hot(n)
+    mu = torch.linspace(1.0, 3.0, n)[:, None].expand(n, 3).contiguous()
+    set_encoder(m, mu, torch.full((n, 3), -20.0))          # σ = 2e-9 at |μ| >= 1
+    with pytest.warns(RuntimeWarning, match="narrower than float32 resolves"):
+        r = elbo_surgery(m, x, 4, gen())
+    assert math.isnan(r["mutual_info"]) and math.isnan(r["marginal_kl"]) and math.isfinite(r["avg_kl"])
+    set_encoder(m, mu, torch.full((n, 3), -3.0))           # σ = 0.05: resolved, a number within its bound
+    r = elbo_surgery(m, x, 4, gen())
+    assert math.isfinite(r["mutual_info"]) and r["mutual_info"] <= math.log(n) + 1e-9
