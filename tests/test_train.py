@@ -109,6 +109,22 @@ def test_interrupt_hook_then_resume_is_exact(reference_run, cli, vaexp_main, tmp
     assert ma["train"]["steps"] == mb["train"]["steps"] == 10
 
 
+def test_a_resumed_run_logs_the_same_tensorboard_points(cli, vaexp_main, tmp_path):
+    """The sums since the last TensorBoard point are in the checkpoint: interrupted at step 7 with
+    log_every=3, the resumed run logs step 9 as the mean of steps 7-9, as the uninterrupted one."""
+    from vaexp.report import read_curves
+
+    ref, run_dir = tmp_path / "ref", tmp_path / "run"
+    tags = ("train/bound", "train/grad_norm_theta")
+    assert vaexp_main("train", *RESUME_ARGS, "log_every=3", f"hydra.run.dir={ref}").code == 0
+    res = cli("train", *RESUME_ARGS, "log_every=3", f"hydra.run.dir={run_dir}", env_extra={"VAEXP_INTERRUPT_AT_STEP": "7"})
+    assert res.code == 130, res.err
+    assert vaexp_main("train", f"resume={run_dir}", "progress=false").code == 0
+    want, got = read_curves(ref, tags), read_curves(run_dir, tags)
+    assert [s for s, _ in want["train/bound"]] == [3, 6, 9]
+    assert got == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_interrupt_then_resume_on_cuda_is_exact(cli, vaexp_main, tmp_path):
     """The checkpoint is loaded onto the GPU; its random-number states must go back to the CPU

@@ -177,6 +177,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     epoch_acc = torch.zeros_like(acc)
     if position["step"] > 0 and all(r.saved_epoch_acc is not None for r in runs):
         epoch_acc.copy_(torch.stack([r.saved_epoch_acc for r in runs]))  # resumed mid-epoch
+    if all(r.saved_log is not None for r in runs) and len({r.saved_log[1] for r in runs}) == 1:
+        acc.copy_(torch.stack([r.saved_log[0] for r in runs]))  # the points since the last TensorBoard point
+        acc_n = runs[0].saved_log[1]
 
     def alive() -> List[int]:
         return [i for i, r in enumerate(runs) if r.error is None]
@@ -210,7 +213,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 position["step"], position["global_step"] = i + 1, position["global_step"] + 1
                 if bar is not None:
                     bar.update(1)
-                if acc_n == cfg0.log_every:
+                if acc_n >= cfg0.log_every:  # (>=: a resume may lower log_every)
                     means = (acc / acc_n).tolist()  # the one host sync per log_every steps
                     check(means, f"epoch {epoch + 1}, step {i + 1}")
                     for j in alive():
@@ -257,7 +260,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                         metrics = ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"]
                     r.log_eval(metrics, position["global_step"])
                     rundir.record_curve_point(r.dir, ev.curve_point(metrics, epoch + 1, position["global_step"]))
-                r.save(step.optimizer_state(j), epoch_acc[j])
+                r.save(step.optimizer_state(j), epoch_acc[j], acc[j], acc_n)
     except BaseException as err:
         _close_logs(runs)
         if isinstance(err, Exception) and is_out_of_memory(err):
@@ -280,7 +283,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
         finite = step.finite()
         for j in alive():
             if finite[j]:
-                runs[j].save(step.optimizer_state(j), epoch_acc[j])
+                runs[j].save(step.optimizer_state(j), epoch_acc[j], acc[j], acc_n)
         for r in runs:
             r.log.close()
         where = describe_position(runs[0].state, n_epochs, steps_per_epoch)

@@ -4,7 +4,8 @@
 ``step`` (steps done in the current epoch; 0 between epochs), ``global_step``, ``wall_time``
 (training seconds so far) and ``history`` (per epoch: train bound, valid bound, lr). A
 checkpoint also holds ``epoch_acc``: the float64 sums of the step metrics over the steps done in
-a part-done epoch, so a resumed epoch's mean covers all its steps. Invariants: a run's model is
+a part-done epoch, so a resumed epoch's mean covers all its steps, and ``log_acc`` / ``log_n``,
+those since the last TensorBoard point, so a resumed run logs the same points at the same steps. Invariants: a run's model is
 initialised by ``torch.manual_seed(seed)`` then the model (alone or stacked, the same values);
 its ε come from ``eps`` and its validation/picture draws from ``eval``, generators seeded by its
 seed and restored from the checkpoint, so a resumed run continues bit for bit.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +84,7 @@ class Run:
     state: Dict = field(default_factory=dict)
     saved_optimizer: Optional[Dict] = None     # the checkpoint's Adam state, for the step to load
     saved_epoch_acc: Optional[Tensor] = None   # the checkpoint's part-done epoch sums [4]
+    saved_log: Optional[Tuple[Tensor, int]] = None  # its sums [4] and count since the last TensorBoard point
     last_saved: Optional[int] = None           # global step of the checkpoint on disk (None: none yet)
     saved_state: Optional[Dict] = None         # that checkpoint's position (epoch, step, global_step)
     error: Optional[str] = None                # why this run stopped early (a non-finite bound)
@@ -96,9 +98,10 @@ class Run:
             return "no checkpoint had been written yet"
         return f"the last good checkpoint (after {self.last_saved} steps) is kept in {self.dir}"
 
-    def save(self, optimizer_state: Dict, epoch_acc: Tensor) -> None:
+    def save(self, optimizer_state: Dict, epoch_acc: Tensor, log_acc: Tensor, log_n: int) -> None:
         rundir.atomic_save({"model": self.model.state_dict(), "optimizer": optimizer_state,
-                            "state": {**self.state, "epoch_acc": epoch_acc.cpu().clone()},
+                            "state": {**self.state, "epoch_acc": epoch_acc.cpu().clone(),
+                                      "log_acc": log_acc.cpu().clone(), "log_n": int(log_n)},
                             "rng": rng_states({"eps": self.eps_gen, "eval": self.eval_gen}),
                             "config": rundir.as_dict(self.cfg)}, self.dir / rundir.CHECKPOINT)
         self.last_saved = self.state["global_step"]
@@ -187,6 +190,8 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
                           f"(from the seed and step), so it continues correctly but not bit for bit as it would "
                           f"have on the first device", RuntimeWarning, stacklevel=2)
         run.saved_epoch_acc = run.state.pop("epoch_acc", None)
+        log_acc, log_n = run.state.pop("log_acc", None), run.state.pop("log_n", 0)
+        run.saved_log = None if log_acc is None else (log_acc, int(log_n))  # (None: an older checkpoint)
         run.last_saved = run.state["global_step"]
         run.saved_state = {key: run.state[key] for key in ("epoch", "step", "global_step")}
     run.log = RunLogger(run_dir, purge_step=run.state["global_step"] if saved is not None else None)
