@@ -92,18 +92,20 @@ def route_hydra_errors(command: str) -> Callable[[], None]:
     :func:`exit_with_line`; returns the undo. Hydra catches them in
     hydra._internal.utils.run_and_report, a private function: were it renamed, Hydra's own report
     (several lines, exit 1) would come back, nothing worse. With VAEXP_DEBUG=1 or
-    HYDRA_FULL_ERROR=1, Hydra's own behaviour stays."""
+    HYDRA_FULL_ERROR=1 the exception goes on, with its traceback."""
     import hydra._internal.hydra as hydra_mod
     import hydra._internal.utils as utils
 
     original = getattr(utils, "run_and_report", None)
-    if original is None or debugging():
+    if original is None:
         return lambda: None
 
     def run_and_report(func: Callable[[], Any]) -> Any:
         try:
             return func()
         except Exception as err:  # noqa: BLE001 - Hydra's own boundary, which exits too
+            if debugging():
+                raise  # the traceback, as VAEXP_DEBUG=1 / HYDRA_FULL_ERROR=1 promise
             exit_with_line(err, command)
 
     modules = [m for m in (utils, hydra_mod) if getattr(m, "run_and_report", None) is original]
