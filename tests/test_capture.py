@@ -341,8 +341,9 @@ def test_checked_step_drops_a_candidate_that_differs_or_fails():
 
 
 def test_checked_step_out_of_memory_in_the_eager_step_is_not_a_failed_candidate():
-    """Out of memory in the eager reference step: no fallback (the eager step is the fallback) and
-    no warning, the allocation failure itself; out of memory in the candidate alone: the eager step."""
+    """Out of memory in the eager reference step (of the compiled step's check or the CUDA graph's
+    capture): no fallback (the eager step is the fallback) and no warning, the allocation failure
+    itself; out of memory in the candidate alone: the eager step."""
     import warnings
 
     _, step = _lone()
@@ -351,10 +352,14 @@ def test_checked_step_out_of_memory_in_the_eager_step_is_not_a_failed_candidate(
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
 
     checked = fast.CheckedStep(step, eager_oom, step.params, step.opt, step.generators, "test step")
+    model, opt, gen, _ = setup()
+    captured = fast.CapturedStep(eager_oom, list(model.parameters()), opt, [gen], backend=GraphStandIn())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="can't allocate memory"):
             checked(batches(1)[0][None])
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            captured(batches(1)[0])
     ref_model, ref = _lone()
     model, step = _lone()
     checked = fast.CheckedStep(eager_oom, step, step.params, step.opt, step.generators, "test step")

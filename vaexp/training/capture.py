@@ -236,6 +236,8 @@ class CapturedStep:
         except Exception as err:  # noqa: BLE001 - any failure means: use the eager step
             snap.restore()
             self.graph, self.out, self.x = None, None, None
+            if not eager_ran and is_out_of_memory(err):
+                raise  # the eager step itself does not fit: nothing to fall back to
             return self._fall_back(x, err)
         self.graph, self.out = graph, out
         return out
