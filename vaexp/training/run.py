@@ -7,9 +7,9 @@ checkpoint also holds ``epoch_acc``: the float64 sums of the step metrics over t
 a part-done epoch, so a resumed epoch's mean covers all its steps, and ``log_acc`` / ``log_n``,
 those since the last TensorBoard point, so a resumed run logs the same points at the same steps.
 Invariants: a run's model is initialised by ``torch.manual_seed(seed)`` then the model (alone or
-stacked, the same values);
-its ε come from ``eps`` and its validation/picture draws from ``eval``, generators seeded by its
-seed and restored from the checkpoint, so a resumed run continues bit for bit.
+stacked, the same values); its ε come from ``eps`` and its validation/picture draws from
+``eval``, generators seeded by its seed and restored from the checkpoint, so a resumed run
+continues bit for bit (on another kind of device: a new stream, with a warning).
 """
 from __future__ import annotations
 
