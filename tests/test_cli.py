@@ -207,6 +207,8 @@ def test_resume_with_changed_setting_fails(trained_run, vaexp_main):
     res = vaexp_main("train", f"resume={run_dir}", "k=7", "progress=false")
     assert res.code != 0
     assert "trained with k=5" in res.err and "resume=" in res.err
+    # what may change, as it is written on a command line (groups as <group>.*)
+    assert "schedule.epochs, eval.*, diagnostics.* may change" in res.err and "out_root" not in res.err
     assert_no_traceback(res)
     assert snapshot(run_dir) == files
 

@@ -188,8 +188,8 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
                 elif flat_cur[k] != flat_saved.get(k):
                     raise VaexpError(
                         f"resume={run_dir}: the run was trained with {k}={flat_saved.get(k)}, not {flat_cur[k]}; "
-                        f"drop {key}=... (only {', '.join(RESUMABLE[:-1])} and eval.* may change "
-                        f"when resuming) or start a new run")
+                        f"drop {key}=... (only {_resumable(flat_cur)} may change when resuming) or start a "
+                        f"new run")
         merged = OmegaConf.create(saved)
         for k, v in changed.items():
             OmegaConf.update(merged, k, v, force_add=True)
@@ -221,6 +221,12 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
         raise VaexpError(f"{run_dir} already holds a run with other settings: {shown}; "
                          f"use a new run directory, or resume={run_dir} to continue that run as it was")
     return cfg
+
+
+def _resumable(flat: Dict[str, Any]) -> str:
+    """RESUMABLE as a user writes it: a group of settings as <group>.*."""
+    user = [k for k in RESUMABLE if k not in ("out_root", "resume", "sweep")]
+    return ", ".join(f"{k}.*" if any(x.startswith(k + ".") for x in flat) else k for k in user)
 
 
 def _described(cfg) -> Dict[str, Any]:
