@@ -197,6 +197,8 @@ BAD = [
     (["diagnostics.every=2", "diagnostics.estimators=[rws]", "objective=vae", "estimator=dreg"],
      ["diagnostics.estimators=[...rws...] with objective=vae", "plain mean"]),
     (["diagnostics.every=2", "dataset.n_valid=0"], ["dataset.n_valid=0", "validation"]),
+    (["diagnostics.every=2", "dataset.n_valid=20", "diagnostics.batch=50"], ["diagnostics.batch=50 with dataset.n_valid=20",
+                                                                          "diagnostics.batch <= 20"]),
     (["diagnostics.every=2", "diagnostics.alpha=1.5"], ["diagnostics.alpha=1.5"]),
 ]
 

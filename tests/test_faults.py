@@ -823,3 +823,10 @@ def test_more_test_images_than_the_test_set_has_is_refused(vaexp_main, tmp_path,
     before = tree(run_copy)
     assert_one_line_error(vaexp_main("eval", run_copy, "eval.n_test=100000", "progress=false"), 2, "eval.n_test=100000")
     assert tree(run_copy) == before
+
+
+def test_eval_is_not_a_sweep(run_copy, vaexp_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = tree(run_copy)
+    assert_one_line_error(vaexp_main("eval", "-m", f"run={run_copy}"), 2, "eval -m", "one by one")
+    assert not (tmp_path / "multirun").exists() and tree(run_copy) == before

@@ -280,3 +280,41 @@ def test_slurm_launcher_without_srun_is_refused_before_any_directory(vaexp_main,
         no_traceback(res)
         assert f"hydra/launcher={launcher}" in res.err and "srun" in res.err and "hydra/launcher=parallel" in res.err
         assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_finds_jobs_wherever_hydra_put_them(vaexp_main, tmp_path):
+    """sweep=a,b puts each job in its own sweep directory, hydra.sweep.subdir= names the jobs
+    differently: the summary (and a stack=true plan) must look where Hydra ran them."""
+    out = tmp_path / "out"
+    res = vaexp_main("train", "-m", *TINY, "sweep=sa,sb", f"out_root={out}")
+    assert res.code == 0, res.err
+    assert "all 2 jobs finished" in res.out and f"vaexp report {out}/multirun/sa {out}/multirun/sb" in res.out
+    assert len(jobs(out / "multirun" / "sa")) == len(jobs(out / "multirun" / "sb")) == 1
+    res = vaexp_main("train", "-m", *TINY, "stack=true", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'own'}",
+                     "hydra.sweep.subdir=seed${seed}")
+    assert res.code == 0, res.err
+    assert "all 2 jobs finished" in res.out and "stacked" in res.out + res.err
+    assert finished(tmp_path / "own" / "seed0") and finished(tmp_path / "own" / "seed1")
+
+
+def test_a_sweep_over_presets_is_refused(vaexp_main, tmp_path):
+    out = tmp_path / "out"
+    res = vaexp_main("train", "-m", *TINY, "experiment=iwae_table1,rainforth_mk64", f"out_root={out}")
+    assert res.code == 2 and "a sweep over presets runs none of their grids" in res.err, res.err
+    no_traceback(res)
+    assert not out.exists()
+
+
+def test_snr_sweeps_finish_and_keep_each_run_apart(vaexp_main, tmp_path):
+    """snr jobs are judged by their snr.csv (not as training runs), and run=A,B are two folders."""
+    out = tmp_path / "out"
+    for name in ("A", "B"):
+        assert vaexp_main("train", *TINY, f"hydra.run.dir={tmp_path / name}").code == 0
+    grid = ["k=[2]", "m=[1]", "draws=10", "progress=false", f"out_root={out}"]
+    res = vaexp_main("snr", "-m", "seed=0,1", *grid)
+    assert res.code == 0 and "all 2 jobs finished" in res.out, res.out + res.err
+    res = vaexp_main("snr", "-m", f"run={tmp_path / 'A'},{tmp_path / 'B'}", *grid)
+    assert res.code == 0 and "all 2 jobs finished" in res.out, res.out + res.err
+    csvs = sorted(out.rglob("snr.csv"))
+    assert len(csvs) == 4 and len({p.parent for p in csvs}) == 4
+    assert {p.parent.parent.name.split("-")[0] for p in csvs if p.parent.parent.name[:2] in ("A-", "B-")} == {"A", "B"}

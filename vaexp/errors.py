@@ -104,7 +104,8 @@ def os_error_line(err: OSError, near: Optional[Path] = None) -> str:
     if code == errno.EEXIST:
         return f"{where}: exists and is not a folder; choose another path"
     if code == errno.ENAMETOOLONG:
-        return f"{where}: file name too long; shorten the path (fewer overrides in the name, or hydra.run.dir=...)"
+        return (f"{where}: file name too long; shorten the path (fewer overrides in the name, or hydra.run.dir=...; "
+                f"in a sweep hydra.sweep.subdir=...)")
     return f"{where}: {err.strerror or one_line(err)}"
 
 

@@ -223,6 +223,11 @@ def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None)
     """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config)."""
     rest = named(command, rest)
     check_flags(_split_flags(rest)[0])
+    if command == "eval" and any(f in ("-m", "--multirun") for f in _split_flags(rest)[0]):
+        # a sweep's job directories would be made in the working directory, beside the runs evaluated
+        print("vaexp: eval -m: vaexp eval evaluates one run, in its own directory; evaluate several one by one "
+              "(for d in <run dirs>; do vaexp eval \"$d\"; done)", file=sys.stderr)
+        sys.exit(2)
     check_launcher(rest)
     args = [_quote_path_value(a) for a in rest]
     check_bare_equals(args)

@@ -189,8 +189,11 @@ class ValidateCallback(Callback):
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err, config)
-        self._sweep_dir = str(config.hydra.sweep.dir)
-        self._job_dirs = [sweep.job_directory(self._sweep_dir, job_cfg) for _, job_cfg in jobs]
+        # the jobs' sweep directories (sweep=a,b: one each), as `vaexp report` takes them
+        self._sweep_dir = " ".join(sorted({str(job_cfg.hydra.sweep.dir) for _, job_cfg in jobs})
+                                   or [str(config.hydra.sweep.dir)])
+        self._job_dirs = [sweep.job_directory(job_cfg) for _, job_cfg in jobs]
+        self._command = str(config.hydra.job.name)
         sweep.stack_plan = None
         if any(job_cfg.get("stack") for _, job_cfg in jobs):
             from vaexp.cli.stacking import StackPlan  # the trainer (torch): only stack=true sweeps need it here
@@ -202,7 +205,9 @@ class ValidateCallback(Callback):
         if not getattr(self, "_job_dirs", None):
             return
         sweep.stack_plan = None
-        text, ok = sweep.summary(self._sweep_dir, self._job_dirs)
+        if self._command not in ("train", "snr"):  # (vaexp eval -m: each job reports itself)
+            return
+        text, ok = sweep.summary(self._sweep_dir, self._job_dirs, self._command)
         print(text, file=sys.stdout if ok else sys.stderr, flush=True)
         if not ok:
             sys.exit(1)

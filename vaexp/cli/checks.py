@@ -219,6 +219,10 @@ def validate_diagnostics(diag: Any, own: str, obj: str, k: int, beta: float, dat
         _fail(f"diagnostics.every={diag.every} with dataset.n_valid={dataset.n_valid}",
               "the diagnostics measure on a fixed batch of validation examples, and there are none",
               "use dataset.n_valid >= 1 (e.g. 400), or drop diagnostics.every")
+    if diag.batch > dataset.n_valid:  # the batch is the first `batch` validation examples
+        _fail(f"diagnostics.batch={diag.batch} with dataset.n_valid={dataset.n_valid}",
+              "the fixed batch is the first diagnostics.batch validation examples, and there are fewer",
+              f"use diagnostics.batch <= {dataset.n_valid}, or a larger dataset.n_valid")
 
 
 def validate_fast(fast: Any, device: Any) -> None:

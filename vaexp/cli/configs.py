@@ -9,6 +9,7 @@ holds only the keys that apply to it (:func:`dataset_schema` reads which).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from importlib import resources
 from pathlib import Path
@@ -90,6 +91,15 @@ def _snr_tag(run: Optional[str], dataset: str, model: str) -> str:
     return Path(str(run)).resolve().name if run else f"{dataset}_{model}"
 
 
+def _snr_job_tag(run: Optional[str], dataset: str, model: str) -> str:
+    """A `vaexp snr -m` job's folder for what it measures: the run's name and a hash of its path
+    (runs of two sweeps may share a job name), or dataset_model."""
+    if not run:
+        return f"{dataset}_{model}"
+    path = Path(str(run)).resolve()
+    return f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
 def _resolver(name: str, fn, **kwargs) -> None:
     if not OmegaConf.has_resolver(name):
         OmegaConf.register_new_resolver(name, fn, **kwargs)
@@ -104,6 +114,7 @@ def register_configs() -> None:
               use_cache=True)
     _resolver("vaexp_k", derived_k)        # the run directory names the k that mk/m implies
     _resolver("vaexp_snr_tag", _snr_tag)   # the snr run directory names the run it measures
+    _resolver("vaexp_snr_job", _snr_job_tag)  # ... and an snr sweep job's, uniquely (run= is swept)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvalCommandConfig)

@@ -73,12 +73,20 @@ def failure_message(job_dir: Path) -> Optional[str]:
     return lines[0] if lines else "failed (empty error.txt)"
 
 
-def job_status(job_dir: Path) -> Tuple[str, str]:
-    """('finished' | 'failed' | 'unfinished', detail) of one job directory (vaexp.rundir.judge)."""
+# What a finished job of a command other than train leaves (train's are judged by vaexp.rundir.judge).
+FINISHED_FILE = {"snr": "snr.csv"}
+
+
+def job_status(job_dir: Path, command: str = "train") -> Tuple[str, str]:
+    """('finished' | 'failed' | 'unfinished', detail) of one job directory (vaexp.rundir.judge
+    for train; for snr its snr.csv, written last)."""
     job_dir = Path(job_dir)
     failed = failure_message(job_dir)
     if failed is not None:
         return "failed", failed
+    if command in FINISHED_FILE:
+        done = (job_dir / FINISHED_FILE[command]).is_file()
+        return ("finished", "") if done else ("unfinished", f"no {FINISHED_FILE[command]}")
     metrics, why = rundir.read_metrics(job_dir)
     if why is not None:
         return "unfinished", f"unreadable metrics.json ({why})"
@@ -98,29 +106,38 @@ def sweep_jobs(config: Any, config_name: Optional[str]) -> List[Tuple[List[str],
     arguments = [f"{key}={value}" for key, value in (params or {}).items()]
     arguments += list(config.hydra.overrides.task)
     parsed = OverridesParser.create().parse_overrides(arguments)
+    presets = [o for o in parsed if o.key_or_group == "experiment" and o.is_sweep_override()]
+    if presets:  # the primary config has no preset, so no grid: each job would run a preset's defaults alone
+        raise VaexpError(f"{presets[0].input_line}: a sweep over presets runs none of their grids; run one "
+                         f"preset per command (vaexp {config.hydra.job.name} -m experiment=<one>)")
+    # The command line's hydra.* overrides (hydra.sweep.subdir=..., a launcher) shape each job, as
+    # Hydra's launchers compose it (load_sweep_config).
+    hydra_overrides = [str(o) for o in config.hydra.overrides.hydra]
     jobs = []
     for batch in BasicSweeper.split_arguments(parsed, None):
         for job_overrides in batch:
-            jobs.append((list(job_overrides), compose(config_name=config_name, overrides=list(job_overrides),
+            jobs.append((list(job_overrides), compose(config_name=config_name,
+                                                      overrides=hydra_overrides + list(job_overrides),
                                                       return_hydra_config=True)))
     return jobs
 
 
-def job_directory(sweep_dir: str, job_cfg: Any) -> Path:
-    return Path(str(sweep_dir)) / str(job_cfg.hydra.sweep.subdir)
+def job_directory(job_cfg: Any) -> Path:
+    """Where Hydra runs the job: its own sweep dir (sweep=a,b: one each) and subdir."""
+    return Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
 
 
-def summary(sweep_dir: Path, job_dirs: Sequence[Path]) -> Tuple[str, bool]:
+def summary(sweep_dir: Path, job_dirs: Sequence[Path], command: str = "train") -> Tuple[str, bool]:
     """A few lines about the sweep's jobs, and whether all of them finished."""
     sweep_dir = Path(sweep_dir)
-    status = [(d, *job_status(d)) for d in job_dirs]
+    status = [(d, *job_status(d, command)) for d in job_dirs]
     done = [d for d, s, _ in status if s == "finished"]
     failed = [(d, why) for d, s, why in status if s == "failed"]
     other = [(d, why) for d, s, why in status if s == "unfinished"]
     n = len(status)
     if len(done) == n:
-        return (f"vaexp: sweep {sweep_dir}: all {n} jobs finished; tabulate and plot them with: "
-                f"vaexp report {sweep_dir}"), True
+        return (f"vaexp: sweep {sweep_dir}: all {n} jobs finished" + (f"; tabulate and plot them with: "
+                f"vaexp report {sweep_dir}" if command == "train" else "")), True
     lines = [f"vaexp: sweep {sweep_dir}: {len(done)} of {n} jobs finished, {len(failed)} failed"
              + (f", {len(other)} did not finish" if other else "")]
 
@@ -135,8 +152,9 @@ def summary(sweep_dir: Path, job_dirs: Sequence[Path]) -> Tuple[str, bool]:
     for d, why in other:
         lines.append(f"  not finished: {rel(d)} ({why})")
     lines.append(f"  the finished jobs' results are kept{' (a failed job' + chr(39) + 's error.txt holds the details)' if failed else ''}; "
-                 "fix the cause and run the same command again (with the same sweep=<name> or hydra.sweep.dir) "
-                 "to run only the jobs that did not finish")
+                 + ("fix the cause and run the same command again (with the same sweep=<name> or hydra.sweep.dir) "
+                    "to run only the jobs that did not finish" if command == "train" else
+                    "fix the cause and run the jobs that did not finish again"))
     return "\n".join(lines), False
 
 
