@@ -7,11 +7,11 @@
 #   bash scripts/gpu_check.sh run [OUT]   there (carry .gpu): the steps below; logs and tables in OUT
 #
 # run: install vaexp (editable, offline), the tests with CUDA variants (test_capture: the CUDA
-# graph; test_likelihood: the compiled kernels on the GPU; test_dense, test_evaluate), the
-# quickstart's training on the device with the whole test set's K=5000 NLL, `vaexp eval` of that
-# run, and scripts/bench.py (train, eval, typical). Each step has its own time limit and a line in
-# OUT/summary.txt (exit status, seconds); a failing step does not stop the later ones, and the
-# script exits non-zero if any failed. On a GPU it takes ~5 minutes; its limits add up to 11, so
+# graph; test_likelihood: the compiled kernels on the GPU; test_dense, test_evaluate; test_train's
+# resume on CUDA), the quickstart's training on the device with the whole test set's K=5000 NLL,
+# `vaexp eval` of that run, and scripts/bench.py (train, eval, typical). Each step has its own time
+# limit and a line in OUT/summary.txt (exit status, seconds); a failing step does not stop the
+# later ones, and the script exits non-zero if any failed. On a GPU it takes ~5 minutes; its limits add up to 11, so
 # give the device call a timeout that leaves room for a second try (what is in OUT comes back). VAEXP_CHECK_DEVICE=cpu runs the same steps at CPU sizes
 # (to check the script itself where there is no GPU). At most 8 files land in OUT.
 set -u -o pipefail
@@ -90,7 +90,7 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
     local small=() n_test=null
     [ "$dev" = cpu ] && small=(--small) && n_test=200
     step tests 150 tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_capture.py tests/test_likelihood.py \
-        tests/test_dense.py tests/test_evaluate.py
+        tests/test_dense.py tests/test_evaluate.py tests/test_train.py::test_interrupt_then_resume_on_cuda_is_exact
     step train 120 train.log "$PY" -m vaexp train schedule=quick "eval.n_test=$n_test" "device=$dev" "out_root=$runs" \
         progress=false "${dataset[@]}"
     local run_dir
