@@ -13,6 +13,7 @@ from typing import List
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_main
 
@@ -186,6 +187,26 @@ def test_rerun_of_finished_run_does_not_retrain(trained_run, vaexp_main):
     assert res.code == 0, res.err
     assert "already finished" in res.out and "test NLL" in res.out
     assert snapshot(run_dir) == files
+
+
+def test_rerun_of_a_run_recorded_with_an_older_default_of_an_idle_setting(trained_run, vaexp_main, tmp_path):
+    """A config.yaml from before gdreg's default alpha became 0.9 holds diagnostics.alpha: 0.5;
+    with the diagnostics off that setting does nothing, so re-running the command still finds
+    the run (a sweep re-run would otherwise fail every finished job)."""
+    import shutil
+
+    run_dir, args = trained_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    assert cfg["diagnostics"]["every"] is None
+    cfg["diagnostics"]["alpha"] = 0.5
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={old}"]
+    res = vaexp_main(*args)
+    assert res.code == 0 and "already finished" in res.out, res.err
+    res = vaexp_main(*args, "diagnostics.every=5")   # switched on, the alpha matters: told, not run
+    assert res.code == 2 and "diagnostics.alpha" in res.err, res.err
 
 
 def test_rerun_with_other_setting_fails_and_changes_nothing(trained_run, vaexp_main):

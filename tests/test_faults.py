@@ -789,6 +789,9 @@ def test_config_errors_are_one_line_with_status_2(vaexp_main, tmp_path, override
 
 def test_a_bad_value_in_a_sweep_is_a_config_error(vaexp_main, tmp_path):
     out = tmp_path / "out"
+    # --help composes the config outside Hydra's own error report
+    assert_one_line_error(vaexp_main("train", "--help", "kk=1"), 2, "kk=1: vaexp train has no setting kk")
+    assert_one_line_error(vaexp_main("train", *TINY, "hydra.foo=1", f"out_root={out}"), 2, "--cfg hydra")
     assert_one_line_error(vaexp_main("train", "-m", *TINY, "k=1,a", f"out_root={out}"), 2, "k=a: k takes an integer")
     assert_one_line_error(vaexp_main("eval", "/nonexistent", "eval.kk=1"), 2, "vaexp eval has no setting eval.kk",
                           "did you mean eval.k?")

@@ -290,11 +290,16 @@ def test_the_summary_finds_jobs_wherever_hydra_put_them(vaexp_main, tmp_path):
     assert res.code == 0, res.err
     assert "all 2 jobs finished" in res.out and f"vaexp report {out}/multirun/sa {out}/multirun/sb" in res.out
     assert len(jobs(out / "multirun" / "sa")) == len(jobs(out / "multirun" / "sb")) == 1
-    res = vaexp_main("train", "-m", *TINY, "stack=true", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'own'}",
+    # seeds other than the primary config's 0: each job's own seed names its directory
+    res = vaexp_main("train", "-m", *TINY, "stack=true", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'own'}",
                      "hydra.sweep.subdir=seed${seed}")
     assert res.code == 0, res.err
     assert "all 2 jobs finished" in res.out and "stacked" in res.out + res.err
-    assert finished(tmp_path / "own" / "seed0") and finished(tmp_path / "own" / "seed1")
+    assert finished(tmp_path / "own" / "seed1") and finished(tmp_path / "own" / "seed2")
+    res = vaexp_main("train", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'num'}",
+                     "hydra.sweep.subdir=${hydra.job.num}")   # Hydra's own naming: what the launcher numbers
+    assert res.code == 0 and "all 2 jobs finished" in res.out, res.err
+    assert finished(tmp_path / "num" / "0") and finished(tmp_path / "num" / "1")
 
 
 def test_a_sweep_over_presets_is_refused(vaexp_main, tmp_path):

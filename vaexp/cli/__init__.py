@@ -23,7 +23,7 @@ from vaexp.cli.argv import hydra_args
 from vaexp.cli.commands import COMMANDS, hydra_entry
 from vaexp.cli.completion import complete
 from vaexp.cli.configs import register_configs
-from vaexp.cli.hydra_errors import route_hydra_errors
+from vaexp.cli.hydra_errors import exit_with_line, route_hydra_errors
 from vaexp.errors import debugging, fault_line
 from vaexp.rundir import abandon_all
 
@@ -111,6 +111,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:  # before the command's own boundary (inside Hydra's start-up)
         print("vaexp: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - what Hydra raises outside run_and_report (--help's composition)
+        if debugging():
+            raise
+        exit_with_line(err, name)
     finally:
         warnings.formatwarning = old_format
         undo()

@@ -164,7 +164,7 @@ def check_snr_run_keys(overrides: List[str]) -> None:
     would be ignored (and is checked here, before Hydra fails on a key that snr's default
     dataset=gaussian / model=gaussian lacks); model= / dataset= themselves are refused by
     vaexp.cli.checks, which names the run's."""
-    run = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run")
+    run = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run").strip("'\"")
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key.startswith(("dataset.", "model.")):
@@ -180,7 +180,7 @@ def _run_model_and_data(run: str) -> str:
     try:
         import yaml
 
-        saved = yaml.safe_load((Path(run.strip("'\"")) / "config.yaml").read_text())
+        saved = yaml.safe_load((Path(run) / "config.yaml").read_text())
         return f" (model={saved['model']['name']}, dataset={saved['dataset']['name']})"
     except Exception:  # noqa: BLE001 - a missing or damaged run: named by the later checks
         return ""

@@ -189,10 +189,17 @@ class ValidateCallback(Callback):
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err, config)
+        job_dirs = [sweep.job_directory(job_cfg) for _, job_cfg in jobs]
+        if None in job_dirs:  # named by what only the launcher knows: no summary, and no stacking
+            if any(job_cfg.get("stack") for _, job_cfg in jobs):
+                _report_and_exit(VaexpError("stack=true: the job directories are named with what only the launcher "
+                                            "knows (hydra.job.id); name them by settings or ${hydra.job.num}"),
+                                 config)
+            return
         # the jobs' sweep directories (sweep=a,b: one each), as `vaexp report` takes them
         self._sweep_dir = " ".join(sorted({str(job_cfg.hydra.sweep.dir) for _, job_cfg in jobs})
                                    or [str(config.hydra.sweep.dir)])
-        self._job_dirs = [sweep.job_directory(job_cfg) for _, job_cfg in jobs]
+        self._job_dirs = job_dirs
         self._command = str(config.hydra.job.name)
         sweep.stack_plan = None
         if any(job_cfg.get("stack") for _, job_cfg in jobs):

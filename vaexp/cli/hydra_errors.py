@@ -43,7 +43,11 @@ def _settings(node: Any) -> List[str]:
 
 
 def config_error_line(err: BaseException, command: str) -> Optional[str]:
-    """One line for a config error of `vaexp <command>`, or None when `err` is not one."""
+    """One line for a config error of `vaexp <command>`, or None when `err` is not one. Only what
+    Hydra raises counts (composing wraps OmegaConf's errors): an OmegaConf error of vaexp's own code
+    (a key it reads and the config lacks) is a bug, for fault_line."""
+    if not isinstance(err, HydraException):
+        return None
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         key = str(cause.full_key)
@@ -51,8 +55,9 @@ def config_error_line(err: BaseException, command: str) -> Optional[str]:
         known = _settings(getattr(cause, "parent_node", None))
         near = difflib.get_close_matches(leaf, known, n=1)
         where = f"{parent}'s settings" if parent else "its settings"
+        shown = "hydra" if key.split(".")[0] == "hydra" else "job"  # --cfg job has no hydra node
         listing = f"; {where}: {', '.join(known)}" if known and len(known) <= 16 else \
-            f"; `vaexp {command} --cfg job` lists {where}"
+            f"; `vaexp {command} --cfg {shown}` lists {where}"
         hint = f"; did you mean {parent + '.' if parent else ''}{near[0]}?" if near else ""
         return f"{_override_of(err, key)}: vaexp {command} has no setting {key}{hint}{listing}"
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
@@ -72,9 +77,7 @@ def config_error_line(err: BaseException, command: str) -> Optional[str]:
     if isinstance(err, OverrideParseException):
         return (f"{err.override}: Hydra cannot parse this override ({_first_lines(err.message)}); see "
                 f"https://hydra.cc/docs/advanced/override_grammar/basic/ (quote values with spaces or brackets)")
-    if isinstance(err, (HydraException, OmegaConfBaseException)):
-        return _first_lines(str(err)) + (f" ({_first_lines(str(err.__cause__))})" if err.__cause__ else "")
-    return None
+    return _first_lines(str(err)) + (f" ({_first_lines(str(err.__cause__))})" if err.__cause__ else "")
 
 
 def exit_with_line(err: BaseException, command: str) -> None:

@@ -19,6 +19,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from vaexp import rundir
 from vaexp.errors import VaexpError
@@ -111,20 +112,27 @@ def sweep_jobs(config: Any, config_name: Optional[str]) -> List[Tuple[List[str],
         raise VaexpError(f"{presets[0].input_line}: a sweep over presets runs none of their grids; run one "
                          f"preset per command (vaexp {config.hydra.job.name} -m experiment=<one>)")
     # The command line's hydra.* overrides (hydra.sweep.subdir=..., a launcher) shape each job, as
-    # Hydra's launchers compose it (load_sweep_config).
-    hydra_overrides = [str(o) for o in config.hydra.overrides.hydra]
+    # Hydra's launchers compose it (load_sweep_config): as typed (unresolved: `seed${seed}` is the
+    # job's seed), with the job's number, which every launcher sets (${hydra.job.num} in a name).
+    raw = OmegaConf.to_container(config.hydra.overrides, resolve=False)
+    hydra_overrides = [str(o) for o in raw.get("hydra", [])]
     jobs = []
     for batch in BasicSweeper.split_arguments(parsed, None):
         for job_overrides in batch:
+            extra = [f"hydra.job.num={len(jobs)}"]
             jobs.append((list(job_overrides), compose(config_name=config_name,
-                                                      overrides=hydra_overrides + list(job_overrides),
+                                                      overrides=hydra_overrides + list(job_overrides) + extra,
                                                       return_hydra_config=True)))
     return jobs
 
 
-def job_directory(job_cfg: Any) -> Path:
-    """Where Hydra runs the job: its own sweep dir (sweep=a,b: one each) and subdir."""
-    return Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+def job_directory(job_cfg: Any) -> Optional[Path]:
+    """Where Hydra runs the job: its own sweep dir (sweep=a,b: one each) and subdir; None where
+    the name needs what only the launcher knows (${hydra.job.id}, which launchers write differently)."""
+    try:
+        return Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+    except Exception:  # noqa: BLE001 - an interpolation vaexp cannot resolve: no summary, no stack plan
+        return None
 
 
 def summary(sweep_dir: Path, job_dirs: Sequence[Path], command: str = "train") -> Tuple[str, bool]:

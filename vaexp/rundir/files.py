@@ -207,8 +207,12 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
     # A saved key the current config lacks is not compared: it belongs to a schema that has
     # dropped it (a config.yaml from before the per-dataset schemas lists every dataset's keys);
     # a different dataset or model differs in its name, which both have.
+    # With the diagnostics off in both, their other settings do nothing: not a difference (a
+    # config.yaml from before gdreg's default alpha became 0.9 holds diagnostics.alpha: 0.5).
+    idle = flat_saved.get("diagnostics.every") is None and flat_cur.get("diagnostics.every") is None
     diffs = [k for k in sorted(flat_cur)
-             if not covers(RUNTIME_ONLY, k) and flat_saved.get(k) != flat_cur.get(k)]
+             if not covers(RUNTIME_ONLY, k) and not (idle and covers(("diagnostics",), k))
+             and flat_saved.get(k) != flat_cur.get(k)]
     if diffs:
         shown = ", ".join(f"{k}={flat_cur.get(k)} (saved: {flat_saved.get(k)})" for k in diffs[:4])
         if all(covers(RESUMABLE, k) for k in diffs):
