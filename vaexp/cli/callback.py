@@ -186,15 +186,14 @@ class ValidateCallback(Callback):
                     _check(job_cfg)
                 except VaexpError as err:
                     raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)})") from None
+            job_dirs = [sweep.job_directory(job_cfg) for _, job_cfg in jobs]
+            if None in job_dirs and any(job_cfg.get("stack") for _, job_cfg in jobs):
+                raise VaexpError("stack=true: the job directories are named with what only the launcher knows "
+                                 "(hydra.job.id); name them by settings or ${hydra.job.num}")
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err, config)
-        job_dirs = [sweep.job_directory(job_cfg) for _, job_cfg in jobs]
-        if None in job_dirs:  # named by what only the launcher knows: no summary, and no stacking
-            if any(job_cfg.get("stack") for _, job_cfg in jobs):
-                _report_and_exit(VaexpError("stack=true: the job directories are named with what only the launcher "
-                                            "knows (hydra.job.id); name them by settings or ${hydra.job.num}"),
-                                 config)
+        if None in job_dirs:  # named by what only the launcher knows: no summary
             return
         # the jobs' sweep directories (sweep=a,b: one each), as `vaexp report` takes them
         self._sweep_dir = " ".join(sorted({str(job_cfg.hydra.sweep.dir) for _, job_cfg in jobs})
