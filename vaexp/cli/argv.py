@@ -8,7 +8,7 @@ any other bare '=' in a value is refused with the quoting to use; Hydra's flags 
 (argparse wants them first); a launcher whose plugin is missing is refused with the extra to
 install, SLURM's where srun is missing; a dataset.<key> that the chosen dataset does not have is
 refused with the keys it does have (Hydra's own error does not list them), and with
-`vaexp snr run=` any model.* / dataset.* key (the run fixes both).
+`vaexp snr run=` model=, dataset=, their keys and perturb= (the run fixes them).
 """
 from __future__ import annotations
 
@@ -159,19 +159,31 @@ def check_dataset_keys(config_name: str, args: List[str]) -> None:
             sys.exit(2)
 
 
+# What run= fixes in `vaexp snr` (vaexp.snr.load_point takes them from the run, not the command):
+# the model and the dataset, and perturb, which only moves the analytic model off its optimum.
+SNR_RUN_FIXES = ("dataset", "model", "perturb")
+
+
 def check_snr_run_keys(overrides: List[str]) -> None:
-    """`vaexp snr run=<dir>` measures the run's model on its dataset: a model.* or dataset.* key
-    would be ignored (and is checked here, before Hydra fails on a key that snr's default
-    dataset=gaussian / model=gaussian lacks); model= / dataset= themselves are refused by
-    vaexp.cli.checks, which names the run's."""
+    """`vaexp snr run=<dir>` measures the run's checkpoint on its own model and dataset: model=,
+    dataset=, any of their keys, or perturb= would be ignored, so they are refused, here, before
+    Hydra would fail on a key that snr's default dataset=gaussian / model=gaussian lacks."""
     run = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run").strip("'\"")
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key.startswith(("dataset.", "model.")):
-            print(f"vaexp: {o} with run={run}: snr measures the run's checkpoint on the model and dataset it was "
-                  f"trained with{_run_model_and_data(run)}, so it would be ignored; drop it to measure the run as "
-                  f"trained, or omit run= to measure the analytic model", file=sys.stderr)
-            sys.exit(2)
+    keys = [o.split("=", 1)[0].lstrip("+~").split("@", 1)[0] for o in overrides]
+    ignored = [o for o, key in zip(overrides, keys) if any(key == k or key.startswith(k + ".") for k in SNR_RUN_FIXES)]
+    if not ignored:
+        return
+    why = []
+    if any(key.split(".")[0] in ("model", "dataset") for key in keys):
+        why.append(f"snr measures the run's checkpoint on the model and dataset it was trained with"
+                   f"{_run_model_and_data(run)}")
+    if "perturb" in keys:
+        why.append("perturb only moves the analytic model (no run=) off its optimum")
+    it = "it" if len(ignored) == 1 else "they"
+    print(f"vaexp: {' '.join(ignored)} with run={run}: {', and '.join(why)}, so {it} would be ignored; drop "
+          f"{'it' if it == 'it' else 'them'} to measure the run as trained, or omit run= to measure the analytic "
+          f"model (model=gaussian dataset=gaussian) instead", file=sys.stderr)
+    sys.exit(2)
 
 
 def _run_model_and_data(run: str) -> str:

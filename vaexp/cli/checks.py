@@ -319,7 +319,6 @@ def validate_snr(cfg: DictConfig) -> None:
                   "train it for at least one epoch, or pass another run directory")
         saved = validate_run_files(run)
         validate_model_and_data(saved.model, saved.dataset)
-        validate_snr_run_overrides(cfg, saved)
         return
     if not (_finite(cfg.perturb) and cfg.perturb >= 0):
         _fail(f"perturb={cfg.perturb}", "must be a finite number >= 0", "use e.g. perturb=0.01 (Rainforth et al.)")
@@ -332,32 +331,6 @@ def validate_snr(cfg: DictConfig) -> None:
     if cfg.index + cfg.batch > cfg.dataset.n_train:
         _fail(f"index={cfg.index} batch={cfg.batch}", f"the minibatch runs past dataset.n_train={cfg.dataset.n_train}",
               "lower index or batch")
-
-
-# What run= fixes in `vaexp snr` (vaexp.snr.load_point takes them from the run, not the command):
-# the model and the dataset, and perturb, which only moves the analytic model off its optimum.
-SNR_RUN_FIXES = ("dataset", "model", "perturb")
-
-
-def validate_snr_run_overrides(cfg: DictConfig, saved: DictConfig) -> None:
-    """`vaexp snr run=<dir>` measures the run's checkpoint on its own model and dataset: a
-    model=, dataset= (or any of their keys) or perturb= on the same command line would be ignored,
-    so it is refused. Reads the command line from the config's hydra node (none: nothing given)."""
-    given = [str(o) for o in cfg.hydra.overrides.task] if "hydra" in cfg else []
-    keys = [key.split("@", 1)[0] for key in rundir.override_keys(given)]
-    ignored = [o for o, key in zip(given, keys) if rundir.covers(SNR_RUN_FIXES, key)]
-    if not ignored:
-        return
-    why = []
-    if any(rundir.covers(("model", "dataset"), key) for key in keys):
-        why.append(f"snr measures the run's checkpoint on the model and dataset it was trained with "
-                   f"(model={saved.model.name}, dataset={saved.dataset.name})")
-    if "perturb" in keys:
-        why.append("perturb only moves the analytic model (no run=) off its optimum")
-    one = len(ignored) == 1
-    _fail(f"{' '.join(ignored)} with run={cfg.run}", f"{', and '.join(why)}, so {'it' if one else 'they'} would be "
-          f"ignored", f"drop {'it' if one else 'them'} to measure the run as trained, or omit run= to measure the "
-          f"analytic model (model=gaussian dataset=gaussian) instead")
 
 
 def validate_run_files(run: Path) -> DictConfig:
