@@ -20,7 +20,7 @@ from vaexp.estimators import get_estimator
 from vaexp.models.burda import VAE
 from vaexp.models.stacked import StackedVAE
 from vaexp.objectives import make_objective
-from vaexp.training.step import StackedStep, StepSpec, adam, train_step
+from vaexp.training.step import StackedStep, StepSpec, adam, make_step, train_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -263,6 +263,47 @@ def test_cuda_graph_step_matches_eager(objective, estimator, m, k):
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
     assert torch.equal(gen.get_state(), ref_gen.get_state())
+
+
+def _burda_step(device: str, n_models: int):
+    """make_step of burda1 at MNIST's size, k=50 (so the likelihood's compiled kernels run), for one
+    run or a stack of two with their own generators and estimators."""
+    models = []
+    for i in range(n_models):
+        torch.manual_seed(i)
+        models.append(VAE([50], [200], x_dim=784, train_mean=torch.full((784,), 0.13)).to(device))
+    specs = [StepSpec("iwae", "reparam", 1, 50), StepSpec("iwae", "dreg", 1, 50)][:n_models]
+    gens = [torch.Generator(device=device).manual_seed(20 + i) for i in range(n_models)]
+    return make_step(models, specs, gens, [None] * n_models, SCHEDULE, torch.device(device))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("n_models", [1, 2])
+def test_a_captured_burda_step_follows_the_eager_step(device, n_models):
+    """Burda's model at MNIST's size (on CUDA the likelihood's compiled Triton kernels inside the
+    graph), alone and stacked: the graph is kept (strict, as fast=true) and follows the eager
+    step. On a CPU the stand-in backend checks the test itself."""
+    from vaexp.models import likelihood as L
+
+    dev = torch.device(device)
+    ref, step = _burda_step(device, n_models), _burda_step(device, n_models)
+    if device == "cuda":
+        fast.make_capturable(ref.opt, dev)  # the same optimizer kernels, run eagerly
+        captured = fast.fast_step("true", dev, step)
+    else:
+        captured = fast.CapturedStep(step, step.params, step.opt, step.generators, strict=True,
+                                     backend=GraphStandIn())
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x = (torch.rand(n_models, 20, 784, generator=g) < 0.13).float().to(dev)
+        torch.testing.assert_close(captured(x), ref(x), rtol=1e-4, atol=1e-3)
+    assert captured.captured and not captured.eager
+    for p, q in zip(step.params, ref.params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    for a, b in zip(step.generators, ref.generators):
+        assert torch.equal(a.get_state(), b.get_state())
+    if device == "cuda":
+        assert L._compiled.get("cuda") and L._checked.get("cuda:0") and L._checked.get("cuda:1")
 
 
 @needs_cuda

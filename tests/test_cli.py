@@ -310,6 +310,10 @@ BAD_TRAIN = [  # overrides, words the message must contain
     (["resume={tmp}/no-such-run"], ["resume=", "no-such-run"]),
     (["-m", "k=1,0"], ["k=0"]),
     (["-m", "objective=iwae", "m=1,3"], ["m=3", "miwae"]),
+    # the other kind of model's settings: ignored by this model, so refused (not recorded)
+    (["model.q_var=0.1"], ["model.q_var=0.1", "model=burda1 has no setting q_var", "model=gaussian"]),
+    (["model.learn_q_var=true"], ["model.learn_q_var=True", "model=gaussian"]),
+    (["model=gaussian", "dataset=gaussian", "model.latents=[20]"], ["model.hidden=[8]", "model=gaussian has no"]),
 ]
 
 

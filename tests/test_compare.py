@@ -136,6 +136,38 @@ def test_incomparable_runs_are_refused_with_the_reason(tmp_path, vaexp_main, cha
     assert "Traceback" not in res.err and not (tmp_path / "s" / "report").exists()
 
 
+def test_runs_that_scored_other_test_images_are_never_paired(tmp_path, vaexp_main):
+    """The same settings, other data files (e.g. omniglot's torchvision split and Burda's, or a
+    dataset.path copy): the evaluations' sha256 of the scored images tell them apart. A run
+    evaluated before vaexp recorded it (no digest) is compared on its settings, as before."""
+    n = 50
+
+    def run(name, objective, nll, digest):
+        entry = evaluation(nll, settings={"n_test": n})
+        if digest is not None:
+            entry["test_images"] = digest
+        with_per_image(fake_run(tmp_path / "s", name, objective=objective, nll=nll, evals=[entry]), images(n, int(nll)))
+
+    run("a", "iwae", 85.0, "aa" * 32)
+    run("b", "vae", 86.0, "bb" * 32)
+    res = vaexp_main("compare", tmp_path / "s")
+    assert res.code == 2 and "other test images were scored" in res.err, res.err
+    shutil.rmtree(tmp_path / "s")
+    run("a", "iwae", 85.0, "aa" * 32)
+    run("b", "vae", 86.0, None)
+    assert len(compare.compare([tmp_path / "s"], out=tmp_path / "out")["rows"]) == 1
+
+
+def test_an_evaluation_records_the_digest_of_the_images_it_scored():
+    from vaexp.evaluate import test_images_digest
+
+    x = (torch.rand(5, 784, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    y = x.clone()
+    y[3, 7] = 1 - y[3, 7]
+    assert test_images_digest(x) == test_images_digest(x.clone()) != test_images_digest(y)
+    assert len(test_images_digest(x)) == 64
+
+
 def test_compare_refuses_a_single_setting_and_too_few_runs(tmp_path, vaexp_main):
     fake_run(tmp_path / "one", "a", seed=0)
     res = vaexp_main("compare", tmp_path / "one")
@@ -284,6 +316,7 @@ def test_a_run_records_weight_diagnostics_and_its_nll_curve(vaexp_main, tiny_arg
     test = metrics["test"]
     assert {"ess_mean", "ess_median", "ess_below_10", "max_weight_mean", "max_weight_median"} <= set(test)
     assert 1.0 <= test["ess_median"] <= test["k"] and 0.0 <= test["ess_below_10"] <= 1.0
+    assert isinstance(test["test_images"], str) and len(test["test_images"]) == 64   # what it scored
     per_image = torch.load(run / metrics["evals"][-1]["per_example"])
     assert torch.allclose(per_image["ess"].mean(), torch.tensor(test["ess_mean"], dtype=torch.float64))
     assert [p["epoch"] for p in metrics["curve"]] == [1, 2]       # eval.every=1 before the final evaluation

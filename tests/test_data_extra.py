@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_BURDA1
-from vaexp.data import DataError, base, load_dataset
+from vaexp.data import DataError, base, extra, load_dataset
 from vaexp.data.extra import omniglot_to_28, read_amat, read_chardata
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -177,8 +177,9 @@ def write_amat(folder: Path, sizes=(30, 7, 9), seed: int = 0) -> dict:
     return splits
 
 
-def test_binarized_mnist_is_static_and_split_like_the_files(tmp_path, data_dir):
+def test_binarized_mnist_is_static_and_split_like_the_files(tmp_path, data_dir, monkeypatch):
     splits = write_amat(tmp_path / "amat")
+    monkeypatch.setattr(extra, "AMAT_SIZES", (30, 7, 9))  # these files as the full set (only it is cached)
     ds = load_dataset(cfg("binarized_mnist", path=str(tmp_path / "amat"), n_valid=7), "cpu")
     assert ds.binary is False                  # no dynamic binarisation: train is used as it is
     assert torch.equal(ds.train, torch.from_numpy(splits["train"]).float())
@@ -188,6 +189,11 @@ def test_binarized_mnist_is_static_and_split_like_the_files(tmp_path, data_dir):
     again = load_dataset(cfg("binarized_mnist", n_valid=7), "cpu")
     assert torch.equal(again.train, ds.train) and torch.equal(again.test, ds.test)
     assert "cache" in again.source
+    # a subset is read, never cached
+    write_amat(tmp_path / "small", sizes=(20, 7, 9), seed=1)
+    small = load_dataset(cfg("binarized_mnist", path=str(tmp_path / "small"), n_valid=7,
+                             data_dir=str(tmp_path / "empty")), "cpu")
+    assert len(small.train) == 20 and not (tmp_path / "empty" / "binarized_mnist.pt").exists()
     # one of the files as the path works too
     one = load_dataset(cfg("binarized_mnist", path=str(tmp_path / "amat" / "binarized_mnist_test.amat"),
                            n_valid=7), "cpu")
@@ -201,7 +207,11 @@ def test_amat_parser(tmp_path):
     assert a.shape == (2, 784) and a.dtype == np.uint8 and a[0, 1] == 1 and a[1, 0] == 1
     p.write_text(" ".join(["1.0"] * 784) + "\n" + " ".join(["0"] * 784) + "\n")   # float tokens
     assert read_amat(p).sum() == 784
+    shifted = ["0 " * 783 + "0", "1 " * 783, "0 " * 784 + "1"]  # one short line, one long: the total is right
     for text, words in [("0 1 0\n", ["3 values", "784 per line"]),
+                        ("\n".join(shifted) + "\n", ["image 2", "783 values", "784 per line"]),
+                        ("\n".join(s.replace("0", "0.0").replace("1", "1.0") for s in shifted),
+                         ["image 2", "783 values"]),
                         (" ".join(["2"] * 784) + "\n", ["other than 0 and 1"]),
                         (" ".join(["a"] * 784) + "\n", ["not an .amat file"]),
                         ("", ["empty"])]:
@@ -230,6 +240,25 @@ def test_train_on_binarized_mnist_end_to_end(tmp_path, data_dir, vaexp_main):
                      "progress=false", f"out_root={tmp_path / 'out'}")
     assert res.code == 0, res.err
     assert "test NLL" in res.out and "ELBO surgery" in res.out
+
+
+def test_a_relative_dataset_path_is_recorded_absolute(tmp_path, data_dir, vaexp_main, monkeypatch):
+    """config.yaml records where the data were read from, so `vaexp eval` from another working
+    directory reads the same files (with the path as typed it would read none, or others)."""
+    write_amat(tmp_path / "work" / "amat", sizes=(40, 20, 10))
+    monkeypatch.chdir(tmp_path / "work")
+    run = tmp_path / "run"
+    res = vaexp_main("train", "dataset=binarized_mnist", "dataset.path=amat", "dataset.n_valid=20", *TINY_BURDA1,
+                     "schedule=quick", "schedule.epochs=1", "eval.k=10", "eval.au_samples=4", "progress=false",
+                     f"hydra.run.dir={run}")
+    assert res.code == 0, res.err
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["dataset"]["path"] == str(tmp_path / "work" / "amat")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = vaexp_main("eval", str(run), "progress=false")
+    assert res.code == 0, res.err
 
 
 def test_missing_data_is_one_clear_line(tmp_path, vaexp_main):

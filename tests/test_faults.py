@@ -377,10 +377,15 @@ def test_case06_an_extension_in_progress_and_a_changed_length_are_not_finished(t
     assert rows["good"]["status"] == "finished"
 
 
-def test_case07_an_explicit_dataset_path_wins_over_the_cache(tmp_path, data_dir, vaexp_main):
+def test_case07_an_explicit_dataset_path_wins_over_the_cache(tmp_path, data_dir, vaexp_main, monkeypatch):
     from test_data import fake_pixels, write_idx_dir
+    from vaexp.data import base, mnist
 
     a = write_idx_dir(tmp_path / "a", fake_pixels(140, 1), fake_pixels(30, 2))
+    # a's images as the standard files (only those fill the cache from a path)
+    monkeypatch.setattr(mnist, "STANDARD_SIZES", (140, 30))
+    monkeypatch.setitem(mnist.STANDARD_SHA256, "mnist", base.digests({"train": fake_pixels(140, 1),
+                                                                       "test": fake_pixels(30, 2)}))
     b = write_idx_dir(tmp_path / "b", fake_pixels(140, 3), fake_pixels(25, 4))
     args = ["dataset=mnist", "dataset.n_valid=20", "schedule=quick", "schedule.epochs=1", "eval.k=10",
             "eval.au_samples=4", "progress=false", *TINY_BURDA1]
@@ -405,6 +410,91 @@ def test_case08_resume_with_another_run_dir_or_in_a_sweep_is_refused(run_copy, t
     res = vaexp_main("train", "-m", f"resume={run_copy}", "k=1,2", f"out_root={tmp_path / 'out'}")
     assert_one_line_error(res, 2, "not a sweep")
     assert not (tmp_path / "out").exists() and tree(run_copy) == before
+
+
+def test_a_run_that_lost_its_checkpoint_is_never_silently_trained_again(run_copy, tmp_path, vaexp_main, monkeypatch):
+    """resume= continues a run; without checkpoint.pt there is nothing to continue from, and
+    starting at step 0 would silently replace it (a finished run's results too: the report still
+    reads them from metrics.json)."""
+    (run_copy / rundir.CHECKPOINT).unlink()
+    before = tree(run_copy)
+    for extra in ([], ["schedule.epochs=3"]):
+        res = vaexp_main("train", f"resume={run_copy}", *extra, "progress=false")
+        assert_one_line_error(res, 2, f"{run_copy}: no checkpoint.pt there", "records 1 epochs",
+                              "restore checkpoint.pt")
+        assert tree(run_copy) == before
+    assert vaexp_main("report", run_copy, f"out={tmp_path / 'rep'}").code == 0
+    stopped = tmp_path / "stopped"                                          # interrupted in its first epoch
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "2")
+    assert vaexp_main("train", *TINY, f"hydra.run.dir={stopped}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    (stopped / rundir.CHECKPOINT).unlink()
+    before = tree(stopped)
+    res = vaexp_main("train", f"resume={stopped}", "progress=false")
+    assert_one_line_error(res, 2, f"resume={stopped}: no checkpoint.pt there", "nothing to continue")
+    assert tree(stopped) == before
+    assert vaexp_main("train", *TINY, f"hydra.run.dir={stopped}").code == 0  # its own command trains it afresh
+
+
+def test_an_exported_interrupt_step_does_not_stop_the_resume_at_it(tmp_path, vaexp_main, monkeypatch):
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
+    run = tmp_path / "run"
+    assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={run}").code == 130
+    res = vaexp_main("train", f"resume={run}", "progress=false")  # starts at step 3: goes on
+    assert res.code == 0, res.err
+    assert metrics(run)["run"]["global_step"] == 10
+
+
+def test_a_sigterm_between_the_callback_and_the_command_leaves_nothing(tmp_path, vaexp_main, monkeypatch):
+    """The callback has made and locked the run directory; Hydra writes .hydra/ before the command
+    (and its own SIGTERM handler) starts. A SIGTERM there is handled as Ctrl-C: the directory is
+    removed (Python's default action would exit at once and leave it, lock and all)."""
+    import os
+    import signal
+
+    import hydra.core.utils
+
+    real = hydra.core.utils._save_config
+
+    def terminated(cfg, filename, output_dir):
+        real(cfg, filename, output_dir)
+        if filename == "overrides.yaml":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(hydra.core.utils, "_save_config", terminated)
+    out = tmp_path / "out"
+    res = vaexp_main("train", *TINY, f"out_root={out}")
+    assert_one_line_error(res, 130, "stopped by SIGTERM")
+    assert not out.exists(), sorted(map(str, out.rglob("*")))
+
+
+def test_a_sweep_over_directories_holding_other_runs_is_refused_before_anything_is_written(tmp_path, vaexp_main):
+    """Jobs named by number: the second sweep's job 0 is the first sweep's directory. Refused as
+    a whole, before Hydra rewrites that run's .hydra/ record or a job writes error.txt there."""
+    where = [f"hydra.sweep.dir={tmp_path / 'sw'}", "hydra.sweep.subdir=${hydra.job.num}"]
+    assert vaexp_main("train", "-m", *TINY, "seed=0,1", *where).code == 0
+    before = tree(tmp_path / "sw")
+    res = vaexp_main("train", "-m", *TINY, "seed=5,6", *where)
+    assert_one_line_error(res, 2, "already holds a run with other settings: seed=5 (saved: 0)", "nothing was run")
+    assert tree(tmp_path / "sw") == before
+    assert vaexp_main("train", "-m", *TINY, "seed=0,1", *where).code == 0   # its own settings: skipped as finished
+
+
+def test_hydras_record_of_another_command_never_replaces_a_runs_own(tmp_path):
+    """hydra.output_subdir (vaexp.cli.configs.hydra_subdir): .hydra for a new directory or the same
+    command again; a folder of its own below it for a resume or other overrides in a run's
+    directory (launchers vaexp cannot check up front get to the job, which refuses)."""
+    from vaexp.cli.configs import hydra_subdir
+
+    run = tmp_path / "run"
+    assert hydra_subdir(None, run, ["seed=0"]) == ".hydra"                      # nothing there yet
+    (run / ".hydra").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    assert hydra_subdir(None, run, ["seed=0"]) == ".hydra"                      # the same command
+    assert hydra_subdir(None, run, ["seed=5"]).startswith(".hydra/rerun-")
+    assert hydra_subdir(str(run), run, []).startswith(".hydra/resume-")
+    assert hydra_subdir(None, None, ["seed=5"]) == ".hydra"                     # not known yet
 
 
 def test_case09_plus_overrides_are_refused_unless_meaningful(run_copy, tmp_path, vaexp_main):
@@ -775,6 +865,8 @@ def test_an_unexpected_error_in_the_checks_stops_the_run(vaexp_main, tiny_args, 
     ("objective=iwea", ["objective=iwea: objective has no option iwea", "did you mean objective=iwae?",
                         "ciwae, iwae, jvi"]),
     ("k=[1,", ["k=[1,: Hydra cannot parse this override"]),
+    ("+experiment=iwae_table1", ["+experiment=iwae_table1: experiment is a config group vaexp train already has",
+                                 "without the +: experiment=iwae_table1"]),
 ])
 def test_config_errors_are_one_line_with_status_2(vaexp_main, tmp_path, override, words):
     """Hydra's own report is 5-10 lines, suggests +key=value (which vaexp refuses) and exits 1,

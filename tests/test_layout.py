@@ -189,6 +189,47 @@ def test_exclude_keys_are_the_runtime_only_keys():
     assert sorted(exclude) == sorted(rundir.RUNTIME_ONLY + ("experiment",))
 
 
+def _schema_defaults(cls) -> Dict:
+    import dataclasses
+    from enum import Enum
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = _schema_defaults(type(value))
+        out[f.name] = value.value if isinstance(value, Enum) else value
+    return out
+
+
+@pytest.mark.parametrize("path,schema", [("train.yaml", "TrainConfig"), ("snr.yaml", "SnrConfig"),
+                                         ("report.yaml", "ReportConfig"), ("compare.yaml", "CompareConfig"),
+                                         ("evaluate.yaml", "EvalCommandConfig"), ("eval/default.yaml", "EvalConf")])
+def test_the_yaml_defaults_are_the_schemas(path, schema):
+    """A command's yaml repeats its schema's defaults (as documentation, next to the comments): one
+    that drifted would make `vaexp train` and the library (vaexp.schema) disagree."""
+    from vaexp import schema as schemas
+
+    defaults = _schema_defaults(getattr(schemas, schema))
+    given = {k: v for k, v in (yaml.safe_load((CONF / path).read_text()) or {}).items()
+             if k not in ("defaults", "hydra")}
+
+    def check(yaml_part: Dict, schema_part: Dict, where: str):
+        for key, value in yaml_part.items():
+            assert key in schema_part, f"{path}: {where}{key} is not in {schema}"
+            if isinstance(value, dict) and isinstance(schema_part[key], dict):
+                check(value, schema_part[key], f"{where}{key}.")
+            elif schema_part[key] != "???":  # MISSING: the group option sets it
+                assert value == schema_part[key], f"{path}: {where}{key}: {value!r}, {schema} says {schema_part[key]!r}"
+
+    check(given, defaults, "")
+
+
 def test_key_classes_are_nested_consistently():
     from vaexp import rundir
 

@@ -88,6 +88,25 @@ def test_runtime_only_settings_do_not_split_a_setting(tmp_path, vaexp_main):
     assert "85.50 ± 0.71" in res.out and "| stack" not in res.out and "| fast" not in res.out
 
 
+def test_a_varying_model_latents_is_one_column_of_the_csvs(tmp_path, vaexp_main):
+    """The CSVs have a latents column of their own: a sweep over model.latents adds no second
+    (model.latents) one; the markdown table, which has none, shows it as an extra column."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "a", nll=85.0)
+    b = fake_run(sweep, "b", nll=86.0)
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["model"]["latents"] = [20]
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = vaexp_main("report", sweep)
+    assert res.code == 0, res.err
+    for name in ("runs.csv", "summary.csv"):
+        rows = read_csv(sweep / "report" / name)
+        assert "model.latents" not in rows[0], name
+        assert sorted(r["latents"] for r in rows) == ["20", "50"], name
+    header = next(line for line in res.out.splitlines() if line.startswith("| "))
+    assert "latents" in header, header
+
+
 def test_table_csvs_and_seed_statistics(tmp_path, vaexp_main):
     sweep = tmp_path / "sweep"
     for seed, nll in ((0, 85.0), (1, 86.0), (2, 87.5)):

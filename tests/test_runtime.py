@@ -67,6 +67,53 @@ def test_adapt_threads_applies_the_governors_count_in_the_calling_thread(monkeyp
         torch.set_num_threads(old)
 
 
+def test_on_cuda_the_thread_count_is_held(monkeypatch):
+    """torch.compile guards on the thread count: on CUDA (where the host's threads hardly matter)
+    the governor stops, so no change recompiles the kernels, least of all inside a capture."""
+    old = torch.get_num_threads()
+    stopped = []
+    g = SimpleNamespace(wanted=1, stop=lambda: stopped.append(True))
+    monkeypatch.setattr(runtime, "_governor", g)
+    monkeypatch.setattr(runtime, "_applied", old)
+    try:
+        runtime.hold_threads_for(torch.device("cpu"))        # a CPU run keeps its governor
+        assert runtime._governor is g and not stopped
+        runtime.hold_threads_for(torch.device("cuda"))
+        assert runtime._governor is None and stopped == [True]
+        runtime.adapt_threads()
+        assert torch.get_num_threads() == old
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_compiled_functions_have_room_for_every_governed_thread_count(monkeypatch):
+    """Dynamo keeps 8 entries per function by default, and each thread count is one (Inductor's
+    CPU kernels bake it in): a 16-core machine's governor may choose 16 counts."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(runtime, "_governor", SimpleNamespace(limit=16))
+    fn = runtime.compile(lambda x: x + 1, dynamic=False)
+    assert callable(fn) and torch._dynamo.config.recompile_limit >= 16 + 8
+    monkeypatch.setattr(runtime, "_governor", None)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    runtime.compile(lambda x: x + 1)
+    assert torch._dynamo.config.recompile_limit == 1 + 8  # fixed threads: one count
+
+
+def test_each_parallel_cuda_job_gets_its_gpu_and_cpu_jobs_none(monkeypatch):
+    """Per job, not per process (joblib's workers run job after job); CPU jobs never touch CUDA."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    assert [runtime.assign_gpu(8, n, "cuda") for n in (0, 5, 6)] == [0, 1, 2]
+    assert runtime.assign_gpu(8, 3, "auto") == 3
+    assert runtime.assign_gpu(8, 3, "cpu") is None and runtime.assign_gpu(1, 3, "cuda") is None
+    assert chosen == [0, 1, 2, 3]
+
+
 def test_a_parallel_jobs_share_of_the_cores():
     assert runtime.job_threads(1, 2) == 2
     assert runtime.job_threads(4, 2) == 1

@@ -293,8 +293,9 @@ def test_hparams_flag_the_swept_keys_and_show_the_latest_evaluation(vaexp_main, 
     assert "vaexp eval" in card and f"{latest['nll']:.3f}" in card and "K=20, 10 images" in card
 
 
+@pytest.mark.parametrize("objective,slug", [("miwae", "bound"), ("jvi", "jvi_estimate")])
 def test_vaexp_eval_of_a_run_that_never_got_its_evaluation_gives_it_its_row(vaexp_main, tmp_path, tiny_args,
-                                                                            monkeypatch):
+                                                                            monkeypatch, objective, slug):
     import vaexp.evaluate
 
     run = tmp_path / "run"
@@ -304,8 +305,15 @@ def test_vaexp_eval_of_a_run_that_never_got_its_evaluation_gives_it_its_row(vaex
         raise KeyboardInterrupt
 
     monkeypatch.setattr(vaexp.evaluate, "evaluate", interrupted)    # Ctrl-C during the final evaluation
-    assert vaexp_main("train", *tiny_args, "objective=miwae", "m=2", f"hydra.run.dir={run}").code == 130
+    assert vaexp_main("train", *tiny_args, f"objective={objective}", "m=2", f"hydra.run.dir={run}").code == 130
     monkeypatch.setattr(vaexp.evaluate, "evaluate", real)
+    if objective == "jvi":  # and a run stopped in its second epoch: no train summary, only the history
+        run = tmp_path / "run2"
+        monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "7")
+        assert vaexp_main("train", *tiny_args, f"objective={objective}", "m=2", "schedule.epochs=2",
+                          f"hydra.run.dir={run}").code == 130
+        monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+        assert not (rundir.read_metrics(run)[0] or {}).get("train")
     from tensorboard.plugins.hparams import metadata
 
     try:
@@ -319,7 +327,10 @@ def test_vaexp_eval_of_a_run_that_never_got_its_evaluation_gives_it_its_row(vaex
     assert start.hparams["m"].number_value == 2
     ea = events(run)
     assert ea.Scalars("hparam/test_nll")[-1].value == pytest.approx(rundir.read_metrics(run)[0]["test"]["nll"], rel=1e-6)
-    assert "hparam/train_bound" in ea.Tags()["scalars"]           # from the checkpoint's history
+    tags = ea.Tags()["scalars"]
+    # from the checkpoint's history, named by what the run trains on (jvi's estimate is no bound)
+    assert {f"hparam/train_{slug}", f"hparam/valid_{slug}"} <= set(tags)
+    assert slug == "bound" or not any("bound" in t for t in tags), tags
 
 
 def test_a_lone_run_flags_the_keys_its_command_line_set(tmp_path):

@@ -126,18 +126,22 @@ def test_a_resumed_run_logs_the_same_tensorboard_points(cli, vaexp_main, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_interrupt_then_resume_on_cuda_is_exact(cli, vaexp_main, tmp_path):
-    """The checkpoint is loaded onto the GPU; its random-number states must go back to the CPU
-    byte tensors that set_state takes (a GPU copy raised TypeError on every resume)."""
+@pytest.mark.parametrize("fast", ["false", "true"])
+def test_interrupt_then_resume_on_cuda_is_exact(cli, vaexp_main, tmp_path, fast):
+    """Its random-number states go back to the CPU byte tensors that set_state takes (a GPU copy
+    raised TypeError on every resume), and an eager Adam's step counts stay on the host (on the
+    GPU each step would read them back). With fast=true the resumed run captures a new graph."""
     ref, run_dir = tmp_path / "ref", tmp_path / "run"
-    assert vaexp_main("train", *RESUME_ARGS, "device=cuda", "fast=false", f"hydra.run.dir={ref}").code == 0
-    res = cli("train", *RESUME_ARGS, "device=cuda", "fast=false", f"hydra.run.dir={run_dir}",
+    assert vaexp_main("train", *RESUME_ARGS, "device=cuda", f"fast={fast}", f"hydra.run.dir={ref}").code == 0
+    res = cli("train", *RESUME_ARGS, "device=cuda", f"fast={fast}", f"hydra.run.dir={run_dir}",
               env_extra={"VAEXP_INTERRUPT_AT_STEP": "7"})
     assert res.code == 130, res.err
     res = vaexp_main("train", f"resume={run_dir}", "progress=false")
     assert res.code == 0, res.err
     assert_same_training_state(load_ckpt(run_dir), load_ckpt(ref))
     assert metrics(run_dir)["test"] == metrics(ref)["test"]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # where it was, not moved
+    assert all(s["step"].device.type == "cpu" for s in saved["optimizer"]["state"].values())
 
 
 def test_resume_from_another_devices_checkpoint_reseeds_with_a_warning(reference_run, vaexp_main, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +21,7 @@ from vaexp.errors import VaexpError, memory_hint
 from vaexp.models import build_model
 from vaexp.models import likelihood
 from vaexp.models.burda import VAE
+from vaexp.objectives import make_objective
 from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
 from vaexp import tblog
@@ -51,13 +51,20 @@ def block_seed(seed: int, block: int) -> int:
 
 @contextlib.contextmanager
 def no_tf32():
-    """Full fp32 matmuls for evaluation: TF32 would move the NLL in the 3rd decimal."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Full fp32 matmuls for evaluation: TF32 would move the NLL in the 3rd decimal. Through the
+    fp32_precision settings where torch has them (reading the legacy allow_tf32 flags after a user
+    set the new ones is an error), else the allow_tf32 flags."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    name, full = ("fp32_precision", "ieee") if all(hasattr(b, "fp32_precision") for b in backends) \
+        else ("allow_tf32", False)
+    old = [getattr(b, name) for b in backends]
+    for b in backends:
+        setattr(b, name, full)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for b, value in zip(backends, old):
+            setattr(b, name, value)
 
 
 @torch.no_grad()
@@ -156,10 +163,10 @@ class _Pass:
         self.model, self.checked = model, False
         self.fn = None
         if (device.type == "cpu" and isinstance(model, VAE) and rows >= COMPILE_MIN_ROWS
-                and os.environ.get("VAEXP_COMPILE", "1") != "0" and likelihood.get_mode() != "plain"
+                and runtime.compiling() and likelihood.get_mode() != "plain"
                 and _compiled_pass.get("fn") is not False):
             if "fn" not in _compiled_pass:
-                _compiled_pass["fn"] = torch.compile(_eager_pass, dynamic=True, fullgraph=True)
+                _compiled_pass["fn"] = runtime.compile(_eager_pass, dynamic=True, fullgraph=True)
             self.fn = _compiled_pass["fn"]
 
     def __call__(self, xb: Tensor, kp: int, eps: List[Tensor]) -> Tensor:
@@ -286,7 +293,16 @@ def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bo
     metrics["latent_units"] = [layer["units"] for layer in au]
     metrics["unit_variances"] = [layer["variances"] for layer in au]
     metrics.update(surgery)
+    metrics["test_images"] = test_images_digest(x)
     return {"metrics": metrics, "per_example": {key: v.cpu() for key, v in ll.items()}}
+
+
+def test_images_digest(x: Tensor) -> str:
+    """sha256 of the evaluated (binarised) test images as bytes: runs scored the same images iff
+    they agree (vaexp compare pairs only those; settings alone miss another copy of the data)."""
+    import hashlib
+
+    return hashlib.sha256(x.detach().to(device="cpu", dtype=torch.uint8).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
@@ -303,7 +319,7 @@ def curve_point(metrics: Dict, epoch: int, step: int) -> Dict:
     """An evaluation during training as a point of the run's NLL curve (vaexp.rundir.record_curve_point)."""
     keep = ("nll", "nll_stderr", "k", "n_test", "ess_mean")
     point = {"epoch": epoch, "step": step, **{key: metrics[key] for key in keep if key in metrics}}
-    point.update({key: v for key, v in metrics.items() if key.startswith("L") and key[1:].isdigit()})
+    point.update({key: metrics[key] for key in rundir.lk_keys(metrics)})
     return point
 
 
@@ -313,7 +329,7 @@ def format_table(metrics: Dict) -> str:
     stderr = metrics.get("nll_stderr")  # null in metrics.json for a single image
     spread = f" ± {stderr:.3f}" if stderr is not None and math.isfinite(stderr) else ""
     rows = [("test NLL", f"{metrics['nll']:.3f}{spread}  (K={k}, {metrics['n_test']} images)")]
-    for key in sorted((key for key in metrics if key.startswith("L") and key[1:].isdigit()), key=lambda s: int(s[1:])):
+    for key in rundir.lk_keys(metrics):
         rows.append((key, f"{metrics[key]:.3f}"))
     if "ess_mean" in metrics:  # evaluations from before the diagnostics have none
         rows.append(("IS weights", f"ESS mean {metrics['ess_mean']:.1f}, median {metrics['ess_median']:.1f} of K={k}; "
@@ -354,6 +370,7 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
     with rundir.locked(run_dir):
         saved_cfg = rundir.load_config(run_dir, TrainConfig)
         device = resolve_device(device_name)
+        runtime.hold_threads_for(device)
         state = rundir.load_checkpoint(run_dir, map_location=device)
         if state is None:
             raise VaexpError(f"run={run_dir}: no checkpoint.pt there (vaexp train writes one at the end of every "
@@ -372,9 +389,8 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
         after = rundir.record_evaluation(run_dir, result["metrics"], result["per_example"], rundir.as_dict(settings),
                                          checkpoint, by="eval")
         step = position["global_step"]
-        history = position.get("history") or [{}]
-        train = after.get("train") or {"bound": history[-1].get("train_bound"),
-                                       "valid_bound": history[-1].get("valid_bound")}
+        train = after.get("train") or rundir.last_trained(position.get("history") or [],
+                                                          make_objective(saved_cfg.objective.name).quantity)
         metrics = hparam_metrics(result["metrics"], train)
         log = RunLogger(run_dir)
         log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)

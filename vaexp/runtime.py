@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 FLUSH_ENV = "VAEXP_FLUSH_DENORMAL"   # "0": keep IEEE gradual underflow
 THREADS_ENV = "VAEXP_THREADS"        # a fixed intra-op thread count (no governor)
+COMPILE_ENV = "VAEXP_COMPILE"        # "0": no torch.compile'd path (the plain formula, the eager step)
 GEMM_ENV = "VAEXP_GEMM"              # the dense layers' GEMM kernel (vaexp.models.dense)
 GEMM_BACKENDS = ("auto", "onednn", "aten")
 # The governor: how often it samples /proc/stat, and how much of a core other processes may use
@@ -228,20 +229,49 @@ def adapt_threads() -> None:
         torch.set_num_threads(_applied)
 
 
+def hold_threads_for(device) -> None:
+    """On CUDA, keep the thread count as it is for the rest of the process (the governor stops).
+    The host's threads hardly matter there, while torch.compile guards on the count: every new
+    one would recompile the Triton kernels, and could do so inside a CUDA-graph capture."""
+    global _governor
+    if getattr(device, "type", None) == "cuda" and _governor is not None:
+        _governor.stop()
+        _governor = None
+
+
+def compiling() -> bool:
+    """Whether vaexp's torch.compile'd paths may be used ($VAEXP_COMPILE is not 0)."""
+    return os.environ.get(COMPILE_ENV, "1") != "0"
+
+
+def compile(fn, **options):
+    """torch.compile(fn, **options), with room in Dynamo's per-function cache for one entry per
+    thread count the governor may choose: Inductor's CPU kernels bake the count in, so Dynamo
+    guards on it and recompiles when it changes; past its default limit of 8 entries a compiled
+    function would fall back to eager for good (with fullgraph=True: fail) on a machine with more
+    than 8 cores to govern."""
+    import torch
+    import torch._dynamo
+
+    counts = _governor.limit if _governor is not None else 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, counts + 8)
+    return torch.compile(fn, **options)
+
+
 def job_threads(jobs: int, n_cores: Optional[int] = None) -> int:
     """The thread budget of one of `jobs` jobs running at once on this machine's cores."""
     return max(1, (n_cores or cores()) // max(1, jobs))
 
 
-def setup(jobs: int = 1, job_index: Optional[int] = None, threads: Optional[int] = None,
+def setup(jobs: int = 1, threads: Optional[int] = None,
           governor: bool = True) -> Dict[str, object]:
     """Set up this process for computing; idempotent, first call wins. Call it before torch's first
     parallel op (the subnormal setting reaches OpenMP workers only when they start).
 
     Threads, in order: `threads`; $VAEXP_THREADS; $OMP_NUM_THREADS for a lone job (torch has read
     it, nothing changes); else the cores free now, kept up to date by the governor, at most the
-    job's share (cores // jobs; joblib's own OMP_NUM_THREADS in its workers is that too). On CUDA with several
-    GPUs, job `job_index` of a parallel sweep gets GPU job_index % count. Returns what was set."""
+    job's share (cores // jobs; joblib's own OMP_NUM_THREADS in its workers is that too). Returns what was
+    set. (A parallel job's GPU: :func:`assign_gpu`, per job.)"""
     global _governor, _applied
     if _setup_done:
         return dict(_setup_done)
@@ -279,8 +309,21 @@ def setup(jobs: int = 1, job_index: Optional[int] = None, threads: Optional[int]
             g.start()
         _governor = g
         info["threads"] = f"{g.wanted} (governed, at most {budget})"
-    if jobs > 1 and job_index is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(job_index % torch.cuda.device_count())
-        info["cuda_device"] = torch.cuda.current_device()
     _setup_done.update(info)
     return info
+
+
+def assign_gpu(jobs: int, job_index: Optional[int], device) -> Optional[int]:
+    """On a node with several GPUs, job `job_index` of `jobs` parallel ones (a CUDA job: device
+    cuda or auto) runs on GPU job_index % count; called for every job, since a joblib worker
+    process runs job after job. Returns the GPU chosen, or None (nothing done: CPU jobs never
+    touch CUDA)."""
+    name = str(getattr(device, "value", device))
+    if jobs <= 1 or job_index is None or name not in ("auto", "cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    torch.cuda.set_device(job_index % torch.cuda.device_count())
+    return torch.cuda.current_device()

@@ -104,6 +104,12 @@ class ModelConf:
     learn_q_var: bool = False
 
 
+# ModelConf's keys that one kind of model reads and the other does not (a setting of the other
+# kind is refused, not silently recorded: the report would group by it).
+GAUSSIAN_MODEL_ONLY = ("q_var", "learn_q_var")
+BURDA_MODEL_ONLY = ("hidden", "depth", "activation", "output_bias_clip")
+
+
 @dataclass
 class ObjectiveConf:
     name: str = MISSING
@@ -204,8 +210,9 @@ class TrainConfig:
     # Name of a multirun's directory (<out_root>/multirun/<sweep>); None: a time stamp. Running the
     # same sweep again with the same name skips finished jobs and resumes interrupted ones.
     sweep: Optional[str] = None
-    # The training step captured as one CUDA graph (vaexp.training.capture): auto = on CUDA, eager on CPU;
-    # true = required (an error without CUDA); false = always the eager step.
+    # The fast training step (vaexp.training.capture): auto = on CUDA the captured CUDA graph, on a CPU
+    # the compiled step of long runs; true = the CUDA graph, required (an error without CUDA);
+    # false = always the eager step.
     fast: str = "auto"
     # In a sweep (-m), train the jobs that share shapes and schedule as one stacked model
     # (vaexp.training.loop.train_stacked); each job still gets its own run directory. No effect on a single run.

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from vaexp import rundir
+from vaexp import rundir, runtime
 from vaexp.data import binarize, load_dataset
 from vaexp.errors import VaexpError
 from vaexp.estimators import get_estimator
@@ -36,7 +36,7 @@ from vaexp.runtime import resolve_device
 from vaexp.schema import TrainConfig
 from vaexp.tblog import RunLogger
 
-CSV_NAME = "snr.csv"
+CSV_NAME = rundir.SNR_CSV
 PNG_NAME = "snr.png"
 THETA, PHI = "theta", "phi"
 ALL = "all"  # θ's row: the same gradient for every estimator
@@ -202,10 +202,11 @@ def snr(cfg, out_dir: Path) -> Dict:
     """`vaexp snr`: measure, then write snr.csv, snr.png, TensorBoard scalars and config.yaml (the
     settings, with run= the run's model and dataset: see recorded_config)."""
     device = resolve_device(cfg.device)
+    runtime.hold_threads_for(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = run_config(cfg.run) if cfg.run else None
-    rundir.atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(recorded_config(cfg, saved))))
+    rundir.atomic_write_text(out_dir / rundir.CONFIG, OmegaConf.to_yaml(OmegaConf.create(recorded_config(cfg, saved))))
     model, data, where = load_point(cfg, device, saved)
     model.eval()
     x = minibatch(data, cfg.index, cfg.batch, cfg.seed)

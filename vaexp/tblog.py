@@ -109,7 +109,7 @@ def hparam_metrics(test: Dict, train: Optional[Dict] = None) -> Dict[str, float]
     out["hparam/active_units"] = sum(test["active_units"])
     out["hparam/eval_n_test"] = test["n_test"]
     out["hparam/eval_k"] = test["k"]
-    for key in sorted((k for k in test if k.startswith("L") and k[1:].isdigit()), key=lambda k: int(k[1:])):
+    for key in rundir.lk_keys(test):
         if int(key[1:]) != test["k"]:  # L_K is the test NLL's own estimate
             out[f"hparam/{key}"] = test[key]
     if train and train.get(f"valid_{slug}") is not None:
@@ -133,8 +133,7 @@ HPARAMS = {"dataset": "dataset.name", "model": "model.name", "objective": "objec
            "schedule": "schedule.name", "lr": "schedule.lr", "batch_size": "batch_size"}
 # Keys that are never settings columns: how a run executes, where its data were read from, and
 # the evaluation (its test images and K are metric columns, as a later `vaexp eval` may change them).
-_NOT_HPARAMS = rundir.RUNTIME_ONLY + ("experiment", "hydra", "dataset.path", "dataset.data_dir", "dataset.download",
-                               "eval")
+_NOT_HPARAMS = rundir.RUNTIME_ONLY + ("experiment", "hydra") + rundir.DATA_SOURCE_KEYS + ("eval",)
 
 
 def varied_keys(run_dir: Path) -> List[str]:

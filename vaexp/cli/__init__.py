@@ -10,6 +10,7 @@ vaexp.runtime.setup in its own process (:func:`with_runtime`).
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import threading
 import warnings
@@ -20,7 +21,7 @@ from hydra.types import RunMode
 
 from vaexp import runtime
 from vaexp.cli.argv import hydra_args
-from vaexp.cli.commands import COMMANDS, hydra_entry
+from vaexp.cli.commands import COMMANDS, hydra_entry, raise_terminated
 from vaexp.cli.completion import complete
 from vaexp.cli.configs import register_configs
 from vaexp.cli.hydra_errors import exit_with_line, route_hydra_errors
@@ -72,7 +73,8 @@ def with_runtime(task: Callable) -> Callable:
     def run(cfg):
         if "device" in cfg:
             jobs, num = parallel_jobs()
-            runtime.setup(jobs=jobs, job_index=num)
+            runtime.setup(jobs=jobs)
+            runtime.assign_gpu(jobs, num, cfg.device)
         return task(cfg)
 
     return run
@@ -106,16 +108,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     undo = route_hydra_errors(name)
     old_format = warnings.formatwarning
     warnings.formatwarning = _warning_line
+    # SIGTERM as Ctrl-C from here on, not only inside the command: a run directory the callback
+    # made before the command started is then removed too (Python's default would just exit).
+    old_term = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         hydra_entry(command._replace(task=with_runtime(command.task)))()
-    except KeyboardInterrupt:  # before the command's own boundary (inside Hydra's start-up)
-        print("vaexp: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # before the command's own boundary (inside Hydra's start-up)
+        line, code = fault_line(err)
+        print(f"vaexp: {line}", file=sys.stderr)
+        sys.exit(code)
     except Exception as err:  # noqa: BLE001 - what Hydra raises outside run_and_report (--help's composition)
         if debugging():
             raise
         exit_with_line(err, name)
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         warnings.formatwarning = old_format
         undo()
         threading.excepthook = old_hook

@@ -28,7 +28,7 @@ from vaexp.cli import sweep
 from vaexp.cli.hydra_errors import exit_with_line
 from vaexp.errors import VaexpError, debugging, os_error_line
 from vaexp.report import check_dirs
-from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig
+from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig, apply_mk
 
 _SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "snr": SnrConfig, "report": ReportConfig,
             "compare": CompareConfig}
@@ -79,7 +79,8 @@ def schema_keys(cls: type, prefix: str = "") -> List[str]:
 
 def _check_additions(config: DictConfig) -> None:
     """`+key=value` adds a key the schema does not have, which nothing would read: refused, unless
-    it adds a config group to the defaults (+experiment=...) or is Hydra's own (+hydra...).
+    it adds a config group the defaults lack or is Hydra's own (+hydra...); `+experiment=` Hydra
+    itself refuses (experiment is in the defaults list), with a line from vaexp.cli.hydra_errors.
     `++key=value` is fine for a key the command has (it is then key=value)."""
     if "hydra" not in config:
         return
@@ -157,6 +158,19 @@ def _make_sweep_dir(config: DictConfig) -> None:
         raise VaexpError(f"{setting}: cannot create the sweep directory: {os_error_line(err)}") from None
 
 
+def _check_job_dirs(jobs, job_dirs) -> None:
+    """A sweep job whose directory holds a run with other settings (or another command's output)
+    would be refused there, after Hydra has rewritten that run's .hydra/ record: refused here, for
+    the whole sweep, before anything is written (re-running a sweep with its own settings passes)."""
+    for (job_overrides, job_cfg), job_dir in zip(jobs, job_dirs):
+        if job_dir is None or not (job_dir / rundir.CONFIG).is_file():
+            continue
+        try:
+            rundir.effective_config(apply_mk(rundir.task_config(job_cfg)), job_dir, job_overrides, TrainConfig)
+        except rundir.RunDirTaken as err:
+            raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)}; nothing was run)") from None
+
+
 class ValidateCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -190,6 +204,8 @@ class ValidateCallback(Callback):
             if None in job_dirs and any(job_cfg.get("stack") for _, job_cfg in jobs):
                 raise VaexpError("stack=true: the job directories are named with what only the launcher knows "
                                  "(hydra.job.id); name them by settings or ${hydra.job.num}")
+            if str(config.hydra.job.name) == "train":
+                _check_job_dirs(jobs, job_dirs)
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err, config)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaexp import rundir
 from vaexp.data import DATASETS
@@ -25,7 +25,8 @@ from vaexp.errors import VaexpError
 from vaexp.estimators import ESTIMATORS, get_estimator, undefined_because
 from vaexp.models.burda import ACTIVATIONS
 from vaexp.objectives import OBJECTIVES, make_objective
-from vaexp.schema import TrainConfig, apply_mk, check_mk
+from vaexp.schema import BURDA_MODEL_ONLY, GAUSSIAN_MODEL_ONLY, ModelConf, TrainConfig, apply_mk, check_mk
+from vaexp.training import capture
 
 
 def _fail(setting: str, problem: str, fix: str) -> None:
@@ -139,6 +140,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.dataset.n_valid >= cfg.dataset.n_train:
             _fail(f"dataset.n_valid={cfg.dataset.n_valid}", f"must be smaller than dataset.n_train={cfg.dataset.n_train}",
                   "lower dataset.n_valid")
+    validate_model_keys(cfg.model)
     validate_model_and_data(cfg.model, cfg.dataset)
     s = cfg.schedule
     if not (_finite(s.lr) and s.lr > 0):
@@ -228,11 +230,24 @@ def validate_diagnostics(diag: Any, own: str, obj: str, k: int, beta: float, dat
 def validate_fast(fast: Any, device: Any) -> None:
     value = str(getattr(fast, "value", fast)).strip().lower()
     if value not in ("auto", "true", "false"):
-        _fail(f"fast={fast}", "unknown setting", "use fast=auto (captured CUDA graph on CUDA), fast=true or fast=false")
+        _fail(f"fast={fast}", "unknown setting", f"use {capture.AUTO}, fast=true or fast=false")
     name = device.value if isinstance(device, Enum) else str(device)
     if value == "true" and (name == "cpu" or not cuda_available()):
         _fail("fast=true", "the captured training step needs a CUDA GPU, and this run has none",
-              "use fast=auto (eager on CPU) or fast=false")
+              f"use {capture.AUTO} or fast=false")
+
+
+def validate_model_keys(m: Any) -> None:
+    """No setting of the other kind of model (ModelConf holds both kinds' keys): it would be
+    ignored by this model yet recorded, and the report would group runs by it."""
+    gaussian = m.name == "gaussian"
+    default = ModelConf(name=m.name)
+    owners = "Burda et al.'s models (burda1, burda2) have it" if gaussian else "model=gaussian has it"
+    for key in BURDA_MODEL_ONLY if gaussian else GAUSSIAN_MODEL_ONLY:
+        value = OmegaConf.to_object(m[key]) if OmegaConf.is_config(m[key]) else m[key]
+        if value != getattr(default, key):
+            _fail(f"model.{key}={value}", f"model={m.name} has no setting {key} (only {owners})",
+                  f"remove model.{key}=")
 
 
 def validate_model_and_data(m: Any, dataset: Any) -> None:
@@ -327,6 +342,7 @@ def validate_snr(cfg: DictConfig) -> None:
         _fail(f"model={cfg.model.name} without run=",
               "only the analytic model has a known point (its optimum) to measure at",
               "pass run=<dir of a vaexp train run> for a trained model, or use model=gaussian dataset=gaussian")
+    validate_model_keys(cfg.model)
     validate_model_and_data(cfg.model, cfg.dataset)
     if cfg.index + cfg.batch > cfg.dataset.n_train:
         _fail(f"index={cfg.index} batch={cfg.batch}", f"the minibatch runs past dataset.n_train={cfg.dataset.n_train}",
@@ -387,6 +403,7 @@ def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
         rundir.load_config(run_dir, TrainConfig)
     saved = rundir.load_checkpoint(run_dir)
     if saved is None:
+        _no_checkpoint_but_trained(run_dir, bool(cfg.get("resume")))
         return effective
     rundir.check_checkpoint(saved, effective, run_dir)
     done, total = saved["state"]["epoch"], rundir.n_epochs(effective.schedule)
@@ -407,6 +424,26 @@ def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
                              f"other eval settings; `vaexp eval {run_dir} {given}` evaluates it with these (resume= "
                              f"trains on only when schedule.epochs asks for more)")
     return effective
+
+
+def _no_checkpoint_but_trained(run_dir: Path, resume: bool) -> None:
+    """A run directory without checkpoint.pt starts from step 0, which is right only where nothing
+    was trained yet (a run killed before its first checkpoint, re-run by its command or sweep).
+    resume= names a run to continue, and one whose metrics.json records training lost its
+    checkpoint: starting over would silently replace what the user asked to continue, a finished
+    run's results included (`vaexp report` still reads them from metrics.json)."""
+    metrics, _ = rundir.read_metrics(run_dir)
+    run = (metrics or {}).get("run") or {}
+    epochs, steps = run.get("epoch") or 0, run.get("global_step") or 0
+    restore = f"restore {rundir.CHECKPOINT} (e.g. from a backup)"
+    if epochs or steps or (metrics or {}).get("evals"):
+        raise VaexpError(f"{run_dir}: no {rundir.CHECKPOINT} there, although {rundir.METRICS} records {epochs} "
+                         f"epochs ({steps} steps) of training; {restore}, or move {rundir.METRICS} away to train "
+                         f"this run again from the start")
+    if resume:
+        raise VaexpError(f"resume={run_dir}: no {rundir.CHECKPOINT} there, so there is nothing to continue (it was "
+                         f"deleted, or the run stopped before its first checkpoint); {restore}, or drop resume= "
+                         f"and run the command that made it, with hydra.run.dir={run_dir}, to train it from the start")
 
 
 def with_mk(cfg: DictConfig) -> DictConfig:

@@ -49,7 +49,7 @@ def _stop_at_step() -> Optional[int]:
     return int(value) if value else None
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
     raise Terminated()
 
 
@@ -73,7 +73,7 @@ def _guard(command: Command) -> Callable[[DictConfig], object]:
         in_sweep = sweep.in_multirun()
         job_dir = sweep.current_job_dir()
         job = HydraConfig.get().job.name
-        old_term = signal.signal(signal.SIGTERM, _raise_terminated) \
+        old_term = signal.signal(signal.SIGTERM, raise_terminated) \
             if threading.current_thread() is threading.main_thread() else None
         tx = None
         try:
@@ -105,7 +105,7 @@ def _fail(err: Exception, command: Command, job: str, job_dir: Path, tx: Optiona
     if debugging():
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     if in_sweep and not isinstance(err, Interrupted):  # an interruption stops the whole sweep
-        if isinstance(err, rundir.RunDirBusy):  # another process's directory: leave it alone
+        if isinstance(err, (rundir.RunDirBusy, rundir.RunDirTaken)):  # not this job's directory: leave it alone
             print(f"vaexp: job {job_dir} failed: {line}", file=sys.stderr, flush=True)
             return {"failed": line, "dir": str(job_dir)}
         if code == 1:  # unexpected: its traceback goes into error.txt

@@ -100,6 +100,23 @@ def _snr_job_tag(run: Optional[str], dataset: str, model: str) -> str:
     return f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
+def hydra_subdir(resume, output_dir=None, overrides=None) -> str:
+    """Where Hydra records a train job in its directory (hydra.output_subdir): .hydra, unless the
+    directory holds a run recorded with other overrides (or this is a resume): then a folder of
+    its own below it, so the run's record stays that of the command that made it."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if resume is not None:
+        return f".hydra/resume-{stamp}"
+    if output_dir is None or not (Path(str(output_dir)) / "config.yaml").is_file():
+        return ".hydra"
+    try:
+        recorded = yaml.safe_load((Path(str(output_dir)) / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        recorded = None
+    now = [str(o) for o in (overrides or [])]
+    return ".hydra" if recorded == now else f".hydra/rerun-{stamp}"
+
+
 def _resolver(name: str, fn, **kwargs) -> None:
     if not OmegaConf.has_resolver(name):
         OmegaConf.register_new_resolver(name, fn, **kwargs)
@@ -108,10 +125,10 @@ def _resolver(name: str, fn, **kwargs) -> None:
 def register_configs() -> None:
     # ${vaexp_or:a,b}: a unless it is null (oc.select only falls back for *missing* keys).
     _resolver("vaexp_or", lambda a, b: b if a is None else a)
-    # Hydra's record of a resumed run goes beside the original's, not over it.
-    _resolver("vaexp_hydra_subdir",
-              lambda resume: ".hydra" if resume is None else f".hydra/resume-{time.strftime('%Y-%m-%d_%H-%M-%S')}",
-              use_cache=True)
+    # Hydra's record of a resumed run, or of a command with other overrides in a directory that
+    # holds a run (a sweep re-run with other settings, refused by the job), goes beside the
+    # original's, not over it.
+    _resolver("vaexp_hydra_subdir", hydra_subdir, use_cache=True)
     _resolver("vaexp_k", derived_k)        # the run directory names the k that mk/m implies
     _resolver("vaexp_snr_tag", _snr_tag)   # the snr run directory names the run it measures
     _resolver("vaexp_snr_job", _snr_job_tag)  # ... and an snr sweep job's, uniquely (run= is swept)

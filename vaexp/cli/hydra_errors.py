@@ -42,6 +42,10 @@ def _settings(node: Any) -> List[str]:
         return []
 
 
+_MULTIPLE = re.compile(r"Multiple values for (?P<group>[\w/.]+)\. To override a value use 'override [\w/.]+: "
+                       r"(?P<option>[^']*)'")
+
+
 def config_error_line(err: BaseException, command: str) -> Optional[str]:
     """One line for a config error of `vaexp <command>`, or None when `err` is not one. Only what
     Hydra raises counts (composing wraps OmegaConf's errors): an OmegaConf error of vaexp's own code
@@ -74,6 +78,11 @@ def config_error_line(err: BaseException, command: str) -> Optional[str]:
         hint = f"; did you mean {group}={near[0]}?" if near else ""
         return (f"{group}={option}: {group} has no option {option} (no config {missing}){hint}; "
                 f"the options: {', '.join(err.options)}")
+    added = _MULTIPLE.match(_first_lines(str(err)))
+    if added:  # +group=x for a group the defaults list already has: Hydra's advice is its yaml syntax
+        group, option = added["group"], added["option"]
+        return (f"+{group}={option}: {group} is a config group vaexp {command} already has; choose the option "
+                f"without the +: {group}={option}")
     if isinstance(err, OverrideParseException):
         return (f"{err.override}: Hydra cannot parse this override ({_first_lines(err.message)}); see "
                 f"https://hydra.cc/docs/advanced/override_grammar/basic/ (quote values with spaces or brackets)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -69,6 +70,17 @@ class StackPlan:
                 continue  # a damaged run: it fails alone, with its own message
             at = (saved["state"]["epoch"], saved["state"]["step"]) if saved is not None else (0, 0)
             groups.setdefault((key, at), []).append(PlannedJob(task, Path(job_dir), list(overrides)))
+        positions: Dict[str, List[tuple]] = {}
+        for key, at in groups:
+            positions.setdefault(key, []).append(at)
+        for key, ats in positions.items():
+            if len(ats) > 1:  # a stack stopped (SIGKILL) while it wrote its runs' checkpoints
+                where = "; ".join(f"epoch {e} step {s}: " + ", ".join(j.run_dir.name for j in groups[(key, (e, s))])
+                                  for e, s in sorted(ats))
+                warnings.warn(f"vaexp: runs trained as one stack are at different positions ({where}): they "
+                              f"continue in one stack per position, which rounds differently from the one stack "
+                              f"(their results agree to float rounding, not bit for bit)", RuntimeWarning,
+                              stacklevel=2)
         for members in groups.values():
             if len(members) > 1:
                 group = PlannedStack(members)

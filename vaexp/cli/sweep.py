@@ -75,7 +75,7 @@ def failure_message(job_dir: Path) -> Optional[str]:
 
 
 # What a finished job of a command other than train leaves (train's are judged by vaexp.rundir.judge).
-FINISHED_FILE = {"snr": "snr.csv"}
+FINISHED_FILE = {"snr": rundir.SNR_CSV}
 
 
 def job_status(job_dir: Path, command: str = "train") -> Tuple[str, str]:

@@ -4,11 +4,13 @@ Invariants: training images stay intensities in [0, 1] (the trainer binarises th
 epoch with :func:`binarize`); validation and test images are binarised once, on the CPU, from
 generators seeded by dataset.binarize_seed (test: the seed's stream 0, validation: stream 1), so
 evaluation sees the same bits on every device, in every run, whatever the other split's size.
-A cache file (``<data dir>/<name>.pt``: uint8 pixels in the original order) is written
-atomically; a damaged one is ignored and rebuilt.
+A cache file (``<data dir>/<name>.pt``: uint8 pixels in the original order, with their sha256)
+is written atomically, and only from the standard files; one whose pixels do not match its sha256
+(or, when it has none, the standard files' where they are known) is ignored and rebuilt.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -142,18 +144,35 @@ def split(name: str, train: Tensor, test: Tensor, cfg: Any, device, source: str,
 
 # --------------------------------------------------------------------------- cache
 
-def read_cache(cache_file: Path, tried: List[str]) -> Optional[Tuple[PixelSplits, str]]:
+def digests(raw: PixelSplits) -> Dict[str, str]:
+    """sha256 of each split's uint8 pixels (original order): what identifies a copy of the data."""
+    return {part: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for part, a in sorted(raw.items())}
+
+
+def read_cache(cache_file: Path, tried: List[str],
+               standard: Optional[Dict[str, str]] = None) -> Optional[Tuple[PixelSplits, str]]:
+    """The cached pixels and their source, or None (absent, unreadable, or not what was written:
+    torch.load checks no CRC, so the pixels are checked against the sha256 stored with them; a
+    cache from before the sha256 were stored is checked against `standard`, the standard files'
+    digests, where they are known)."""
     if not cache_file.is_file():
         tried.append(f"cache {cache_file}: not present")
         return None
     try:
         obj = torch.load(cache_file, map_location="cpu", weights_only=True)
         raw = {part: check_pixels(obj[part], f"cache['{part}']") for part in ("train", "test")}
+        stored, actual = obj.get("sha256"), None
+        if stored is not None or standard is not None:
+            actual = digests(raw)
+        if stored is not None and actual != stored:
+            raise DataError("its pixels do not match the sha256 stored with them (damaged)")
+        if stored is None and standard is not None and actual != standard:
+            raise DataError("it holds other images than the standard files (an older vaexp cached a dataset.path)")
         return raw, str(obj.get("source", "an earlier run"))
     except Exception as e:  # a damaged cache must not stop a run that can rebuild it
         reason = one_line(e)
-        log.warning("ignoring the corrupt cache %s (%s); it will be rebuilt", cache_file, reason)
-        tried.append(f"cache {cache_file}: corrupt, ignored ({reason})")
+        log.warning("ignoring the cache %s (%s); it will be rebuilt", cache_file, reason)
+        tried.append(f"cache {cache_file}: ignored ({reason})")
         return None
 
 
@@ -171,11 +190,13 @@ def write_cache(cache_file: Path, raw: PixelSplits, origin: str) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"train": torch.from_numpy(np.ascontiguousarray(raw["train"])),
-                    "test": torch.from_numpy(np.ascontiguousarray(raw["test"])), "source": origin}, tmp)
+                    "test": torch.from_numpy(np.ascontiguousarray(raw["test"])), "source": origin,
+                    "sha256": digests(raw)}, tmp)
         os.replace(tmp, cache_file)
     except (OSError, RuntimeError) as e:  # a read-only cache dir costs speed next time, not this run
         log.warning("could not write the cache %s (%s); set dataset.data_dir or VAEXP_DATA_DIR to a "
                     "writable folder to avoid reloading next time", cache_file, one_line(e))
+    finally:  # also on Ctrl-C: no half-written temporary left in the cache folder
         try:
             tmp.unlink(missing_ok=True)
         except OSError:

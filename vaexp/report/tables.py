@@ -12,17 +12,27 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vaexp.report.runs import SURGERY, Group, Run, fmt_list, fmt_num, metric_values
-from vaexp.rundir import WEIGHT_KEYS
+from vaexp.rundir import WEIGHT_KEYS, lk_keys
+
+
+# The CSVs' own columns of settings: column -> config key. A varying key among them gets no second
+# column (the markdown table has no latents column: there model.latents is an extra one).
+CSV_SETTINGS = {"dataset": "dataset.name", "model": "model.name", "latents": "model.latents",
+                "objective": "objective.name", "estimator": "estimator.name", "m": "m", "k": "k", "beta": "beta",
+                "seed": "seed"}
 
 
 def _config_columns(run: Run) -> Dict[str, Any]:
     f = run.flat
-    return {"dataset": f.get("dataset.name"), "model": f.get("model.name"),
-            "latents": fmt_list(f.get("model.latents")), "objective": f.get("objective.name"),
-            "estimator": f.get("estimator.name"), "m": f.get("m"), "k": f.get("k"),
-            "mk": (f["m"] * f["k"]) if isinstance(f.get("m"), int) and isinstance(f.get("k"), int) else None,
-            "beta": f.get("beta"), "seed": f.get("seed"),  # None where it weighs nothing (not ciwae)
-            "eval_k": run.test.get("k", f.get("eval.k")), "n_test": run.test.get("n_test", f.get("eval.n_test"))}
+    out = {column: f.get(key) for column, key in CSV_SETTINGS.items()}  # beta: None where it weighs nothing
+    out["latents"] = fmt_list(out["latents"])
+    out["mk"] = (f["m"] * f["k"]) if isinstance(f.get("m"), int) and isinstance(f.get("k"), int) else None
+    out["eval_k"], out["n_test"] = run.test.get("k", f.get("eval.k")), run.test.get("n_test", f.get("eval.n_test"))
+    return out
+
+
+def _csv_extra(extra_keys: Sequence[str]) -> List[str]:
+    return [k for k in extra_keys if k not in CSV_SETTINGS.values()]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -69,8 +79,7 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
              extra_keys: Sequence[str], common: Dict[str, Any],
              duplicates: Sequence[Tuple[Run, Run]] = ()) -> str:
     finished_groups = [g for g in groups]
-    l_keys = sorted({k for g in finished_groups for r in g.runs for k in metric_values(r)
-                     if k.startswith("L") and k[1:].isdigit()}, key=lambda s: int(s[1:]))
+    l_keys = lk_keys(k for g in finished_groups for r in g.runs for k in metric_values(r))
     surgery = [(key, title) for key, title in SURGERY[1:]
                if any(key in r.test for g in finished_groups for r in g.runs)]
     jvi = any("train_jvi_estimate" in metric_values(r) for g in finished_groups for r in g.runs)
@@ -171,8 +180,8 @@ RUN_COLUMNS = ["run", "status", "dataset", "model", "latents", "objective", "est
 
 
 def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
-    l_keys = sorted({k for r in runs for k in metric_values(r) if k.startswith("L") and k[1:].isdigit()}
-                    if runs else [], key=lambda s: int(s[1:]))
+    extra_keys = _csv_extra(extra_keys)
+    l_keys = lk_keys(k for r in runs for k in metric_values(r))
     surgery = [key for key, _ in SURGERY if any(key in r.test for r in runs)]
     diagnostics = [k for k in ("neg_kl_qp",) + WEIGHT_KEYS if any(metric_values(r).get(k) is not None for r in runs)]
     cols = RUN_COLUMNS + l_keys + diagnostics + ["active_units", "latent_units"] + surgery + \
@@ -205,9 +214,8 @@ def _jvi_columns(runs: Sequence[Run]) -> List[str]:
 def summary_csv(groups: Sequence[Group], extra_keys: Sequence[str],
                 published: Optional[Dict[int, Dict[str, Any]]] = None) -> str:
     """published: extra columns per group (by id), e.g. vaexp.report.published.columns."""
-    published = published or {}
-    metrics = ["test_nll"] + sorted({k for g in groups for r in g.runs for k in metric_values(r)
-                                     if k.startswith("L") and k[1:].isdigit()}, key=lambda s: int(s[1:]))
+    published, extra_keys = published or {}, _csv_extra(extra_keys)
+    metrics = ["test_nll"] + lk_keys(k for g in groups for r in g.runs for k in metric_values(r))
     metrics += [k for k in ("neg_kl_qp",) + WEIGHT_KEYS
                 if any(metric_values(r).get(k) is not None for g in groups for r in g.runs)]
     metrics += [key for key, _ in SURGERY if any(key in r.test for g in groups for r in g.runs)]

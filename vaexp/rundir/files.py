@@ -75,10 +75,11 @@ def _atomic_link(src: Path, dst: Path) -> None:
             tmp.unlink()
         os.link(src, tmp)
         os.replace(tmp, dst)
-    except OSError as err:
+    except BaseException as err:  # a signal too: no temp link left behind
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+        if not isinstance(err, OSError) or err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP,
+                                                             errno.EOPNOTSUPP):
             raise
         _atomic(dst, "wb", lambda f: f.write(src.read_bytes()))
 
@@ -86,7 +87,8 @@ def _atomic_link(src: Path, dst: Path) -> None:
 # -- checkpoint.pt ------------------------------------------------------------------------------------
 
 CHECKPOINT_KEYS = ("model", "optimizer", "state", "rng", "config")
-_CHECKPOINT_FIX = "restore it from a copy, or delete it to train this run again from the start"
+_CHECKPOINT_FIX = ("restore it from a copy, or delete it and metrics.json to train this run again from the "
+                   "start")
 
 
 def load_checkpoint(run_dir: Path, map_location="cpu") -> Optional[Dict[str, Any]]:
@@ -161,6 +163,11 @@ def task_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+class RunDirTaken(VaexpError):
+    """The directory holds a run (or another command's output) that this command is not: refused,
+    and nothing of this command's (a sweep job's error.txt) is written into it."""
+
+
 def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], schema) -> DictConfig:
     """What the run in `run_dir` runs with, without writing anything; VaexpError when the
     directory holds a run with other settings.
@@ -202,7 +209,7 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
     # Another command's output (vaexp snr's config.yaml has no estimator or schedule): not a run,
     # so neither "continue it" nor resume= applies.
     if not all(isinstance(saved.get(key), dict) for key in ("objective", "estimator", "schedule")):
-        raise VaexpError(f"{run_dir} holds the output of another command ({run_dir / CONFIG} is not a vaexp "
+        raise RunDirTaken(f"{run_dir} holds the output of another command ({run_dir / CONFIG} is not a vaexp "
                          f"train config); use a new run directory")
     # A saved key the current config lacks is not compared: it belongs to a schema that has
     # dropped it (a config.yaml from before the per-dataset schemas lists every dataset's keys);
@@ -219,10 +226,10 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
             new = " ".join(f"{k}={flat_cur.get(k)}" for k in diffs[:4])
             saved_as = ", ".join(f"{k}={flat_saved.get(k)}" for k in diffs[:4])
             evals = " ".join(f"{k}={flat_cur.get(k)}" for k in diffs[:4] if k.startswith("eval."))
-            raise VaexpError(f"{run_dir} already holds this run, recorded with {saved_as}; to change that, continue "
+            raise RunDirTaken(f"{run_dir} already holds this run, recorded with {saved_as}; to change that, continue "
                              f"it with resume={run_dir} {new}" + (f" (or `vaexp eval {run_dir} {evals}` to evaluate "
                                                                   f"it again)" if evals else ""))
-        raise VaexpError(f"{run_dir} already holds a run with other settings: {shown}; "
+        raise RunDirTaken(f"{run_dir} already holds a run with other settings: {shown}; "
                          f"use a new run directory, or resume={run_dir} to continue that run as it was")
     return cfg
 

@@ -19,6 +19,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 PER_EXAMPLE = "test_log_px.pt"
 ERROR_FILE = "error.txt"
+SNR_CSV = "snr.csv"                                  # what `vaexp snr` measured (its output directory)
 LOCK = ".vaexp.lock"
 HYDRA_DIR = ".hydra"
 TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")          # what _atomic writes before its rename
@@ -42,14 +43,27 @@ STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval
 # Settings that the report does not group runs by: the runtime ones, the seed (aggregated over),
 # mk (k and m carry it), where the data were read from, evaluation knobs that change the
 # Monte Carlo draws but not what is estimated, and the gradient diagnostics.
-NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk", "dataset.path", "dataset.data_dir", "dataset.download",
-                                "eval.chunk", "eval.every", "diagnostics")
+DATA_SOURCE_KEYS = ("dataset.path", "dataset.data_dir", "dataset.download")  # where the data were read from
+NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk") + DATA_SOURCE_KEYS + ("eval.chunk", "eval.every", "diagnostics")
 
 
 def quantity_key(quantity: str) -> str:
     """The key of what a run trains on, in metrics.json's train section and TensorBoard tags:
     "bound" -> train.bound, epoch/train_bound; "JVI estimate" (jvi: not a bound) -> jvi_estimate."""
     return quantity.lower().replace(" ", "_")
+
+
+def last_trained(history: List[Dict[str, Any]], quantity: str) -> Dict[str, Any]:
+    """metrics.json's train values of a run's last epoch (its history, as the checkpoint holds it),
+    named by what it trains on: {"quantity", <slug>, valid_<slug>} (NaN before the first epoch)."""
+    slug, last = quantity_key(quantity), history[-1] if history else {}
+    return {"quantity": quantity, slug: last.get("train_bound", float("nan")),
+            f"valid_{slug}": last.get("valid_bound", float("nan"))}
+
+
+def lk_keys(keys: Iterable[str]) -> List[str]:
+    """The L_k bounds among metric keys ("L1", "L64", "L5000"), in order of k."""
+    return sorted({k for k in keys if k.startswith("L") and k[1:].isdigit()}, key=lambda k: int(k[1:]))
 
 
 def final_train(train: Dict[str, Any]) -> str:

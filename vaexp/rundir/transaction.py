@@ -90,6 +90,13 @@ class Transaction:
         except RunDirBusy:
             raise  # another process's directory: touch nothing
         except BaseException:
+            if self._fd is not None:  # interrupted after the lock was taken
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            if not lock_existed:  # the lock file this command made, then the folders
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK).unlink()
             self._remove_created_folders()  # made just now for nothing
             raise
         # The entries are listed under the lock: what appears after this is this command's.

@@ -15,13 +15,13 @@ the same check (:class:`CheckedStep`), and only for runs long enough to repay it
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from vaexp import runtime
 from vaexp.errors import VaexpError, is_out_of_memory
 
 # The graph's first replay must reproduce the eager step this closely (parameters after one
@@ -35,6 +35,10 @@ GRAD_RTOL = 1e-4
 # A CPU run compiles its step (a few seconds, once per process) only when it computes at least this
 # many sample rows (steps x M x K x batch): ~10% of the eager time of 1e7 burda1 rows is ~15 s.
 COMPILE_MIN_ROWS = 10_000_000
+
+
+# What fast=auto does, in the words every message that suggests it uses.
+AUTO = "fast=auto (on CUDA the captured CUDA graph; on a CPU the compiled step of long runs, else the eager one)"
 
 
 class CaptureError(VaexpError):
@@ -54,7 +58,7 @@ def wanted(value, device: torch.device) -> bool:
     if device.type != "cuda":
         if m == "true":
             raise CaptureError(f"fast=true: the captured training step needs a CUDA device, this run uses "
-                                f"{device}; use fast=auto (captured on CUDA, eager elsewhere) or fast=false")
+                                f"{device}; use {AUTO} or fast=false")
         return False
     return True
 
@@ -312,7 +316,7 @@ def fast_step(fast_setting, device: torch.device, step, rows: Optional[int] = No
     if device.type == "cuda" or mode(fast_setting) != "auto":
         return captured_step(fast_setting, device, step.opt, step.params, step.generators, step)
     make = getattr(step, "compiled", None)
-    if make is None or os.environ.get("VAEXP_COMPILE", "1") == "0":
+    if make is None or not runtime.compiling():
         return None
     if rows is not None and rows < COMPILE_MIN_ROWS:
         return None

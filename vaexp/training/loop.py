@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from vaexp import evaluate as ev
-from vaexp import rundir
+from vaexp import rundir, runtime
 from vaexp.data import Dataset, binarize, load_dataset
 from vaexp.errors import Interrupted, VaexpError, allocation_detail, is_out_of_memory, os_error_line
 from vaexp.objectives import Objective
@@ -46,6 +46,7 @@ class Stop:
 
     def __init__(self, at_step: Optional[int] = None):
         self.at_step, self.requested = at_step, False
+        self._first: Optional[int] = None  # the step this process started at
         self._old: Dict = {}
 
     def install(self) -> None:
@@ -64,8 +65,11 @@ class Stop:
         self.requested = True
 
     def before(self, global_step: int) -> bool:
-        """True when the loop must stop before running this global step."""
-        if self.at_step is not None and global_step == self.at_step:
+        """True when the loop must stop before running this global step (at_step: only after this
+        process ran a step, so a resume from that very step goes on)."""
+        if self._first is None:
+            self._first = global_step
+        if self.at_step is not None and global_step == self.at_step and global_step > self._first:
             self.requested = True
         return self.requested
 
@@ -230,7 +234,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
             if stop.requested or not alive():
                 break
 
-            # End of epoch: check before anything is written; then per run validate, log, checkpoint.
+            # End of epoch: check before anything is written; then per run validate, log, evaluate;
+            # then every run's checkpoint, back to back (a stack killed in between is left at two
+            # positions only within those writes).
             check((epoch_acc / steps_per_epoch).tolist(), f"the end of epoch {epoch + 1}")
             finite = step.finite()
             for j in alive():
@@ -260,7 +266,8 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                         metrics = ev.evaluate(r.model, data.test, r.cfg.eval, device)["metrics"]
                     r.log_eval(metrics, position["global_step"])
                     rundir.record_curve_point(r.dir, ev.curve_point(metrics, epoch + 1, position["global_step"]))
-                r.save(step.optimizer_state(j), epoch_acc[j], acc[j], acc_n)
+            for j in alive():
+                runs[j].save(step.optimizer_state(j), epoch_acc[j], acc[j], acc_n)
     except BaseException as err:
         _close_logs(runs)
         if isinstance(err, Exception) and is_out_of_memory(err):
@@ -373,6 +380,7 @@ def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
     """Train one run in `run_dir` and evaluate it: fit of a stack of one."""
     with rundir.locked(run_dir):
         device = resolve_device(cfg.device)
+        runtime.hold_threads_for(device)
         data = load_dataset(cfg.dataset, device)
         ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)
         run = open_run(cfg, run_dir, data, device)
@@ -396,6 +404,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[
         for d in run_dirs:
             held.enter_context(rundir.locked(Path(d)))
         device = resolve_device(cfgs[0].device)
+        runtime.hold_threads_for(device)
         data = load_dataset(cfgs[0].dataset, device)
         for cfg in cfgs:
             ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)

@@ -43,7 +43,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def rng_states(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
     states = {name: g.get_state() for name, g in generators.items()}
     states["torch_cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
+    if any(g.device.type == "cuda" for g in generators.values()):  # a CPU run never initialises CUDA
         states["torch_cuda"] = torch.cuda.get_rng_state_all()
     return states
 
@@ -62,7 +62,8 @@ def restore_rng_states(states: Dict[str, Any], generators: Dict[str, torch.Gener
         g.set_state(state)
     torch.set_rng_state(states["torch_cpu"].cpu())
     cuda = [s.cpu() for s in states.get("torch_cuda") or []]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    on_cuda = any(g.device.type == "cuda" for g in generators.values())
+    if cuda and on_cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return other_device
 
@@ -124,9 +125,8 @@ class Run:
         self.log.text("eval/summary", eval_card(f"{what}: epoch {self.state['epoch']}, step {step}",
                                                 format_table(metrics)), step)
         values = {"eval/nll": metrics["nll"]}
-        for key, value in metrics.items():
-            if key.startswith("L") and key[1:].isdigit():
-                values[f"eval/{key}"] = value
+        for key in rundir.lk_keys(metrics):
+            values[f"eval/{key}"] = metrics[key]
         for i, a in enumerate(metrics["active_units"]):
             values[f"eval/active_units_{i + 1}"] = a
         for key in ("recon", "avg_kl", "mutual_info", "marginal_kl") + rundir.WEIGHT_KEYS:  # ELBO surgery, when computed
@@ -152,10 +152,8 @@ class Run:
 
     def train_summary(self, device: torch.device, data: Dataset, stacked_with: Optional[List[str]] = None) -> Dict:
         """metrics.json's "train": the training as it happened (epochs and steps done)."""
-        history = self.state["history"]
-        slug = self.objective.slug  # train.bound, or train.jvi_estimate for jvi (not a bound)
-        train = {"quantity": self.objective.quantity, slug: history[-1]["train_bound"] if history else float("nan"),
-                 f"valid_{slug}": history[-1]["valid_bound"] if history else float("nan"),
+        # train.bound, or train.jvi_estimate for jvi (not a bound)
+        train = {**rundir.last_trained(self.state["history"], self.objective.quantity),
                  "epochs": self.state["epoch"], "steps": self.state["global_step"],
                  "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
                  "flush_denormal": runtime.denormals_flushed(),  # subnormals flushed (vaexp.runtime)
@@ -175,7 +173,10 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
               eps_gen=torch.Generator(device=device).manual_seed(cfg.seed),
               eval_gen=torch.Generator(device=device).manual_seed(cfg.seed + 1), log=None,
               state={"epoch": 0, "step": 0, "global_step": 0, "wall_time": 0.0, "history": []})
-    saved = rundir.load_checkpoint(run_dir, map_location=device)
+    # On the CPU: load_state_dict moves the model's and Adam's tensors to the parameters' device,
+    # except Adam's step counts, which an eager Adam on CUDA must keep on the host (on the GPU
+    # every step would read each back: a sync per parameter and step).
+    saved = rundir.load_checkpoint(run_dir, map_location="cpu")
     if saved is not None:
         rundir.check_checkpoint(saved, cfg, run_dir)
         rundir.restore_model(model, saved, run_dir)

@@ -177,7 +177,7 @@ class CompiledLoneStep:
         # guarded entries until its recompile limit (8) sends the later ones back to eager with a
         # warning. One run at a time is trained here, so start each from an empty cache.
         torch._dynamo.reset()
-        self.forward = torch.compile(forward, dynamic=False)
+        self.forward = runtime.compile(forward, dynamic=False)
 
     def __call__(self, x: Tensor) -> Tensor:
         runtime.adapt_threads()
