@@ -108,7 +108,7 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
     fi
     step bench 180 bench.log "$PY" scripts/bench.py --device "$dev" "${small[@]}" --sections train,eval,typical \
         --rounds 3 --markdown "$OUT_DIR/bench.md"
-    grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT_DIR/tests.log" | tail -n 20 >>"$OUT_DIR/summary.txt"
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|skipped|deselected" "$OUT_DIR/tests.log" | tail -n 20 >>"$OUT_DIR/summary.txt"
     return $FAILED
 }
 

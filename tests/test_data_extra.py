@@ -200,6 +200,16 @@ def test_binarized_mnist_is_static_and_split_like_the_files(tmp_path, data_dir, 
     assert torch.equal(one.valid, ds.valid)
 
 
+def test_an_older_vaexps_subset_cache_of_binarized_mnist_is_not_used(data_dir):
+    """Before caches stored their sha256, a dataset.path subset filled the cache: such a cache (no
+    sha256, not the files' 60,000 / 10,000) is ignored, with the reason, not read as the data."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": torch.zeros(50, 784, dtype=torch.uint8), "test": torch.zeros(9, 784, dtype=torch.uint8),
+                "source": "dataset.path=/old/subset"}, data_dir / "binarized_mnist.pt")
+    with pytest.raises(DataError, match=r"other images than the standard files \(50/9 train/test"):
+        load_dataset(cfg("binarized_mnist"), "cpu")
+
+
 def test_amat_parser(tmp_path):
     p = tmp_path / "x.amat"
     p.write_text("0 1 " * 392 + "\n" + "1 0 " * 392 + "\n")

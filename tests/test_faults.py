@@ -414,15 +414,15 @@ def test_case08_resume_with_another_run_dir_or_in_a_sweep_is_refused(run_copy, t
 
 def test_a_run_that_lost_its_checkpoint_is_never_silently_trained_again(run_copy, tmp_path, vaexp_main, monkeypatch):
     """resume= continues a run; without checkpoint.pt there is nothing to continue from, and
-    starting at step 0 would silently replace it (a finished run's results too: the report still
-    reads them from metrics.json)."""
+    starting at step 0 would silently replace it. A finished run's results are all in
+    metrics.json (checkpoints deleted to save disk): they are reported, never trained over."""
     (run_copy / rundir.CHECKPOINT).unlink()
+    res = vaexp_main("train", f"resume={run_copy}", "progress=false")
+    assert res.code == 0 and "already finished" in res.out, res.err
     before = tree(run_copy)
-    for extra in ([], ["schedule.epochs=3"]):
-        res = vaexp_main("train", f"resume={run_copy}", *extra, "progress=false")
-        assert_one_line_error(res, 2, f"{run_copy}: no checkpoint.pt there", "records 1 epochs",
-                              "restore checkpoint.pt")
-        assert tree(run_copy) == before
+    res = vaexp_main("train", f"resume={run_copy}", "schedule.epochs=3", "progress=false")  # longer: needs it
+    assert_one_line_error(res, 2, f"{run_copy}: no checkpoint.pt there", "records 1 epochs", "restore checkpoint.pt")
+    assert tree(run_copy) == before
     assert vaexp_main("report", run_copy, f"out={tmp_path / 'rep'}").code == 0
     stopped = tmp_path / "stopped"                                          # interrupted in its first epoch
     monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "2")
@@ -489,9 +489,11 @@ def test_hydras_record_of_another_command_never_replaces_a_runs_own(tmp_path):
     run = tmp_path / "run"
     assert hydra_subdir(None, run, ["seed=0"]) == ".hydra"                      # nothing there yet
     (run / ".hydra").mkdir(parents=True)
-    (run / "config.yaml").write_text("seed: 0\n")
-    (run / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
-    assert hydra_subdir(None, run, ["seed=0"]) == ".hydra"                      # the same command
+    (run / "config.yaml").write_text("seed: 0\n")                               # a stack's job: no record yet
+    assert hydra_subdir(None, run, ["seed=5"]) == ".hydra"
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=${m}\n- progress=false\n")
+    assert hydra_subdir(None, run, ["seed=${m}"]) == ".hydra"                   # the same command (as typed)
+    assert hydra_subdir(None, run, ["progress=true", "seed=${m}"]) == ".hydra"  # runtime-only keys do not count
     assert hydra_subdir(None, run, ["seed=5"]).startswith(".hydra/rerun-")
     assert hydra_subdir(str(run), run, []).startswith(".hydra/resume-")
     assert hydra_subdir(None, None, ["seed=5"]) == ".hydra"                     # not known yet

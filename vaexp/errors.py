@@ -93,8 +93,8 @@ def os_error_line(err: OSError, near: Optional[Path] = None) -> str:
         where = f"{err.filename} -> {err.filename2}"
     code = err.errno
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return (f"no space left on the device for {where}; free some space (or point out_root= / "
-                f"hydra.run.dir= at another disk) and run the command again")
+        return (f"no space left on the device for {where}; free some space (or use another disk: out_root= / "
+                f"hydra.run.dir= for a new run, a copy of the run for resume=) and run the command again")
     if code == errno.EROFS:
         return f"{where}: read-only file system; use a writable location (out_root=..., hydra.run.dir=...)"
     if code in (errno.EACCES, errno.EPERM):

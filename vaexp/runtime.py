@@ -63,7 +63,7 @@ def tune_cpu_allocator() -> bool:
 
 def resolve_device(name):
     """The torch.device for a config's device setting (auto: CUDA when present; plain "cuda" is the
-    current CUDA device, which :func:`setup` sets per parallel job on a multi-GPU node)."""
+    current CUDA device, which :func:`assign_gpu` sets per parallel job on a multi-GPU node)."""
     import torch  # here, not at the top: `vaexp --help` and `vaexp report` never load torch
 
     name = getattr(name, "value", name)
@@ -254,7 +254,9 @@ def compile(fn, **options):
     import torch._dynamo
 
     counts = _governor.limit if _governor is not None else 1
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, counts + 8)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), counts + 8))
     return torch.compile(fn, **options)
 
 

@@ -75,24 +75,6 @@ def check_launcher(args: List[str]) -> None:
                 sys.exit(2)
 
 
-_DATA_PATH_KEYS = ("dataset.path", "dataset.data_dir")
-
-
-def _absolute_data_path(arg: str) -> str:
-    """dataset.path / dataset.data_dir made absolute (and ~ expanded) as typed, so config.yaml
-    records where the data were read from: a later `vaexp eval` or resume= from another working
-    directory reads the same files (a relative path would name other files there, or none). A
-    sweep's a,b is made absolute part by part; quoted, interpolated or null values stay as typed."""
-    key, sep, value = arg.partition("=")
-    if not sep or key.lstrip("+") not in _DATA_PATH_KEYS or not value or value[0] in "'\"[{" \
-            or "${" in value or value in ("null", "None"):
-        return arg
-    parts = [value] if "," not in value or os.path.exists(os.path.expanduser(value)) else value.split(",")
-    if any(not p for p in parts):
-        return arg
-    return f"{key}=" + ",".join(os.path.abspath(os.path.expanduser(p)) for p in parts)
-
-
 def _quote_path_value(arg: str) -> str:
     """A path with '=' (a sweep job's name) is quoted for Hydra's grammar, which allows no '=' in
     a bare value; one with ',' only when it exists (else it may be a sweep, a,b)."""
@@ -260,7 +242,7 @@ def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None)
               "(for d in <run dirs>; do vaexp eval \"$d\"; done)", file=sys.stderr)
         sys.exit(2)
     check_launcher(rest)
-    args = [_quote_path_value(_absolute_data_path(a)) for a in rest]
+    args = [_quote_path_value(a) for a in rest]
     check_bare_equals(args)
     overrides = _split_flags(args)[1]
     if command == "snr" and any(o.split("=", 1)[0] == "run" for o in overrides):

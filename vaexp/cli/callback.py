@@ -105,7 +105,10 @@ def _dir_setting(config: DictConfig, job: str) -> str:
     """The setting that chose the command's directory, as the user would write it."""
     overrides = list(config.hydra.overrides.hydra) + list(config.hydra.overrides.task)
     given = {o.split("=", 1)[0]: o for o in map(str, overrides)}
-    for key in ("hydra.run.dir", "resume", "run", "out_root"):
+    # eval writes into its run=; snr reads run= but writes under out_root; train resumes in resume=
+    chosen_by = {"train": ("hydra.run.dir", "resume", "out_root"), "eval": ("hydra.run.dir", "run"),
+                 "snr": ("hydra.run.dir", "out_root")}
+    for key in chosen_by.get(job, ("hydra.run.dir", "out_root")):
         if key in given:
             return given[key]
     return f"out_root={config.get('out_root', 'outputs')}"
@@ -155,6 +158,8 @@ def _make_sweep_dir(config: DictConfig) -> None:
     except OSError as err:
         given = [o for o in map(str, config.hydra.overrides.hydra) if o.startswith("hydra.sweep.dir=")]
         setting = given[0] if given else f"out_root={config.get('out_root', 'outputs')}"
+        if err.filename is not None and Path(str(err.filename)).parent == sweep_dir:  # the probe file, not a name to show
+            err = OSError(err.errno, err.strerror, str(sweep_dir))
         raise VaexpError(f"{setting}: cannot create the sweep directory: {os_error_line(err)}") from None
 
 
@@ -169,6 +174,8 @@ def _check_job_dirs(jobs, job_dirs) -> None:
             rundir.effective_config(apply_mk(rundir.task_config(job_cfg)), job_dir, job_overrides, TrainConfig)
         except rundir.RunDirTaken as err:
             raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)}; nothing was run)") from None
+        except VaexpError:
+            continue  # a damaged run (an unreadable config.yaml): that job fails alone, with its own message
 
 
 class ValidateCallback(Callback):

@@ -403,7 +403,7 @@ def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
         rundir.load_config(run_dir, TrainConfig)
     saved = rundir.load_checkpoint(run_dir)
     if saved is None:
-        _no_checkpoint_but_trained(run_dir, bool(cfg.get("resume")))
+        _no_checkpoint_but_trained(run_dir, rundir.n_epochs(effective.schedule), bool(cfg.get("resume")))
         return effective
     rundir.check_checkpoint(saved, effective, run_dir)
     done, total = saved["state"]["epoch"], rundir.n_epochs(effective.schedule)
@@ -426,13 +426,16 @@ def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
     return effective
 
 
-def _no_checkpoint_but_trained(run_dir: Path, resume: bool) -> None:
+def _no_checkpoint_but_trained(run_dir: Path, total: int, resume: bool) -> None:
     """A run directory without checkpoint.pt starts from step 0, which is right only where nothing
     was trained yet (a run killed before its first checkpoint, re-run by its command or sweep).
     resume= names a run to continue, and one whose metrics.json records training lost its
-    checkpoint: starting over would silently replace what the user asked to continue, a finished
-    run's results included (`vaexp report` still reads them from metrics.json)."""
+    checkpoint: starting over would silently replace what the user asked to continue. A finished
+    run's results are all in metrics.json (deleting checkpoints saves disk): its command reports
+    them; training it longer needs the checkpoint."""
     metrics, _ = rundir.read_metrics(run_dir)
+    if rundir.judge(metrics, total)[0] == "finished":
+        return
     run = (metrics or {}).get("run") or {}
     epochs, steps = run.get("epoch") or 0, run.get("global_step") or 0
     restore = f"restore {rundir.CHECKPOINT} (e.g. from a backup)"

@@ -19,6 +19,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from vaexp.rundir import RUNTIME_ONLY, covers, override_keys
 from vaexp.schema import (CompareConfig, EstimatorConf, EvalCommandConfig, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf,
                           ObjectiveConf, OmniglotConf, ReportConfig, ScheduleConf, SnrConfig, SyntheticConf,
                           TrainConfig, derived_k)
@@ -101,20 +102,30 @@ def _snr_job_tag(run: Optional[str], dataset: str, model: str) -> str:
 
 
 def hydra_subdir(resume, output_dir=None, overrides=None) -> str:
-    """Where Hydra records a train job in its directory (hydra.output_subdir): .hydra, unless the
-    directory holds a run recorded with other overrides (or this is a resume): then a folder of
-    its own below it, so the run's record stays that of the command that made it."""
+    """Where Hydra records a train job in its directory (hydra.output_subdir): .hydra, unless this
+    is a resume, or the directory's own record (.hydra/overrides.yaml) is of other settings (a
+    sweep over another grid's directories: the job is then refused): then a folder of its own
+    below it, so a run's record stays that of the command that made it. `overrides`: the
+    command's, as typed (default: Hydra's, unresolved); runtime-only keys do not count."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     if resume is not None:
         return f".hydra/resume-{stamp}"
-    if output_dir is None or not (Path(str(output_dir)) / "config.yaml").is_file():
+    record = Path(str(output_dir)) / ".hydra" / "overrides.yaml" if output_dir is not None else None
+    if record is None or not record.is_file():
         return ".hydra"
     try:
-        recorded = yaml.safe_load((Path(str(output_dir)) / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        recorded = None
-    now = [str(o) for o in (overrides or [])]
-    return ".hydra" if recorded == now else f".hydra/rerun-{stamp}"
+        if overrides is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        recorded = yaml.safe_load(record.read_text())
+    except Exception:  # noqa: BLE001 - no record to keep apart from: Hydra's own place
+        return ".hydra"
+
+    def settings(items) -> List[str]:
+        return sorted(str(o) for o in items or [] if not covers(RUNTIME_ONLY, override_keys([str(o)])[0]))
+
+    return ".hydra" if settings(recorded) == settings(overrides) else f".hydra/rerun-{stamp}"
 
 
 def _resolver(name: str, fn, **kwargs) -> None:

@@ -149,12 +149,13 @@ def digests(raw: PixelSplits) -> Dict[str, str]:
     return {part: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for part, a in sorted(raw.items())}
 
 
-def read_cache(cache_file: Path, tried: List[str],
-               standard: Optional[Dict[str, str]] = None) -> Optional[Tuple[PixelSplits, str]]:
+def read_cache(cache_file: Path, tried: List[str], standard: Optional[Dict[str, str]] = None,
+               standard_sizes: Optional[Tuple[int, int]] = None) -> Optional[Tuple[PixelSplits, str]]:
     """The cached pixels and their source, or None (absent, unreadable, or not what was written:
     torch.load checks no CRC, so the pixels are checked against the sha256 stored with them; a
-    cache from before the sha256 were stored is checked against `standard`, the standard files'
-    digests, where they are known)."""
+    cache from before the sha256 were stored, which an older vaexp may have filled from a subset,
+    is checked against `standard`, the standard files' digests where they are known, and their
+    (train, test) sizes)."""
     if not cache_file.is_file():
         tried.append(f"cache {cache_file}: not present")
         return None
@@ -166,8 +167,11 @@ def read_cache(cache_file: Path, tried: List[str],
             actual = digests(raw)
         if stored is not None and actual != stored:
             raise DataError("its pixels do not match the sha256 stored with them (damaged)")
-        if stored is None and standard is not None and actual != standard:
-            raise DataError("it holds other images than the standard files (an older vaexp cached a dataset.path)")
+        sizes = (len(raw["train"]), len(raw["test"]))
+        if stored is None and ((standard is not None and actual != standard)
+                               or (standard_sizes is not None and sizes != tuple(standard_sizes))):
+            raise DataError(f"it holds other images than the standard files ({sizes[0]}/{sizes[1]} train/test; "
+                            f"an older vaexp cached a dataset.path)")
         return raw, str(obj.get("source", "an earlier run"))
     except Exception as e:  # a damaged cache must not stop a run that can rebuild it
         reason = one_line(e)

@@ -30,6 +30,7 @@ CHARDATA_URL = "https://github.com/yburda/iwae/tree/master/datasets/OMNIGLOT"
 AMAT_SPLITS = ("train", "valid", "test")
 AMAT_SIZES = (50000, 10000, 10000)
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+_CACHED_SIZES = (AMAT_SIZES[0] + AMAT_SIZES[1], AMAT_SIZES[2])  # the cache's train (train + valid) and test
 
 
 def amat_name(part: str) -> str:
@@ -179,15 +180,13 @@ def load_binarized_mnist(cfg: Any) -> Tuple[np.ndarray, np.ndarray, str]:
         warn_if_sizes("binarized_mnist", sizes, AMAT_SIZES, origin)
         raw = {"train": np.concatenate(splits[:2]) * np.uint8(255), "test": splits[2] * np.uint8(255)}
         # only the full files fill the cache (a subset must not become what later runs read)
-        if sizes == AMAT_SIZES and read_cache(cache_file, []) is None:
+        if sizes == AMAT_SIZES and read_cache(cache_file, [], standard_sizes=_CACHED_SIZES) is None:
             write_cache(cache_file, raw, origin)  # absent or damaged: later runs without a path use this
         return _unit(raw["train"]), _unit(raw["test"]), origin
     tried = ["dataset.path: not set"]
-    cached = read_cache(cache_file, tried)
+    cached = read_cache(cache_file, tried, standard_sizes=_CACHED_SIZES)
     if cached is not None:
         raw, origin = cached
-        warn_if_sizes("binarized_mnist", (len(raw["train"]) - AMAT_SIZES[1], AMAT_SIZES[1], len(raw["test"])),
-                      AMAT_SIZES, f"cache {cache_file}")
         return _unit(raw["train"]), _unit(raw["test"]), f"cache {cache_file} (from {origin})"
     raise DataError(f"dataset=binarized_mnist: no data found (tried: {'; '.join(tried)}); {fix}")
 

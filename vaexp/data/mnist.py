@@ -82,11 +82,12 @@ def load_raw(name: str, cfg: Any) -> Tuple[PixelSplits, str]:
     if user_path:  # what the user names wins over the cache, and fails loudly (never a fallback)
         raw = _from_user_path(name, user_path)
         origin = path_origin(user_path)
-        if _standard_copy(name, raw, origin) and read_cache(cache_file, [], STANDARD_SHA256[name]) is None:
+        if _standard_copy(name, raw, origin) and read_cache(cache_file, [], STANDARD_SHA256[name],
+                                                            STANDARD_SIZES) is None:
             write_cache(cache_file, raw, origin)  # absent or damaged: later runs without a path use this
         return raw, origin
 
-    cached = read_cache(cache_file, tried, STANDARD_SHA256[name])
+    cached = read_cache(cache_file, tried, STANDARD_SHA256[name], STANDARD_SIZES)
     if cached is not None:
         raw, origin = cached
         return raw, f"cache {cache_file} (from {origin})"

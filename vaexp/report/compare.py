@@ -84,7 +84,7 @@ class Setting:
 def _label(run: Run, varying: Sequence[str]) -> str:
     f = run.flat
     parts = [f"{f.get('objective.name')} m={f.get('m')} k={f.get('k')} {f.get('estimator.name')}"]
-    if f.get("objective.name") == "ciwae":
+    if f.get("beta") is not None:  # ciwae's (vaexp.report.runs sets it to None where it weighs nothing)
         parts.append(f"β={f.get('beta')}")
     parts += [f"{k}={fmt_value(f.get(k))}" for k in varying]  # as the report's tables write them
     return " ".join(parts)
@@ -147,9 +147,9 @@ def compare_settings(settings: Sequence[Setting]) -> Tuple[List[Row], List[str]]
                 refused.append(f"{a.label} vs {b.label}: not comparable ({why_not_comparable(a, b)})")
                 continue
             if a.images and b.images and a.images != b.images:
-                refused.append(f"{a.label} vs {b.label}: not comparable (the same settings, but other test images "
-                               f"were scored: their sha256 differ, so the data came from other files; see each "
-                               f"run's train.data_source in metrics.json)")
+                refused.append(f"{a.label} vs {b.label}: not comparable (the same test-set settings, but other test "
+                               f"images were scored: their sha256 differ, so the data came from other files; see "
+                               f"each run's train.data_source in metrics.json)")
                 continue
             results = {q: stats.paired((a.values[q] - b.values[q]).tolist())
                        for q, _ in QUANTITIES if q in a.values and q in b.values and a.values[q].numel() > 1}

@@ -37,7 +37,7 @@ def plot_contexts(groups: Sequence[Group]) -> List[Tuple[str, str, List[Group]]]
 def _line_key(run: Run) -> Tuple[str, str, Optional[float]]:
     f = run.flat
     return (str(f.get("objective.name")), str(f.get("estimator.name")),
-            run.config.get("beta") if f.get("objective.name") == "ciwae" else None)
+            f.get("beta"))  # None where it weighs nothing (vaexp.report.runs)
 
 
 def _line_label(key: Tuple[str, str, Optional[float]]) -> str:

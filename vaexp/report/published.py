@@ -137,7 +137,7 @@ def markdown(rows: Sequence[Comparison]) -> str:
     for r in rows:
         f = r.group.first.flat
         label = f"{f.get('model.name')} {f.get('objective.name')} m={f.get('m')} k={f.get('k')}" + \
-            (f" β={fmt_num(f.get('beta'))}" if f.get("objective.name") == "ciwae" else "")
+            (f" β={fmt_num(f.get('beta'))}" if f.get("beta") is not None else "")
         pub = f"{r.cell.nll:.2f}" + (f" ± {r.cell.spread:.2f}" if r.cell.spread is not None else "")
         measured = f"{r.measured:.2f}" + (f" ± {r.se:.2f}" if r.se is not None else "") + f" (n={r.n})"
         within = {True: "yes", False: "no", None: "–"}[r.within]

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaexp.errors import VaexpError, one_line
 
-from vaexp.rundir.layout import (CHECKPOINT, CONFIG, RESUMABLE, RUNTIME_ONLY, as_dict, covers, flatten,
-                                override_keys)
+from vaexp.rundir.layout import (CHECKPOINT, CONFIG, DATA_PATH_KEYS, RESUMABLE, RUNTIME_ONLY, absolute_data_paths,
+                                as_dict, covers, flatten, override_keys)
 
 
 # -- atomic writes ----------------------------------------------------------------------------------
@@ -114,8 +114,8 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> Optional[Dict[str, Any
 def check_checkpoint(saved: Dict, cfg, run_dir: Path) -> None:
     """VaexpError when the checkpoint was written by a run with other settings than `cfg` (a
     checkpoint copied from another run: another architecture, objective, seed...)."""
-    theirs = flatten(saved["config"]) if isinstance(saved.get("config"), dict) else {}
-    ours = flatten(as_dict(cfg))
+    theirs = absolute_data_paths(flatten(saved["config"])) if isinstance(saved.get("config"), dict) else {}
+    ours = absolute_data_paths(flatten(as_dict(cfg)))
     # Keys on one side only are not compared: a schema that gained or dropped them (a config.yaml
     # from before the per-dataset schemas lists every dataset's keys); another dataset or model
     # differs in its name, which both have.
@@ -183,7 +183,7 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
     cfg = task_config(cfg)
     saved = as_dict(load_config(run_dir))
     current = as_dict(cfg)
-    flat_saved, flat_cur = flatten(saved), flatten(current)
+    flat_saved, flat_cur = absolute_data_paths(flatten(saved)), absolute_data_paths(flatten(current))
     if cfg.get("resume"):
         changed = {}
         for key in override_keys(overrides):
@@ -242,7 +242,21 @@ def _resumable(flat: Dict[str, Any]) -> str:
 
 def _described(cfg) -> Dict[str, Any]:
     """A config's settings, without the runtime-only ones (they do not describe the run)."""
-    return {k: v for k, v in flatten(as_dict(cfg)).items() if not covers(RUNTIME_ONLY, k)}
+    return {k: v for k, v in absolute_data_paths(flatten(as_dict(cfg))).items() if not covers(RUNTIME_ONLY, k)}
+
+
+def with_absolute_data_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of a run's config with dataset.path / dataset.data_dir absolute (see
+    layout.absolute_data_paths): what the run reads and records."""
+    flat = flatten(as_dict(cfg))
+    fixed = absolute_data_paths(flat)
+    if fixed == flat:
+        return cfg
+    cfg = cfg.copy()
+    for key in DATA_PATH_KEYS:
+        if fixed.get(key) != flat.get(key):
+            OmegaConf.update(cfg, key, fixed[key], merge=False)
+    return cfg
 
 
 def record_config(cfg: DictConfig, run_dir: Path) -> None:

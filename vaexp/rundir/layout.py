@@ -6,6 +6,7 @@ exclude_keys (checked by a test) read them from here. No torch at import.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any, Dict, Iterable, List
@@ -44,6 +45,7 @@ STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval
 # mk (k and m carry it), where the data were read from, evaluation knobs that change the
 # Monte Carlo draws but not what is estimated, and the gradient diagnostics.
 DATA_SOURCE_KEYS = ("dataset.path", "dataset.data_dir", "dataset.download")  # where the data were read from
+DATA_PATH_KEYS = ("dataset.path", "dataset.data_dir")
 NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk") + DATA_SOURCE_KEYS + ("eval.chunk", "eval.every", "diagnostics")
 
 
@@ -64,6 +66,19 @@ def last_trained(history: List[Dict[str, Any]], quantity: str) -> Dict[str, Any]
 def lk_keys(keys: Iterable[str]) -> List[str]:
     """The L_k bounds among metric keys ("L1", "L64", "L5000"), in order of k."""
     return sorted({k for k in keys if k.startswith("L") and k[1:].isdigit()}, key=lambda k: int(k[1:]))
+
+
+def absolute_data_paths(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A flattened config with dataset.path / dataset.data_dir absolute (~ expanded, relative to
+    the working directory): how runs record them (config.yaml names the files a later `vaexp
+    eval` or resume= from another directory must read) and how settings are compared (a run
+    recorded with the path as typed, by an older vaexp, is the same run)."""
+    out = dict(flat)
+    for key in DATA_PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value:
+            out[key] = os.path.abspath(os.path.expanduser(value))
+    return out
 
 
 def final_train(train: Dict[str, Any]) -> str:

@@ -191,13 +191,14 @@ def configured_epochs(config: Any) -> Optional[int]:
 
 def finished_metrics(run_dir: Path, cfg) -> Optional[Dict]:
     """metrics.json of a run that is finished at cfg's schedule (and whose last evaluation is of
-    the checkpoint on disk), else None. Reads the checkpoint (torch)."""
+    the checkpoint on disk, or whose checkpoint was deleted: its results are all in metrics.json),
+    else None. Reads the checkpoint (torch)."""
     metrics, _ = read_metrics(run_dir)
     if judge(metrics, n_epochs(cfg.schedule))[0] != "finished":
         return None
     saved = load_checkpoint(run_dir)
     ck = metrics["evals"][-1]["checkpoint"]
-    return metrics if saved is not None and saved["state"]["global_step"] == ck.get("global_step") else None
+    return metrics if saved is None or saved["state"]["global_step"] == ck.get("global_step") else None
 
 
 def json_safe(value):

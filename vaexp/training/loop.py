@@ -378,6 +378,7 @@ def _start(runs: Sequence[Run], n_epochs: int) -> None:
 
 def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
     """Train one run in `run_dir` and evaluate it: fit of a stack of one."""
+    cfg = rundir.with_absolute_data_paths(cfg)  # recorded as read: eval or resume= from elsewhere finds them
     with rundir.locked(run_dir):
         device = resolve_device(cfg.device)
         runtime.hold_threads_for(device)
@@ -400,6 +401,7 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[
     if None in keys or len(keys) != 1:
         raise VaexpError("these runs cannot be stacked: they differ in a shared setting (see "
                          "vaexp.training.step.stack_key)")
+    cfgs = [rundir.with_absolute_data_paths(c) for c in cfgs]
     with contextlib.ExitStack() as held:
         for d in run_dirs:
             held.enter_context(rundir.locked(Path(d)))
