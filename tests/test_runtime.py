@@ -91,14 +91,19 @@ def test_compiled_functions_have_room_for_every_governed_thread_count(monkeypatc
     CPU kernels bake it in): a 16-core machine's governor may choose 16 counts."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(runtime, "_governor", SimpleNamespace(limit=16))
-    fn = runtime.compile(lambda x: x + 1, dynamic=False)
-    assert callable(fn) and torch._dynamo.config.recompile_limit >= 16 + 8
-    monkeypatch.setattr(runtime, "_governor", None)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    runtime.compile(lambda x: x + 1)
-    assert torch._dynamo.config.recompile_limit == 1 + 8  # fixed threads: one count
+    config = torch._dynamo.config  # set and restored by hand: monkeypatch may delattr a config option
+    old = config.recompile_limit
+    try:
+        config.recompile_limit = 8
+        monkeypatch.setattr(runtime, "_governor", SimpleNamespace(limit=16))
+        fn = runtime.compile(lambda x: x + 1, dynamic=False)
+        assert callable(fn) and config.recompile_limit >= 16 + 8
+        monkeypatch.setattr(runtime, "_governor", None)
+        config.recompile_limit = 8
+        runtime.compile(lambda x: x + 1)
+        assert config.recompile_limit == 1 + 8  # fixed threads: one count
+    finally:
+        config.recompile_limit = old
 
 
 def test_each_parallel_cuda_job_gets_its_gpu_and_cpu_jobs_none(monkeypatch):
