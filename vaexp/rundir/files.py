@@ -7,6 +7,7 @@ be read, or belongs to another run, is a VaexpError naming the file and the fix.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import time
@@ -252,7 +253,7 @@ def with_absolute_data_paths(cfg: DictConfig) -> DictConfig:
     fixed = absolute_data_paths(flat)
     if fixed == flat:
         return cfg
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)
     for key in DATA_PATH_KEYS:
         if fixed.get(key) != flat.get(key):
             OmegaConf.update(cfg, key, fixed[key], merge=False)
