@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vaexp import rundir, runtime, surgery
 from vaexp.data import load_dataset
+from vaexp.data.base import digests
 from vaexp.errors import VaexpError, memory_hint
 from vaexp.models import build_model
 from vaexp.models import likelihood
@@ -300,9 +301,7 @@ def evaluate(model: VAE, x_test: Tensor, cfg, device: torch.device, progress: bo
 def test_images_digest(x: Tensor) -> str:
     """sha256 of the evaluated (binarised) test images as bytes: runs scored the same images iff
     they agree (vaexp compare pairs only those; settings alone miss another copy of the data)."""
-    import hashlib
-
-    return hashlib.sha256(x.detach().to(device="cpu", dtype=torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+    return digests({"test": x.detach().to(device="cpu", dtype=torch.uint8).numpy()})["test"]
 
 
 def _surgery(model: VAE, x: Tensor, cfg, device: torch.device) -> Dict:
