@@ -453,3 +453,64 @@ def test_the_compiled_step_computes_what_the_eager_step_does(objective, estimato
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=5e-4)  # 4 Adam steps of lr 1e-2, rounding apart
     assert torch.equal(lone.generators[0].get_state(), ref.generators[0].get_state())  # the same ε drawn
+
+
+def test_the_direct_fused_adam_call_is_adam_step_bit_for_bit():
+    """FusedAdamStep (the compiled CPU step's optimizer call) against torch's own Adam.step: the
+    same parameters and state, bit for bit, over steps with a changed learning rate, after a
+    snapshot's in-place restore, and after the state tensors were replaced (a loaded state_dict)."""
+    from vaexp.training.step import FusedAdamStep, adam
+
+    def setup():
+        torch.manual_seed(0)
+        params = [torch.randn(200, 784, requires_grad=True), torch.randn(200, requires_grad=True),
+                  torch.randn(50, 200, requires_grad=True)]
+        return params, adam(params, SCHEDULE, torch.device("cpu"))
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=gen) * 10.0 ** -i for i, p in enumerate(setup()[0])] for _ in range(6)]
+    ref_params, ref_opt = setup()
+    params, opt = setup()
+    assert FusedAdamStep.usable(opt, params)
+    direct = FusedAdamStep(opt, params)
+    for i, gs in enumerate(grads):
+        if i == 3:
+            fast.set_lr(ref_opt, 3e-4)
+            fast.set_lr(opt, 3e-4)
+        if i == 4:  # the state replaced, as by load_state_dict: the direct call must not use stale tensors
+            opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (a loaded dict would alias ref_opt's tensors)
+            with torch.no_grad():
+                for p, q in zip(params, ref_params):
+                    p.copy_(q)
+        for p, g in zip(ref_params, gs):
+            p.grad = g
+        ref_opt.step()
+        direct(gs)
+        for p, q in zip(params, ref_params):
+            assert torch.equal(p, q), i
+            assert p.grad is not None and torch.equal(p.grad, q.grad)
+        for p, q in zip(params, ref_params):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][key], ref_opt.state[q][key]), (i, key)
+    # what it does not reproduce keeps torch's own step
+    assert not FusedAdamStep.usable(torch.optim.Adam(params, fused=True, amsgrad=True), params)
+    assert not FusedAdamStep.usable(torch.optim.Adam(params), params)  # the foreach kernels
+    assert not FusedAdamStep.usable(opt, params[:2])
+    # parameters in another order than the optimizer's (the step's θ + φ): gradients follow them
+    ref_params, ref_opt = setup()
+    params, opt = setup()
+    direct = FusedAdamStep(opt, params[::-1])
+    for gs in grads[:2]:
+        for p, g in zip(ref_params, gs):
+            p.grad = g
+        ref_opt.step()
+        direct(gs[::-1])
+    assert all(torch.equal(p, q) for p, q in zip(params, ref_params))
+
+
+def test_the_compiled_cpu_step_calls_the_fused_adam_kernel_directly():
+    from vaexp.training.step import CompiledLoneStep
+
+    _, lone = _lone()
+    step = fast.fast_step("auto", torch.device("cpu"), lone)
+    assert isinstance(step.candidate, CompiledLoneStep) and step.candidate.adam is not None

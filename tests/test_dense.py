@@ -189,7 +189,7 @@ def test_the_backend_rule(monkeypatch):
     with dense.backend("auto"):
         monkeypatch.setattr(dense, "_vendor_wants_onednn", False)  # an Intel CPU: MKL's own kernels
         assert not dense.uses_onednn(cpu)
-        monkeypatch.setattr(dense, "_vendor_wants_onednn", True)   # e.g. AMD: MKL's AVX2 path
+        monkeypatch.setattr(dense, "_vendor_wants_onednn", True)   # e.g. AMD with AVX-512: MKL's AVX2 path
         assert dense.uses_onednn(cpu) and dense.kernel_name(cpu) == "onednn+mkl"
         # small layers stay on MKL: burda1's at k = 5 with gradients, a 200->200 layer on 20 rows without
         assert not dense._by_onednn(100, 200, 784, lean=False) and dense._by_onednn(1000, 200, 784, lean=False)
@@ -211,6 +211,21 @@ def test_the_vendor_is_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\n")                       # no vendor line (e.g. aarch64)
     assert dense.read_vendor(str(info)) == ""
     assert dense.read_vendor(str(tmp_path / "missing")) == ""  # not Linux: unknown, so MKL's kernels
+
+
+def test_onednn_only_where_mkl_would_leave_avx512_unused(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert dense.read_avx512(str(info))
+    info.write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 fma\n")  # Zen 1-3
+    assert not dense.read_avx512(str(info))
+    info.write_text("vendor_id\t: AuthenticAMD\nflagsx\t: avx512f\n")           # another field's name
+    assert not dense.read_avx512(str(info))
+    assert not dense.read_avx512(str(tmp_path / "missing"))
+    assert dense.vendor_wants_onednn("AuthenticAMD", True)        # e.g. Zen 4/5: MKL's AVX2 path
+    assert not dense.vendor_wants_onednn("AuthenticAMD", False)   # AVX2-only: both run AVX2 code
+    assert not dense.vendor_wants_onednn("GenuineIntel", True)    # MKL's own AVX-512 kernels
+    assert not dense.vendor_wants_onednn("", True)                # unknown vendor
 
 
 def test_the_plain_formula_where_onednn_does_not_apply():

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict
 
@@ -443,6 +444,32 @@ def test_an_exported_interrupt_step_does_not_stop_the_resume_at_it(tmp_path, vae
     res = vaexp_main("train", f"resume={run}", "progress=false")  # starts at step 3: goes on
     assert res.code == 0, res.err
     assert metrics(run)["run"]["global_step"] == 10
+
+
+def test_a_resume_under_other_kernels_says_so_and_records_it(tmp_path, vaexp_main, monkeypatch):
+    """Which kernels run (GEMM library, subnormals, compiled paths) changes a run's last bits: a
+    resume under other ones continues correctly, but the run is no longer what one uninterrupted
+    process computes, so the user is told and metrics.json keeps it."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
+    assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={run}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    assert rundir.load_checkpoint(run)["state"]["kernels"]["compile"] is True
+    monkeypatch.setenv("VAEXP_COMPILE", "0")
+    with pytest.warns(RuntimeWarning, match=r"other kernels .*\(compile True -> False\).* from step 3 not bit for bit"):
+        res = vaexp_main("train", f"resume={run}", "progress=false")
+    assert res.code == 0, res.err
+    assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "compile": [True, False]}]
+    same = tmp_path / "same"                                  # the same kernels: nothing said, nothing kept
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
+    assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={same}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = vaexp_main("train", f"resume={same}", "progress=false")
+    assert res.code == 0, res.err
+    assert not [w for w in said if "other kernels" in str(w.message)]
+    assert "kernel_changes" not in metrics(same)["train"]
 
 
 def test_a_sigterm_between_the_callback_and_the_command_leaves_nothing(tmp_path, vaexp_main, monkeypatch):

@@ -167,11 +167,12 @@ INVARIANCE = """
 import json, torch
 from types import SimpleNamespace
 from vaexp import evaluate as ev, runtime
-from vaexp.models import likelihood
+from vaexp.models import dense, likelihood
 from vaexp.models.burda import VAE
 from vaexp.training import capture
 from vaexp.training.step import StepSpec, make_step
 runtime.setup(threads=2)
+dense._vendor_wants_onednn = {onednn}  # backend auto's rule as on a non-Intel AVX-512 CPU, or elsewhere
 mean = torch.rand(784, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
 x = (torch.rand(60, 784, generator=torch.Generator().manual_seed(1)) < mean).float()
 sch = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-4)
@@ -201,12 +202,19 @@ print(json.dumps({"params": all(torch.equal(a, b) for a, b in zip(p1, p2)), "met
 """
 
 
-def test_steps_and_evaluation_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+def test_steps_and_evaluation_do_not_depend_on_the_thread_count(onednn):
     """The governor changes the thread count during a run: results must not change with it (in a
-    fresh process set up as the CLI sets it up: every thread flushes subnormals)."""
+    fresh process set up as the CLI sets it up: every thread flushes subnormals), with the kernels
+    backend auto picks on either kind of CPU (vaexp.models.dense.vendor_wants_onednn)."""
     if runtime.cores() < 2:
         pytest.skip("needs 2 cores")
-    assert _fresh(INVARIANCE) == {"params": True, "metrics": True, "ll": True, "compiled_pass": True}
+    from vaexp.models import dense
+
+    if onednn and not dense.onednn_works():
+        pytest.skip("this torch build has no oneDNN")
+    assert _fresh(INVARIANCE.replace("{onednn}", str(onednn))) == {
+        "params": True, "metrics": True, "ll": True, "compiled_pass": True}
 
 
 def test_setup_after_the_threads_started_keeps_subnormals_everywhere():

@@ -2,10 +2,11 @@
 
 PyTorch's CPU build runs float32 matmuls through MKL, and MKL takes its AVX2 code path on
 non-Intel CPUs: on the Zen 5 VM measured here (AVX-512) MKL reached ~110 GFLOP/s per core on
-Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. :func:`linear` therefore
-runs a layer's forward and ∂x GEMMs through oneDNN (backend auto: x86 CPUs that are not Intel's,
-for layers of at least MIN_MACS multiply-adds, smaller ones being launch-bound, and MIN_ROWS rows;
-the others stay on MKL), with tanh/relu fused into the forward GEMM's epilogue (their backward
+Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. With backend auto on a
+non-Intel x86 CPU with AVX-512 (on an AVX2-only one both libraries run AVX2 code:
+:func:`vendor_wants_onednn`), :func:`linear` therefore runs a layer's forward and ∂x GEMMs through
+oneDNN for layers of at least MIN_MACS multiply-adds (smaller ones are launch-bound) and MIN_ROWS
+rows, the others on MKL, with tanh/relu fused into the forward GEMM's epilogue (their backward
 needs only y), and ∂W on MKL (in compiled graphs on oneDNN for widening and square layers on many
 rows). Its backward computes only the gradients the running backward pass asks for (as torch's
 own addmm does; a custom Function is only told which inputs require grad), which matters for
@@ -13,8 +14,8 @@ DReG/STL's two passes.
 Inside torch.compile the same kernel runs as the op vaexp::onednn_linear. Elsewhere (CUDA, other
 dtypes, torch.func transforms, dispatch modes, backend aten, small layers) it is F.linear plus the
 activation. Invariants: values and gradients equal the plain formula's up to float rounding
-(tests/test_dense.py); which kernel runs depends on the backend, the device, the CPU vendor, eager
-or compiled, and the shapes only, never on history or the thread count (both kernels give the same
+(tests/test_dense.py); which kernel runs depends on the backend, the device, the CPU (vendor and AVX-512),
+eager or compiled, and the shapes only, never on history or the thread count (both kernels give the same
 bits at 1 and 2 threads on the shapes routed to them: tests/test_runtime.py), so a resumed run
 computes what it would have.
 """
@@ -78,16 +79,34 @@ def backend(name: str) -> Iterator[None]:
         set_backend(old)
 
 
-def read_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), "" where it cannot be read."""
+def _cpuinfo_field(name: str, cpuinfo: str) -> str:
+    """The first `name : value` of /proc/cpuinfo, "" where it cannot be read."""
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "\t", ":"):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def read_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), "" where it cannot be read."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
+
+
+def read_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has AVX-512 (the avx512f flag; False where it cannot be read)."""
+    return "avx512f" in _cpuinfo_field("flags", cpuinfo).split()
+
+
+def vendor_wants_onednn(vendor: str, avx512: bool) -> bool:
+    """backend auto's rule: oneDNN where MKL would leave AVX-512 unused (a non-Intel CPU with it).
+    Measured on an AVX2-only AMD EPYC (Zen 1, 2 threads, interleaved rounds), MKL against oneDNN:
+    compiled burda1 steps at k = 5 9% faster, k = 50 2%, DReG 5%; the K = 5000 evaluation 2% slower
+    (within the VM's noise); so an unknown vendor, Intel and AVX2-only CPUs keep MKL."""
+    return vendor not in ("GenuineIntel", "") and avx512
 
 
 def cpu_vendor() -> str:
@@ -107,13 +126,13 @@ def uses_onednn(device: torch.device) -> bool:
         return False
     if _backend == "onednn":
         return True
-    # auto: MKL's own kernels on Intel CPUs (and where the vendor is unknown), oneDNN on the others.
+    # auto: oneDNN on non-Intel CPUs with AVX-512, MKL's own kernels elsewhere (vendor_wants_onednn).
     return _vendor_wants_onednn
 
 
 # Read once, at import (torch.compile then sees constants).
 _works = onednn_works()
-_vendor_wants_onednn = cpu_vendor() not in ("GenuineIntel", "")
+_vendor_wants_onednn = vendor_wants_onednn(cpu_vendor(), read_avx512())
 
 
 def kernel_name(device: torch.device) -> str:

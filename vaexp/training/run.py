@@ -158,9 +158,36 @@ class Run:
                  "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
                  "flush_denormal": runtime.denormals_flushed(),  # subnormals flushed (vaexp.runtime)
                  "gemm": dense.kernel_name(device)}  # the dense layers' GEMM kernel (vaexp.models.dense)
+        if self.state.get("kernel_changes"):
+            train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
         return train
+
+
+def kernels(device: torch.device) -> Dict[str, Any]:
+    """What, besides the config, decides a run's last bits on this machine (recorded with every
+    checkpoint: a resume under other kernels continues correctly, but not bit for bit)."""
+    return {"gemm": dense.kernel_name(device), "flush_denormal": runtime.denormals_flushed(),
+            "compile": runtime.compiling()}
+
+
+def _note_kernel_change(run: Run, device: torch.device) -> None:
+    """Warn when a resumed run's checkpoint was written under other kernels than this process
+    uses (e.g. another vaexp version's GEMM rule, VAEXP_GEMM, VAEXP_FLUSH_DENORMAL or VAEXP_COMPILE
+    changed), and keep the change in the run's state for metrics.json's train.kernel_changes.
+    A checkpoint from before kernels were recorded says nothing, and gets no warning."""
+    before, now = run.state.get("kernels"), kernels(device)
+    if not before or before == now:
+        return
+    changed = {key: [before.get(key), value] for key, value in now.items() if before.get(key) != value}
+    step = run.state["global_step"]
+    run.state.setdefault("kernel_changes", []).append({"step": step, **changed})
+    what = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+    warnings.warn(f"vaexp: {run.dir / rundir.CHECKPOINT} was written with other kernels than this process uses "
+                  f"({what}): the resumed run continues correctly, but from step {step} not bit for bit as it "
+                  f"would have (metrics.json records the change as train.kernel_changes)", RuntimeWarning,
+                  stacklevel=3)
 
 
 def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Run:
@@ -191,11 +218,13 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
                           f"state is not {device.type}'s): the resumed run draws its noise from a new stream "
                           f"(from the seed and step), so it continues correctly but not bit for bit as it would "
                           f"have on the first device", RuntimeWarning, stacklevel=2)
+        _note_kernel_change(run, device)
         run.saved_epoch_acc = run.state.pop("epoch_acc", None)
         log_acc, log_n = run.state.pop("log_acc", None), run.state.pop("log_n", 0)
         run.saved_log = None if log_acc is None else (log_acc, int(log_n))  # (None: an older checkpoint)
         run.last_saved = run.state["global_step"]
         run.saved_state = {key: run.state[key] for key in ("epoch", "step", "global_step")}
+    run.state["kernels"] = kernels(device)
     run.log = RunLogger(run_dir, purge_step=run.state["global_step"] if saved is not None else None)
     if saved is None:
         run.log.scalars({"params/theta": sum(p.numel() for p in model.theta_parameters()),
