@@ -496,6 +496,17 @@ def test_the_direct_fused_adam_call_is_adam_step_bit_for_bit():
     assert not FusedAdamStep.usable(torch.optim.Adam(params, fused=True, amsgrad=True), params)
     assert not FusedAdamStep.usable(torch.optim.Adam(params), params)  # the foreach kernels
     assert not FusedAdamStep.usable(opt, params[:2])
+    ref_params, _ = setup()
+    ref_opt = torch.optim.Adam(ref_params, lr=1e-3, amsgrad=True)
+    params, _ = setup()
+    other = FusedAdamStep(torch.optim.Adam(params, lr=1e-3, amsgrad=True), params)
+    assert not other.direct
+    for gs in grads[:2]:
+        for p, g in zip(ref_params, gs):
+            p.grad = g
+        ref_opt.step()
+        other(gs)
+    assert all(torch.equal(p, q) for p, q in zip(params, ref_params))
     # parameters in another order than the optimizer's (the step's θ + φ): gradients follow them
     ref_params, ref_opt = setup()
     params, opt = setup()
@@ -513,4 +524,4 @@ def test_the_compiled_cpu_step_calls_the_fused_adam_kernel_directly():
 
     _, lone = _lone()
     step = fast.fast_step("auto", torch.device("cpu"), lone)
-    assert isinstance(step.candidate, CompiledLoneStep) and step.candidate.adam is not None
+    assert isinstance(step.candidate, CompiledLoneStep) and step.candidate.adam.direct

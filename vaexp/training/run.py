@@ -156,8 +156,7 @@ class Run:
         train = {**rundir.last_trained(self.state["history"], self.objective.quantity),
                  "epochs": self.state["epoch"], "steps": self.state["global_step"],
                  "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
-                 "flush_denormal": runtime.denormals_flushed(),  # subnormals flushed (vaexp.runtime)
-                 "gemm": dense.kernel_name(device)}  # the dense layers' GEMM kernel (vaexp.models.dense)
+                 **kernels(device)}  # GEMM kernel, subnormals flushed, compiled paths allowed
         if self.state.get("kernel_changes"):
             train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
         if stacked_with is not None:

@@ -42,7 +42,8 @@ def adam(params, sch, device: torch.device) -> torch.optim.Adam:
 
 
 def _norm(grads: Sequence[Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    """The norm of the per-parameter norms (those in one torch._foreach_norm call)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
 
 
 def train_step(model: nn.Module, obj: Objective, est: Estimator, opt: torch.optim.Optimizer,
@@ -58,11 +59,6 @@ def train_step(model: nn.Module, obj: Objective, est: Estimator, opt: torch.opti
     return torch.stack([losses.bound.mean(), losses.phi_bound.mean(), _norm(g_theta), _norm(g_phi)])
 
 
-def _foreach_norm(grads: Sequence[Tensor]) -> Tensor:
-    """_norm in two kernels (torch._foreach_norm: one call for all the per-parameter norms)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
-
-
 class FusedAdamStep:
     """`opt.step()` of a fused CPU Adam over fixed parameters, given their gradients: the call
     Adam.step makes to the same kernel (torch._fused_adam_, after adding 1 to the step counts), with
@@ -71,15 +67,15 @@ class FusedAdamStep:
     a 2 GHz Zen 1, ~0.14 ms on Zen 5). The state stays Adam's own tensors in opt.state, so
     checkpoints, snapshots (restored in place) and the eager step see one optimizer; p.grad is each
     gradient, as after opt.step(). The first call, and any after opt.state's tensors were replaced,
-    run opt.step() itself (which makes the state).
-    Only for what it reproduces: `usable(opt)`."""
+    run opt.step() itself (which makes the state), and so does every call for an optimizer it does
+    not reproduce exactly (`usable`)."""
 
     def __init__(self, opt: torch.optim.Optimizer, params: Sequence[Tensor]):
-        self.opt, self.group = opt, opt.param_groups[0]
+        self.opt, self.group, self.direct = opt, opt.param_groups[0], self.usable(opt, params)
         # the kernel gets the group's order, as Adam.step passes it (`params` may be another order)
         where = {id(p): i for i, p in enumerate(params)}
-        self.order = [where[id(p)] for p in self.group["params"]]
-        self.params = list(self.group["params"])
+        self.order = [where[id(p)] for p in self.group["params"]] if self.direct else list(range(len(params)))
+        self.params = list(self.group["params"]) if self.direct else list(params)
         self.lists: Optional[tuple] = None
 
     @staticmethod
@@ -104,6 +100,9 @@ class FusedAdamStep:
         grads = [grads[i] for i in self.order]
         for p, g in zip(self.params, grads):
             p.grad = g  # as opt.step() leaves them (the first-step check reads them)
+        if not self.direct:
+            self.opt.step()
+            return
         if not self._current():
             self.opt.step()
             states = [self.opt.state[p] for p in self.params]
@@ -237,7 +236,7 @@ class CompiledLoneStep:
         # warning. One run at a time is trained here, so start each from an empty cache.
         torch._dynamo.reset()
         self.forward = runtime.compile(forward, dynamic=False)
-        self.adam = FusedAdamStep(self.opt, self.params) if FusedAdamStep.usable(self.opt, self.params) else None
+        self.adam = FusedAdamStep(self.opt, self.params)
 
     def __call__(self, x: Tensor) -> Tensor:
         runtime.adapt_threads()
@@ -247,15 +246,9 @@ class CompiledLoneStep:
                for d in lone.model.latents]
         loss, bound, phi_bound = self.forward(x, eps)
         grads = torch.autograd.grad(loss, self.params)
-        n_theta = len(lone.theta)
-        if self.adam is None:
-            for p, g in zip(self.params, grads):
-                p.grad = g
-            self.opt.step()
-            return torch.stack([bound, phi_bound, _norm(grads[:n_theta]), _norm(grads[n_theta:])]).unsqueeze(0)
         self.adam(grads)
-        return torch.stack([bound, phi_bound, _foreach_norm(grads[:n_theta]),
-                            _foreach_norm(grads[n_theta:])]).unsqueeze(0)
+        n_theta = len(lone.theta)
+        return torch.stack([bound, phi_bound, _norm(grads[:n_theta]), _norm(grads[n_theta:])]).unsqueeze(0)
 
 
 # ============================================================================ a stack of runs
