@@ -435,6 +435,17 @@ def test_train_cfg_job_prints_config(cli, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_cfg_hydra_resolves_the_run_directory(vaexp_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Hydra resolves `--cfg hydra` cut off from the job's keys, which the run directory interpolates
+    res = vaexp_main("train", "k=50", "--cfg", "hydra", "--resolve")
+    assert res.code == 0, res.err
+    assert res.out.startswith("# @package hydra\n") and "_m1_k50_reparam\n" in res.out and "${" not in res.out
+    res = vaexp_main("train", "--cfg", "hydra")  # unresolved: Hydra's own form, untouched
+    assert res.code == 0 and res.out.startswith("hydra:\n") and "${out_root}" in res.out
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_hydra_flags_may_follow_overrides(cli, tmp_path):
     res = cli("train", "objective=miwae", "m=3", "--cfg", "job")
     assert res.code == 0, res.err

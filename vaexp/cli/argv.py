@@ -8,7 +8,8 @@ any other bare '=' in a value is refused with the quoting to use; Hydra's flags 
 (argparse wants them first); a launcher whose plugin is missing is refused with the extra to
 install, SLURM's where srun is missing; a dataset.<key> that the chosen dataset does not have is
 refused with the keys it does have (Hydra's own error does not list them), and with
-`vaexp snr run=` model=, dataset=, their keys and perturb= (the run fixes them).
+`vaexp snr run=` model=, dataset=, their keys and perturb= (the run fixes them); `--cfg hydra
+--resolve` is selected from the whole config (the hydra node interpolates the job's keys).
 """
 from __future__ import annotations
 
@@ -106,12 +107,6 @@ def _split_flags(args: List[str]) -> Tuple[List[str], List[str]]:
         (flags if args[i] in _FLAGS else rest).append(args[i])
         i += 1
     return flags, rest
-
-
-def _flags_first(args: List[str]) -> List[str]:
-    """`vaexp train k=1 -m k=1,2` works like `vaexp train -m k=1 k=1,2`."""
-    flags, rest = _split_flags(args)
-    return flags + rest
 
 
 def _choices(overrides, group: str) -> Optional[List[str]]:
@@ -232,6 +227,21 @@ def check_flags(flags: List[str]) -> None:
         sys.exit(2)
 
 
+def resolvable_cfg(flags: List[str]) -> List[str]:
+    """`--cfg hydra --resolve` as `--cfg all --package hydra --resolve`: Hydra resolves its hydra
+    node cut off from the job's keys, and vaexp's run and sweep directories interpolate those
+    (${out_root}, ${k}, ...), so the plain form fails with a KeyError; selected from the whole
+    config, the same node resolves (printed under `# @package hydra`)."""
+    out, i = list(flags), 0
+    if "--resolve" not in out or "-p" in out or "--package" in out:
+        return out
+    while i + 1 < len(out):
+        if out[i] in ("-c", "--cfg") and out[i + 1] == "hydra":
+            return out[:i] + ["--cfg", "all", "--package", "hydra"] + out[i + 2:]
+        i += 1
+    return out
+
+
 def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None) -> List[str]:
     """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config)."""
     rest = named(command, rest)
@@ -249,4 +259,5 @@ def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None)
         check_snr_run_keys(overrides)
     elif config_name:
         check_dataset_keys(config_name, overrides)
-    return _flags_first(args)
+    flags, overrides = _split_flags(args)  # flags first: `train k=1 -m k=1,2` works like `train -m k=1 k=1,2`
+    return resolvable_cfg(flags) + overrides
