@@ -14,7 +14,7 @@ GEMM-bound time, "% GEMM" = GEMM-bound time / measured time, and GFLOP/s counts 
 (the model's arithmetic; elementwise work is not counted).
 
 Sections (--sections):
-  train  steps/s of one run's training step, fed as the trainer feeds it (vaexp.training.loop.EpochData,
+  train  steps/s of one run's training step (the rows --train names, default all), fed as the trainer feeds it (vaexp.training.loop.EpochData,
          vaexp.training.step.make_step): today = the eager step with the plain Bernoulli formula and
          ATen's GEMMs (MKL on a CPU); new = what vaexp runs now (fused likelihood kernels, the dense
          layers on oneDNN where vaexp.models.dense picks it; on a CPU the compiled step behind its
@@ -69,6 +69,11 @@ TRAIN_CONFIGS = [("burda1", 1, "reparam"), ("burda1", 5, "reparam"), ("burda1", 
                  ("burda2", 50, "reparam"), ("burda1", 50, "dreg")]
 BUSY = ("import sys, time, torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nend = time.time() + float(sys.argv[1])\n"
         "while time.time() < end:\n    a = torch.tanh(a @ a)\n")
+
+
+def config_name(config) -> str:
+    """A train row as --train names it: model:k:estimator."""
+    return ":".join(map(str, config))
 
 
 # ============================================================================ devices and timing
@@ -289,7 +294,7 @@ def rounds(variants: Dict[str, Callable[[], float]], roof: Roofline, n_rounds: i
 
 def train_rows(args, data, device, sizes) -> List[Dict]:
     rows = []
-    for name, k, estimator in TRAIN_CONFIGS:
+    for name, k, estimator in args.train:
         spec = StepSpec("iwae", estimator, 1, k)
         paths = {p: Trainer([vaexp_model(name, 0, data, device, sizes)], [spec], [0], data, device, p == "new")
                  for p in ("today", "new")}
@@ -682,6 +687,8 @@ def parse(argv: Optional[Sequence[str]] = None):
     p.add_argument("--shared-k", default="5,50", help="k of the shared section's rows (comma-separated)")
     p.add_argument("--sections", default="train,eval,stack,flush,shared,jobs",
                    help=f"{', '.join(SECTIONS)} (comma-separated)")
+    p.add_argument("--train", default=None, help="the train section's rows, model:k:estimator, comma-separated "
+                   f"(default all: {','.join(map(config_name, TRAIN_CONFIGS))})")
     p.add_argument("--data", default="auto", choices=["auto", "mnist", "synthetic"])
     p.add_argument("--threads", type=int, default=None, help="fixed intra-op threads (default: vaexp.runtime.setup's governor)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -701,6 +708,12 @@ def parse(argv: Optional[Sequence[str]] = None):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         p.error(f"--sections: no section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    names = {config_name(c): c for c in TRAIN_CONFIGS}
+    chosen = [s.strip() for s in args.train.split(",") if s.strip()] if args.train is not None else list(names)
+    unknown = [s for s in chosen if s not in names]
+    if unknown or not chosen:
+        p.error(f"--train: no row {', '.join(unknown) or '(none given)'}; choose from {', '.join(names)}")
+    args.train = [names[s] for s in chosen]
     return args
 
 

@@ -101,6 +101,18 @@ def test_unknown_sections_are_refused_with_the_choices(capsys):
     assert exit_.value.code == 2 and "no section evaluation" in err and "typical" in err
 
 
+def test_train_rows_are_chosen_by_name_and_unknown_ones_refused(capsys):
+    bench = load_bench()
+    assert bench.parse([]).train == bench.TRAIN_CONFIGS
+    assert bench.parse(["--train", "burda1:5:reparam, burda1:50:dreg"]).train == [("burda1", 5, "reparam"),
+                                                                               ("burda1", 50, "dreg")]
+    for bad in ("burda1:7:reparam", ","):
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse(["--train", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--train: no row" in err and "burda2:50:reparam" in err
+
+
 def test_the_gpu_check_script_names_what_exists():
     """scripts/gpu_check.sh (the GPU verification, run where no test of it can) is valid bash, and
     the test files, bench sections and commands it runs exist; without a verb it prints its usage."""

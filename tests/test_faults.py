@@ -57,6 +57,18 @@ def assert_one_line_error(res, code: int = 2, *words: str) -> str:
     return errors[0]
 
 
+def test_an_error_in_a_message_is_one_line_and_named_unless_it_is_vaexps_own():
+    from vaexp.data.base import DataError, SourceFailed
+    from vaexp.errors import VaexpError, one_line
+
+    assert one_line(OSError("cannot\n  read   it")) == "OSError: cannot read it"
+    assert one_line(ValueError()) == "ValueError"
+    for own in (VaexpError, DataError, SourceFailed):  # already written for the user
+        assert one_line(own("dataset.path=x: no such file\nfix it")) == "dataset.path=x: no such file fix it"
+    assert one_line(VaexpError("")) == "VaexpError"
+    assert one_line(OSError("x" * 300), 20) == "OSError: xxxxxxxx..."
+
+
 def metrics(run: Path) -> dict:
     return json.loads((run / rundir.METRICS).read_text())
 

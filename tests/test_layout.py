@@ -207,14 +207,21 @@ def _schema_defaults(cls) -> Dict:
     return out
 
 
-@pytest.mark.parametrize("path,schema", [("train.yaml", "TrainConfig"), ("snr.yaml", "SnrConfig"),
-                                         ("report.yaml", "ReportConfig"), ("compare.yaml", "CompareConfig"),
-                                         ("evaluate.yaml", "EvalCommandConfig"), ("eval/default.yaml", "EvalConf")])
+def _command_configs():
+    from vaexp.cli.commands import COMMANDS
+
+    return [(f"{c.config_name}.yaml", c.schema.__name__) for c in COMMANDS.values()]
+
+
+@pytest.mark.parametrize("path,schema", _command_configs() + [("eval/default.yaml", "EvalConf")])
 def test_the_yaml_defaults_are_the_schemas(path, schema):
     """A command's yaml repeats its schema's defaults (as documentation, next to the comments): one
-    that drifted would make `vaexp train` and the library (vaexp.schema) disagree."""
+    that drifted would make `vaexp train` and the library (vaexp.schema) disagree. Its defaults list
+    names the schema that vaexp.cli.configs stores for it."""
     from vaexp import schema as schemas
 
+    if path != "eval/default.yaml":
+        assert f"{path[:-5]}_schema" in yaml.safe_load((CONF / path).read_text())["defaults"], path
     defaults = _schema_defaults(getattr(schemas, schema))
     given = {k: v for k, v in (yaml.safe_load((CONF / path).read_text()) or {}).items()
              if k not in ("defaults", "hydra")}

@@ -40,8 +40,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def one_line(err: BaseException, limit: int = 240) -> str:
+    """`err` as one line for a message: vaexp's own errors (already written for the user) as they
+    are, any other with its type's name (`OSError: ...`), whitespace folded, at most `limit` chars."""
     text = " ".join(str(err).split())
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    if not isinstance(err, VaexpError) or not text:
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -2,7 +2,8 @@
 
 This package is the only one that uses Hydra's application machinery: argv handling (argv.py),
 completion (completion.py), Hydra's config errors as one line (hydra_errors.py), the commands
-(commands.py), the checks (checks.py), the callback
+(commands.py, whose COMMANDS table is the one list of them and of their facts), the checks
+(checks.py), the callback
 that runs them before any directory exists (callback.py), multirun jobs (sweep.py) and the
 stacks of a stack=true sweep (stacking.py). Every computing job runs after
 vaexp.runtime.setup in its own process (:func:`with_runtime`).
@@ -101,8 +102,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if name not in COMMANDS:
         print(f"vaexp: unknown command {name!r}; commands: {', '.join(COMMANDS)} (vaexp --help)", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0]] + hydra_args(name, rest, COMMANDS[name].config_name)
     command = COMMANDS[name]
+    sys.argv = [sys.argv[0]] + hydra_args(name, rest, command.config_name, command.positional)
     old_hook = threading.excepthook
     threading.excepthook = _thread_fault
     undo = route_hydra_errors(name)

@@ -194,10 +194,11 @@ def _run_model_and_data(run: str) -> str:
         return ""
 
 
-def named(command: str, rest: List[str]) -> List[str]:
-    """`rest` with the positional directories of eval / snr / report / compare as run= / dirs= overrides."""
+def named(command: str, positional: str, rest: List[str]) -> List[str]:
+    """`rest` with its positional directories as run= (`positional` "run": eval, snr) or dirs=
+    ("dirs": report, compare) overrides."""
     rest = list(rest)
-    if command in ("eval", "snr") and rest and _is_dir_arg(rest[0]):
+    if positional == "run" and rest and _is_dir_arg(rest[0]):
         overrides = _split_flags(rest[1:])[1]
         given = [a for a in overrides if a.split("=", 1)[0].lstrip("+") == "run"]
         more = [a for a in overrides if _is_dir_arg(a)]
@@ -207,7 +208,7 @@ def named(command: str, rest: List[str]) -> List[str]:
                   f"(vaexp {command} <run dir> or vaexp {command} run=<run dir>)", file=sys.stderr)
             sys.exit(2)
         rest = [f"run={quote(rest[0])}"] + rest[1:]
-    if command in ("report", "compare"):
+    if positional == "dirs":
         dirs = []
         while rest and _is_dir_arg(rest[0]):
             dirs.append(rest.pop(0))
@@ -242,9 +243,10 @@ def resolvable_cfg(flags: List[str]) -> List[str]:
     return out
 
 
-def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None) -> List[str]:
-    """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config)."""
-    rest = named(command, rest)
+def hydra_args(command: str, rest: List[str], config_name: Optional[str] = None, positional: str = "") -> List[str]:
+    """The arguments Hydra gets for `vaexp <command> <rest>` (conf/<config_name>.yaml: its config;
+    `positional`: what its bare directories are, vaexp.cli.commands.Command.positional)."""
+    rest = named(command, positional, rest)
     check_flags(_split_flags(rest)[0])
     if command == "eval" and any(f in ("-m", "--multirun") for f in _split_flags(rest)[0]):
         # a sweep's job directories would be made in the working directory, beside the runs evaluated

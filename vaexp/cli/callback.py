@@ -25,18 +25,25 @@ from omegaconf import DictConfig
 
 from vaexp import rundir
 from vaexp.cli import sweep
+from vaexp.cli.commands import COMMANDS, Command
 from vaexp.cli.hydra_errors import exit_with_line
 from vaexp.errors import VaexpError, debugging, os_error_line
 from vaexp.report import check_dirs
-from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig, apply_mk
+from vaexp.schema import TrainConfig, apply_mk
 
-_SCHEMAS = {"train": TrainConfig, "eval": EvalCommandConfig, "snr": SnrConfig, "report": ReportConfig,
-            "compare": CompareConfig}
+
+def _job(config: DictConfig) -> str:
+    return str(config.hydra.job.name) if "hydra" in config else "train"
+
+
+def _command(config: DictConfig) -> Optional[Command]:
+    return COMMANDS.get(_job(config))
 
 
 def _check(config: DictConfig) -> None:
-    job = config.hydra.job.name if "hydra" in config else "train"
-    if job in ("report", "compare"):
+    job = _job(config)
+    command = _command(config)
+    if command is not None and command.positional == "dirs":
         check_dirs(config.dirs, job)
         return
     from vaexp.cli.checks import validate_command  # needs torch (the registries); `vaexp report` does not
@@ -49,7 +56,7 @@ def _report_and_exit(err: BaseException, config: DictConfig) -> None:
     an exception raised in a callback and then runs the job anyway, unchecked."""
     if debugging():
         traceback.print_exc()
-    exit_with_line(err, str(config.hydra.job.name) if "hydra" in config else "train")
+    exit_with_line(err, _job(config))
 
 
 def _check_grid_needs_multirun(config: DictConfig) -> None:
@@ -85,7 +92,7 @@ def _check_additions(config: DictConfig) -> None:
     if "hydra" not in config:
         return
     job = str(config.hydra.job.name)
-    keys = schema_keys(_SCHEMAS.get(job, TrainConfig))
+    keys = schema_keys((_command(config) or COMMANDS["train"]).schema)
     groups = set(config.hydra.runtime.choices.keys()) if "runtime" in config.hydra else set()
     for override in map(str, config.hydra.overrides.task):
         if not override.startswith("+"):
@@ -101,14 +108,11 @@ def _check_additions(config: DictConfig) -> None:
                          f"reads); drop it{hint}")
 
 
-def _dir_setting(config: DictConfig, job: str) -> str:
+def _dir_setting(config: DictConfig, command: Command) -> str:
     """The setting that chose the command's directory, as the user would write it."""
     overrides = list(config.hydra.overrides.hydra) + list(config.hydra.overrides.task)
     given = {o.split("=", 1)[0]: o for o in map(str, overrides)}
-    # eval writes into its run=; snr reads run= but writes under out_root; train resumes in resume=
-    chosen_by = {"train": ("hydra.run.dir", "resume", "out_root"), "eval": ("hydra.run.dir", "run"),
-                 "snr": ("hydra.run.dir", "out_root")}
-    for key in chosen_by.get(job, ("hydra.run.dir", "out_root")):
+    for key in command.dir_settings:
         if key in given:
             return given[key]
     return f"out_root={config.get('out_root', 'outputs')}"
@@ -117,13 +121,12 @@ def _dir_setting(config: DictConfig, job: str) -> str:
 def _hold_run_dir(config: DictConfig) -> None:
     """train / eval / snr: create and lock the directory the command writes (taking the snapshot
     of what was there first), then, for train, the checks that read it."""
-    job = str(config.hydra.job.name)
-    if job not in ("train", "eval", "snr"):
+    job, command = str(config.hydra.job.name), _command(config)
+    if command is None or not command.writes_run_dir:
         return
     path = Path(str(config.hydra.run.dir))
     try:
-        tx = rundir.begin(path, keep=() if job == "snr" else (rundir.CHECKPOINT, rundir.METRICS),
-                          scratch=("eval.log",) if job == "eval" else ())
+        tx = rundir.begin(path, command.keeps, command.scratch)
     except OSError as err:
         if job == "eval":
             raise VaexpError(f"run={path}: cannot write there ({err.strerror or err}); vaexp eval adds its result to "
@@ -134,7 +137,7 @@ def _hold_run_dir(config: DictConfig) -> None:
                              f"in its own directory: make it writable, or copy the run (cp -r) and resume the "
                              f"copy") from None
         what = "run" if job == "train" else "output"
-        raise VaexpError(f"{_dir_setting(config, job)}: cannot create the {what} directory: "
+        raise VaexpError(f"{_dir_setting(config, command)}: cannot create the {what} directory: "
                          f"{os_error_line(err)}") from None
     if job != "train":
         return
@@ -234,9 +237,10 @@ class ValidateCallback(Callback):
         if not getattr(self, "_job_dirs", None):
             return
         sweep.stack_plan = None
-        if self._command not in ("train", "snr"):  # (vaexp eval -m: each job reports itself)
+        command = COMMANDS.get(self._command)
+        if command is None or not command.writes_run_dir:  # (vaexp eval -m is refused before Hydra runs)
             return
-        text, ok = sweep.summary(self._sweep_dir, self._job_dirs, self._command)
+        text, ok = sweep.summary(self._sweep_dir, self._job_dirs, self._command, command.done_file)
         print(text, file=sys.stdout if ok else sys.stderr, flush=True)
         if not ok:
             sys.exit(1)

@@ -18,7 +18,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,14 +28,27 @@ from vaexp import rundir
 from vaexp.cli import sweep
 from vaexp.errors import Interrupted, Terminated, VaexpError, debugging, fault_line, memory_hint
 from vaexp.report import report
-from vaexp.schema import TrainConfig, apply_mk
+from vaexp.schema import CompareConfig, EvalCommandConfig, ReportConfig, SnrConfig, TrainConfig, apply_mk
 
 
 class Command(NamedTuple):
-    config_name: str
+    """What vaexp knows of one command, kept here only: the argv rewriting, the callback's checks
+    and run directory, the error boundary, the sweep summary and completion read it."""
+    config_name: str  # conf/<config_name>.yaml
     task: Callable[[DictConfig], object]
-    writes_run_dir: bool = False  # the directory Hydra gives the job is a run directory (locked)
+    schema: type  # its structured config (vaexp.schema): the settings it has
+    positional: str = ""  # "run": `vaexp <cmd> <dir>` is run=<dir>; "dirs": `<dir>...` is dirs=[...]
+    # The settings that choose the run directory it writes into (locked, a transaction), as the
+    # user writes them, the first given naming it in a message; () when it writes none.
+    dir_settings: Tuple[str, ...] = ()
+    keeps: Tuple[str, ...] = ()  # files that make its directory a result: a failure leaves the directory
+    scratch: Tuple[str, ...] = ()  # its own files there, removed on failure even beside a result
+    done_file: str = ""  # what a finished sweep job of it leaves ("": vaexp.rundir.judge, train's)
     memory_lower: str = "k, eval.k or eval.chunk"
+
+    @property
+    def writes_run_dir(self) -> bool:
+        return bool(self.dir_settings)
 
 
 def _say(msg: str) -> None:
@@ -78,7 +91,7 @@ def _guard(command: Command) -> Callable[[DictConfig], object]:
         tx = None
         try:
             if command.writes_run_dir:
-                tx = rundir.held(job_dir) or rundir.begin(job_dir)
+                tx = rundir.held(job_dir) or rundir.begin(job_dir, command.keeps, command.scratch)
             if in_sweep:
                 sweep.clear_failure(job_dir)
             return fn(cfg)
@@ -170,14 +183,16 @@ def run_eval(cfg: DictConfig):
     return result["metrics"]
 
 
+_SNR_MEMORY = "chunk (draws per vectorised pass, e.g. chunk=1), or the largest k or m of the grid"
+
+
 def run_snr(cfg: DictConfig):
     from vaexp.snr import snr  # (torch) see the module docstring
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     _say(f"vaexp: snr output directory {out_dir}")
     grid = f"k={list(cfg.k)} m={list(cfg.m)}, draws={cfg.draws}, chunk={cfg.chunk}"
-    with memory_hint(f"in vaexp snr with {grid}", "chunk (draws per vectorised pass, e.g. chunk=1), or the largest k "
-                                              "or m of the grid"):
+    with memory_hint(f"in vaexp snr with {grid}", _SNR_MEMORY):
         result = snr(cfg, out_dir)
     _say(f"{result['table']}\n  written: {out_dir}/snr.csv, snr.png, snr.txt, TensorBoard events")
     return result
@@ -197,12 +212,19 @@ def run_compare(cfg: DictConfig):
     return result
 
 
+# The one list of commands (the CLI word -> its facts). eval writes into its run=; snr reads run=
+# but writes under out_root; train resumes in resume=.
 COMMANDS: Dict[str, Command] = {
-    "train": Command("train", run_train, True, "k (or m, batch_size), or eval.chunk / eval.k for the evaluation"),
-    "eval": Command("evaluate", run_eval, True, "eval.chunk (0 sizes blocks automatically) or eval.k"),
-    "snr": Command("snr", run_snr, True, "chunk (draws per vectorised pass), or the largest k or m of the grid"),
-    "report": Command("report", run_report),
-    "compare": Command("compare", run_compare),
+    "train": Command("train", run_train, TrainConfig, dir_settings=("hydra.run.dir", "resume", "out_root"),
+                     keeps=(rundir.CHECKPOINT, rundir.METRICS),
+                     memory_lower="k (or m, batch_size), or eval.chunk / eval.k for the evaluation"),
+    "eval": Command("evaluate", run_eval, EvalCommandConfig, "run", dir_settings=("hydra.run.dir", "run"),
+                    keeps=(rundir.CHECKPOINT, rundir.METRICS), scratch=("eval.log",),
+                    memory_lower="eval.chunk (0 sizes blocks automatically) or eval.k"),
+    "snr": Command("snr", run_snr, SnrConfig, "run", dir_settings=("hydra.run.dir", "out_root"),
+                   done_file=rundir.SNR_CSV, memory_lower=_SNR_MEMORY),
+    "report": Command("report", run_report, ReportConfig, "dirs"),
+    "compare": Command("compare", run_compare, CompareConfig, "dirs"),
 }
 
 

@@ -49,7 +49,7 @@ def complete(argv: List[str]) -> None:
     done, current = (words[2:], "") if line.endswith(" ") else (words[2:-1], words[-1])
     if "/" in current and "=" not in current:
         return  # a directory being typed: no candidates, so bash completes the path
-    os.environ["COMP_LINE"] = " ".join([words[0]] + named(words[1], done) + [current])
+    os.environ["COMP_LINE"] = " ".join([words[0]] + named(words[1], command.positional, done) + [current])
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

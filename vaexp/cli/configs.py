@@ -19,10 +19,10 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from vaexp.cli.commands import COMMANDS
 from vaexp.rundir import RUNTIME_ONLY, covers, override_keys
-from vaexp.schema import (CompareConfig, EstimatorConf, EvalCommandConfig, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf,
-                          ObjectiveConf, OmniglotConf, ReportConfig, ScheduleConf, SnrConfig, SyntheticConf,
-                          TrainConfig, derived_k)
+from vaexp.schema import (EstimatorConf, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf, ObjectiveConf,
+                          OmniglotConf, ScheduleConf, SyntheticConf, derived_k)
 
 # The kinds of dataset schema, stored as dataset_<kind>_schema; each dataset option names its kind.
 DATASET_SCHEMAS = {"files": FilesConf, "images": ImagesConf, "omniglot": OmniglotConf,
@@ -144,11 +144,8 @@ def register_configs() -> None:
     _resolver("vaexp_snr_tag", _snr_tag)   # the snr run directory names the run it measures
     _resolver("vaexp_snr_job", _snr_job_tag)  # ... and an snr sweep job's, uniquely (run= is swept)
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="evaluate_schema", node=EvalCommandConfig)
-    cs.store(name="snr_schema", node=SnrConfig)
-    cs.store(name="report_schema", node=ReportConfig)
-    cs.store(name="compare_schema", node=CompareConfig)
+    for command in COMMANDS.values():  # conf/<config_name>.yaml's defaults list names <config_name>_schema
+        cs.store(name=f"{command.config_name}_schema", node=command.schema)
     for group, node in [("model", ModelConf), ("objective", ObjectiveConf), ("estimator", EstimatorConf),
                         ("schedule", ScheduleConf), ("eval", EvalConf)]:
         cs.store(name=f"{group}_schema", node=node)

@@ -74,20 +74,16 @@ def failure_message(job_dir: Path) -> Optional[str]:
     return lines[0] if lines else "failed (empty error.txt)"
 
 
-# What a finished job of a command other than train leaves (train's are judged by vaexp.rundir.judge).
-FINISHED_FILE = {"snr": rundir.SNR_CSV}
-
-
-def job_status(job_dir: Path, command: str = "train") -> Tuple[str, str]:
-    """('finished' | 'failed' | 'unfinished', detail) of one job directory (vaexp.rundir.judge
-    for train; for snr its snr.csv, written last)."""
+def job_status(job_dir: Path, done_file: str = "") -> Tuple[str, str]:
+    """('finished' | 'failed' | 'unfinished', detail) of one job directory: finished when it holds
+    `done_file` (the command's last write: snr's snr.csv), or without one by vaexp.rundir.judge (train)."""
     job_dir = Path(job_dir)
     failed = failure_message(job_dir)
     if failed is not None:
         return "failed", failed
-    if command in FINISHED_FILE:
-        done = (job_dir / FINISHED_FILE[command]).is_file()
-        return ("finished", "") if done else ("unfinished", f"no {FINISHED_FILE[command]}")
+    if done_file:
+        done = (job_dir / done_file).is_file()
+        return ("finished", "") if done else ("unfinished", f"no {done_file}")
     metrics, why = rundir.read_metrics(job_dir)
     if why is not None:
         return "unfinished", f"unreadable metrics.json ({why})"
@@ -135,10 +131,12 @@ def job_directory(job_cfg: Any) -> Optional[Path]:
         return None
 
 
-def summary(sweep_dir: Path, job_dirs: Sequence[Path], command: str = "train") -> Tuple[str, bool]:
-    """A few lines about the sweep's jobs, and whether all of them finished."""
+def summary(sweep_dir: Path, job_dirs: Sequence[Path], command: str = "train", done_file: str = ""
+            ) -> Tuple[str, bool]:
+    """A few lines about the sweep's jobs (of `command`, whose finished jobs hold `done_file`: see
+    job_status), and whether all of them finished."""
     sweep_dir = Path(sweep_dir)
-    status = [(d, *job_status(d, command)) for d in job_dirs]
+    status = [(d, *job_status(d, done_file)) for d in job_dirs]
     done = [d for d, s, _ in status if s == "finished"]
     failed = [(d, why) for d, s, why in status if s == "failed"]
     other = [(d, why) for d, s, why in status if s == "unfinished"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaexp.errors import VaexpError
+from vaexp.errors import VaexpError, one_line
 
 log = logging.getLogger("vaexp.data")
 
@@ -41,8 +41,9 @@ class DataError(VaexpError):
     """The data cannot be found or read; the message says what was tried and how to fix it."""
 
 
-class SourceFailed(Exception):
-    """One optional source could not deliver; the reason goes into the final message."""
+class SourceFailed(VaexpError):
+    """One optional source could not deliver; the reason goes into the final message (the loaders
+    catch it and try the next source: it reaches the user only inside a DataError)."""
 
 
 @dataclass
@@ -86,13 +87,6 @@ def setting(cfg: Any, key: str, default: Any) -> Any:
     (vaexp.schema: e.g. mnist has no shuffle_seed), and callers may pass plain namespaces."""
     value = getattr(cfg, key, default)
     return default if value is None and default is not None else value
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if not isinstance(e, (DataError, SourceFailed)):
-        text = f"{type(e).__name__}: {text}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def path_origin(path: str) -> str:

@@ -16,8 +16,9 @@ import torch
 
 from vaexp.data import base
 from vaexp.data.base import (IMAGE_SHAPE, PIXELS, DataError, Dataset, PixelSplits, SourceFailed, data_dir_of,
-                             one_line, path_origin, read_cache, setting, split, temp_dir, warn_if_sizes,
+                             path_origin, read_cache, setting, split, temp_dir, warn_if_sizes,
                              write_cache)
+from vaexp.errors import one_line
 
 # Burda et al.'s 28x28 OMNIGLOT (chardata.mat, from their repository's datasets/OMNIGLOT): 24,345
 # training and 8,070 test images, intensities in [0, 1], one image per column, stored by MATLAB

@@ -25,8 +25,9 @@ import numpy as np
 
 from vaexp.data import base
 from vaexp.data.base import (IMAGE_SHAPE, PIXELS, DataError, Dataset, PixelSplits, SourceFailed, data_dir_of,
-                             log, one_line, path_origin, read_cache, setting, split, temp_dir, to_unit,
+                             log, path_origin, read_cache, setting, split, temp_dir, to_unit,
                              warn_if_sizes, write_cache)
+from vaexp.errors import one_line
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 # Debian's `dataset-fashion-mnist` installs the four original .gz IDX files here.

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from vaexp.errors import one_line
 from vaexp.report.plots import (plot_contexts, plot_curves, plot_heatmaps, plot_nll_curves, plot_nll_vs_m,
                                 read_curves)
 from vaexp.report.runs import (GRID_KEYS, IGNORED, LINE_KEYS, STANDARD_KEYS, Group, ReportError, Run, check_dirs,
-                               find_runs, group_runs, one_line, sort_key, split_duplicates, varying_keys)
+                               find_runs, group_runs, sort_key, split_duplicates, varying_keys)
 from vaexp.report import published
 from vaexp.report.tables import markdown, runs_csv, short, summary_csv
 from vaexp.rundir import atomic_write_text

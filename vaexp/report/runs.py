@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import yaml
 from omegaconf import OmegaConf
 
-from vaexp.errors import VaexpError
+from vaexp.errors import VaexpError, one_line
 from vaexp.rundir import (CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, WEIGHT_KEYS, configured_epochs,
                           covers, flatten, judge, quantity_key, read_metrics)
 from vaexp.schedule import epoch_learning_rates
@@ -223,11 +223,6 @@ def split_duplicates(runs: Sequence[Run]) -> Tuple[List[Run], List[Tuple[Run, Ru
             first[key] = r
             kept.append(r)
     return kept, duplicates
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------- rows and groups
