@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,22 @@ def vaexp_main(data_dir, capsys):
         return CliResult(code, captured.out, captured.err)
 
     return call
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished tiny run (TINY_RUN + TINY_BURDA1), once per test module; copy it (run_copy)
+    before changing it."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAEXP_DATA_DIR", str(root / "data"))
+        mp.delenv("VAEXP_INTERRUPT_AT_STEP", raising=False)
+        assert run_main(["train", *TINY_RUN, *TINY_BURDA1, f"hydra.run.dir={root / 'run'}"]) == 0
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst

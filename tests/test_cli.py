@@ -234,6 +234,36 @@ def test_resume_with_changed_setting_fails(trained_run, vaexp_main):
     assert snapshot(run_dir) == files
 
 
+def test_resume_is_checked_with_the_runs_own_settings(vaexp_main, tmp_path, tiny_args):
+    """The callback checks the composed defaults (iwae k=5, mnist) with the overrides; resume=
+    continues the run's own settings, so what they refuse is refused before anything is written
+    (it used to be recorded, then fail every resume as a bug, or pass silently)."""
+    run_dir = tmp_path / "run"
+    assert vaexp_main("train", *tiny_args, "objective=vae", "k=1", f"hydra.run.dir={run_dir}").code == 0
+    files = snapshot(run_dir, ("config.yaml", "checkpoint.pt", "metrics.json", ".hydra/overrides.yaml"))
+    res = vaexp_main("train", f"resume={run_dir}", "schedule.epochs=2", "diagnostics.every=2",
+                     "diagnostics.estimators=[rws]", "progress=false")
+    assert res.code == 2, res.err
+    assert_no_traceback(res)
+    assert f"resume={run_dir} (its own settings with the overrides)" in res.err and "rws" in res.err
+    assert snapshot(run_dir, ("config.yaml", "checkpoint.pt", "metrics.json", ".hydra/overrides.yaml")) == files
+    # the run's own dataset: 20 validation images (the defaults' mnist has more)
+    res = vaexp_main("train", f"resume={run_dir}", "schedule.epochs=2", "diagnostics.every=2",
+                     "diagnostics.batch=25", "progress=false")
+    assert res.code == 2 and "diagnostics.batch=25" in res.err and "dataset.n_valid=20" in res.err, res.err
+    assert snapshot(run_dir, ("config.yaml", "checkpoint.pt", "metrics.json", ".hydra/overrides.yaml")) == files
+    res = vaexp_main("train", f"resume={run_dir}", "schedule.epochs=2", "diagnostics.every=2",
+                     "diagnostics.batch=10", "progress=false")  # within the run's own: trains on
+    assert res.code == 0, res.err
+    assert load_metrics(run_dir)["train"]["epochs"] == 2
+
+
+def test_rerun_with_new_eval_settings_points_to_vaexp_eval(trained_run, vaexp_main):
+    run_dir, args = trained_run
+    res = vaexp_main(*args, "eval.k=7")
+    assert res.code == 2 and f"`vaexp eval {run_dir} eval.k=7` evaluates it" in res.err, res.err
+
+
 def test_resume_of_a_finished_run_with_more_epochs_trains_on(vaexp_main, tmp_path, tiny_args):
     run_dir = tmp_path / "run"
     assert vaexp_main("train", *tiny_args, f"hydra.run.dir={run_dir}").code == 0
@@ -534,6 +564,12 @@ REFUSED = [  # overrides, words the one line must contain
     (["estimator=dreg", "estimator.alpha=0.3"], ["estimator.alpha=0.3 with estimator=dreg", "only gdreg"]),
     (["estimator=gdreg", "estimator.alpha=1.5"], ["estimator.alpha=1.5", "[0, 1]"]),
     (["-m", "estimator=dreg,rws", "objective=vae"], ["estimator=rws with objective=vae", "in the sweep job"]),
+    # sample counts past any device (torch's size arithmetic overflows before memory runs out)
+    (["k=9223372036854775807"], ["m=1 k=9223372036854775807 batch_size=20", "2^31", "lower k, m or batch_size"]),
+    (["objective=miwae", "m=9223372036854775807"], ["m=9223372036854775807", "lower k, m or batch_size"]),
+    (["k=99999999999999999999"], ["k=99999999999999999999", "2^31"]),
+    (["eval.k=10000000000"], ["eval.k=10000000000", "lower eval.k"]),
+    (["eval.k=100", "eval.chunk=100000000"], ["eval.chunk=100000000 eval.k=100", "lower eval.chunk"]),
 ]
 
 
@@ -550,6 +586,31 @@ def test_undefined_combinations_are_refused_before_any_directory(overrides, word
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert not out_root.exists()
+
+
+EMPTY_PATHS = [  # e.g. out_root=$OUT with OUT unset: the file-system root, or the working directory
+    (["train", "out_root="], "out_root=: an empty path"),
+    (["train", "hydra.run.dir="], "hydra.run.dir=: an empty path"),
+    (["train", "resume="], "resume=: an empty path"),
+    (["train", "-m", "k=1,2", "sweep="], "sweep=: an empty path"),
+    (["train", "dataset.path="], "dataset.path=: an empty path"),  # (the default dataset, mnist)
+    (["eval", "run="], "run=: an empty path"),
+    (["snr", "out_root="], "out_root=: an empty path"),
+]
+
+
+@pytest.mark.parametrize("args,words", EMPTY_PATHS, ids=[" ".join(a) for a, _ in EMPTY_PATHS])
+def test_an_empty_path_setting_is_refused_before_any_directory(args, words, vaexp_main, tiny_args, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = list(tiny_args) if args[0] == "train" and "dataset.path=" not in args else []
+    flags = [a for a in args[1:] if a.startswith("-")]
+    res = vaexp_main(args[0], *flags, *extra, *[a for a in args[1:] if not a.startswith("-")])
+    assert res.code == 2, res.err
+    assert_no_traceback(res)
+    lines = [line for line in res.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "give a directory" in lines[0], res.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_refused_combination_exit_status_in_a_real_process(cli, tmp_path, tiny_args):

@@ -111,6 +111,23 @@ def test_log_likelihoods_bounds_are_ordered_and_reproducible():
         assert torch.equal(out[key], again[key]), key
 
 
+def test_an_eval_k_whose_log_weights_do_not_fit_is_refused_before_drawing(monkeypatch):
+    """A block holds its examples' K log-weights whole (16 bytes a row at the peak): past the free
+    memory the process would be killed with no word, so it is refused, naming eval.k."""
+    from vaexp import runtime
+    from vaexp.errors import VaexpError
+
+    model = tiny_model()
+    x = (torch.rand(9, 784, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    assert runtime.free_memory("cpu") is None or runtime.free_memory("cpu") > 0
+    need = 10 * 2 * 16  # K=10, blocks of 20 rows: 2 examples
+    monkeypatch.setattr(runtime, "free_memory", lambda device: need - 1)
+    with pytest.raises(VaexpError, match=r"eval.k=10: .* lower eval.k"):
+        log_likelihoods(model, x, 10, [1], 20, seed=0)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: need)
+    assert torch.isfinite(log_likelihoods(model, x, 10, [1], 20, seed=0)["log_px"]).all()
+
+
 def test_log_likelihoods_depend_only_on_seed_and_block_size():
     """Each block of examples re-seeds its generator: a whole block's estimates are the same
     whether more examples follow or not, and eval.chunk=0 uses a constant block size, never one
@@ -288,3 +305,86 @@ def test_small_evaluations_plain_mode_and_no_compile_setting_run_the_eager_pass(
         assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
     monkeypatch.setenv("VAEXP_COMPILE", "0")
     assert ev._Pass(model, cpu, ev.COMPILE_MIN_ROWS).fn is None
+
+
+# -- the draws: every pass size sees the same ε, and every sample is its own ---------------------------
+
+def _eval_x(n: int = 7) -> torch.Tensor:
+    return (torch.rand(n, 784, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+
+
+@pytest.mark.parametrize("rows", [25, 6])                # 25: all K in one piece; 6: K = 10 as pieces of 6 + 4
+@pytest.mark.parametrize("pass_rows", [3, 7, 12, 1000])  # slices of a piece, whole examples, one pass
+def test_log_likelihoods_are_the_same_for_every_pass_size(rows, pass_rows):
+    """log_likelihoods' contract: the draws, so the estimates, do not depend on pass_rows (the
+    reference draws its ε inside log_weights, one pass per piece). A pass slicing the wrong ε
+    (K = 5000 on a CPU takes the slicing branch: 2500 + 2500 rows) would score an image with
+    repeated samples, an L_2500 reported as L_5000."""
+    model, x, K = tiny_model(latents=(4, 3), hidden=(8, 6)), _eval_x(), 10
+    ref = log_likelihoods(model, x, K, [1, 5], rows, seed=3, pass_rows=None)
+    out = log_likelihoods(model, x, K, [1, 5], rows, seed=3, pass_rows=pass_rows)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,pass_rows", [(6, 3), (25, 7), (25, 12), (6, None), (25, None)])
+def test_every_sample_of_an_evaluation_is_a_fresh_draw(rows, pass_rows, monkeypatch):
+    """N images × K samples are N·K distinct ε: no piece, block or pass reuses another's."""
+    model, x, K = tiny_model(latents=(4, 3), hidden=(8, 6)), _eval_x(5), 10
+    seen: List[torch.Tensor] = []
+    real = VAE.log_weights
+
+    def recording(self, xb, m, k, *args, eps=None, generator=None, **kwargs):
+        out = real(self, xb, m, k, *args, eps=eps, generator=generator, **kwargs)
+        seen.append(out.zs[0].detach().reshape(-1, out.zs[0].shape[-1]))  # z1 = μ + σ·ε, one per (sample, image)
+        return out
+
+    monkeypatch.setattr(VAE, "log_weights", recording)
+    log_likelihoods(model, x, K, [], rows, seed=3, pass_rows=pass_rows)
+    z = torch.cat(seen)
+    assert z.shape[0] == x.shape[0] * K
+    assert torch.unique(z, dim=0).shape[0] == z.shape[0]
+
+
+def test_upper_layer_active_units_average_over_the_lower_layers_noise():
+    """Burda et al.'s A_u = Cov_x(E_q[u]): for layer 2, E_q[z2|x] = E_{q(z1|x)}[μ2(z1)], a Monte Carlo
+    mean over z1. With q(z1|x) = N(0.5, 1) for every x, E_q[z2|x] does not depend on x: no unit of
+    layer 2 is active (one draw of z1 per image would give Var_x ≈ Var(μ2(z1)) ≫ 0.01)."""
+    torch.manual_seed(0)
+    model = VAE([3, 2], [8, 6], x_dim=784)
+    with torch.no_grad():
+        q1, q2 = model.encoder
+        q1.mu.weight.zero_()
+        q1.mu.bias.fill_(0.5)
+        q1.logsig.weight.zero_()
+        q1.logsig.bias.zero_()
+        q2.net[0].weight.mul_(5.0)
+        q2.mu.weight.fill_(2.0)
+    layers = active_units(model, _eval_x(40), threshold=0.01, samples=2000, generator=torch.Generator().manual_seed(0))
+    assert layers[1]["active"] == 0 and max(layers[1]["variances"]) < 0.01, layers[1]["variances"]
+
+
+def test_upper_layer_posterior_means_are_monte_carlo_means_over_z1():
+    """E_q[z2|x] = E_{z1~q(z1|x)}[μ2(z1)], not μ2(E[z1|x]): with q(z1|x) = N(0, σ(x)²), μ2 at the mean is
+    the same for every x while the true E_q[z2|x] varies with σ(x) (μ2 is nonlinear). Reference: an
+    independent Monte Carlo mean of 20,000 draws."""
+    torch.manual_seed(0)
+    model = VAE([3, 2], [8, 6], x_dim=784)
+    x = _eval_x(40)
+    with torch.no_grad():
+        q1, q2 = model.encoder
+        q1.mu.weight.zero_()
+        q1.mu.bias.zero_()
+        q1.logsig.weight.zero_()
+        q1.logsig.weight[:, :20] = 0.6
+        q1.logsig.bias.fill_(-2.0)
+        q2.net[0].weight.mul_(4.0)
+        q2.mu.weight.mul_(10.0)
+        for lin in (q2.net[0], q2.net[2]):
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=torch.Generator().manual_seed(5)) * 1.5)
+        _, logsig = q1(x)
+        z1 = torch.exp(logsig) * torch.randn((20000,) + logsig.shape, generator=torch.Generator().manual_seed(9))
+        ref = q2(z1)[0].mean(0).double().var(0)
+    layers = active_units(model, x, threshold=0.01, samples=20000, generator=torch.Generator().manual_seed(0))
+    assert ref.max() > 0.05  # the test has something to see
+    torch.testing.assert_close(torch.tensor(layers[1]["variances"], dtype=torch.float64), ref, rtol=0.1, atol=2e-3)

@@ -28,7 +28,7 @@ import vaexp.evaluate
 import vaexp.snr
 import vaexp.training.loop
 import vaexp.training.step
-from conftest import TINY_BURDA1, TINY_RUN, cli_env, run_main
+from conftest import TINY_BURDA1, TINY_RUN, cli_env
 from vaexp import rundir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,24 +71,6 @@ def test_an_error_in_a_message_is_one_line_and_named_unless_it_is_vaexps_own():
 
 def metrics(run: Path) -> dict:
     return json.loads((run / rundir.METRICS).read_text())
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One finished tiny run (copied by each test that changes it)."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VAEXP_DATA_DIR", str(root / "data"))
-        mp.delenv("VAEXP_INTERRUPT_AT_STEP", raising=False)
-        assert run_main(["train", *TINY, f"hydra.run.dir={root / 'run'}"]) == 0
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(trained, dst)
-    return dst
 
 
 def fail_fsync(monkeypatch, name: str, nth: int = 1, before=None):
@@ -715,8 +697,9 @@ def test_case13_read_only_run_dir_without_namespaces(run_copy, vaexp_main, monke
 
 def test_case14_memory_exhaustion_names_the_setting_to_lower(run_copy, tmp_path, vaexp_main, monkeypatch):
     out = tmp_path / "out"
-    res = vaexp_main("train", *TINY, "k=1000000000", f"out_root={out}")  # a real allocation of ~300 GB
-    assert_one_line_error(res, 2, "out of memory while training", "k=1000000000", "lower k")
+    # a real allocation of ~1.6 TB (ε of 2·10⁹ rows, under the 2^31 rows refused up front, × 200 units)
+    res = vaexp_main("train", *TINY, "k=100000000", "model.latents=[200]", f"out_root={out}")
+    assert_one_line_error(res, 2, "out of memory while training", "k=100000000", "lower k")
     assert not out.exists()
     alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                          "you tried to allocate 627200000000 bytes. Error code 12 (Cannot allocate memory)")

@@ -109,6 +109,18 @@ def test_snr_leaves_dead_and_deterministic_parameters_out_of_the_summaries():
     assert s == {"mean": pytest.approx(2.5 / 3), "median": 0.5, "params": 5, "excluded": 2}
 
 
+def test_the_noise_floor_is_the_snr_of_pure_noise():
+    """The table marks SNRs below noise_floor(R): a zero-mean gradient's estimated SNR over R draws
+    is |mean|/std ≈ |N(0, 1/R)|, whose mean is √(2/π)/√R. 20,000 pure-noise parameters over R = 400
+    draws (the mean's Monte Carlo error ~0.5%), against a 3% tolerance."""
+    from vaexp.snr import noise_floor
+
+    draws = torch.randn(400, 20000, generator=torch.Generator().manual_seed(0), dtype=F64)
+    measured = per_parameter_snr(draws.mean(0), draws.std(0)).mean().item()
+    assert noise_floor(400) == pytest.approx(math.sqrt(2 / math.pi) / 20, rel=1e-12)
+    assert measured == pytest.approx(noise_floor(400), rel=0.03)
+
+
 @pytest.mark.parametrize("mode", ["axes", "cross"])
 def test_fit_slopes_recovers_power_laws(mode):
     cells = grid_cells([1, 10, 100], [1, 4, 16], mode)

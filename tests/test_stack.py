@@ -23,8 +23,11 @@ SCHEDULE = SimpleNamespace(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-4)
 CPU = torch.device("cpu")
 # Every objective and estimator, with M*K = 4; two runs share (iwae, reparam, 1, 4) so they are
 # reduced together, and the groups are not in model order.
+# Two runs of one spec make a group of the stacked step: iwae's (M = 1) and miwae's (M > 1, where
+# a group's view must keep M and K apart).
 MEMBERS = [StepSpec("iwae", "reparam", 1, 4), StepSpec("miwae", "dreg", 2, 2), StepSpec("piwae", "stl", 2, 2),
-           StepSpec("iwae", "reparam", 1, 4), StepSpec("ciwae", "dreg", 4, 1, 0.3), StepSpec("vae", "stl", 1, 4)]
+           StepSpec("iwae", "reparam", 1, 4), StepSpec("ciwae", "dreg", 4, 1, 0.3), StepSpec("vae", "stl", 1, 4),
+           StepSpec("miwae", "dreg", 2, 2)]
 # The rest of the family (vaexp.estimators), with M*K = 4 and the jackknife objective; vimco and rws
 # need log q at the stopped samples, which the stacked model gives only when some run asks for it.
 NEW_MEMBERS = [StepSpec("iwae", "rws", 1, 4), StepSpec("miwae", "rws_dreg", 2, 2), StepSpec("jvi", "dreg", 1, 4),

@@ -4,6 +4,7 @@ binarisation and the train step."""
 from __future__ import annotations
 
 import errno
+import math
 import io
 import os
 import shutil
@@ -503,3 +504,20 @@ def test_train_step(objective, estimator, m, k):
     changed = [not torch.equal(b, p.detach()) for b, p in zip(before, theta + phi)]
     assert any(changed[:len(theta)]) and any(changed[len(theta):])  # both networks take a step
     assert all(p.grad is not None for p in theta + phi)
+
+
+def test_the_step_gets_the_configured_beta_and_alpha():
+    """ciwae's β and gdreg's α reach the objective and the estimator the step optimises with
+    (vaexp.training.step.spec_of), not their defaults: the recorded config alone would not show it."""
+    from omegaconf import OmegaConf
+
+    from vaexp.training.step import spec_of
+
+    cfg = OmegaConf.create({"objective": {"name": "ciwae"}, "estimator": {"name": "gdreg", "alpha": 0.3},
+                            "beta": 0.2, "m": 2, "k": 3})
+    spec = spec_of(cfg)
+    assert (spec.objective, spec.estimator, spec.m, spec.k, spec.beta, spec.alpha) == ("ciwae", "gdreg", 2, 3, 0.2, 0.3)
+    lw = torch.tensor([[[0.0], [-1.0], [-3.0]], [[-2.0], [-0.5], [-4.0]]])  # [M=2, K=3, B=1]
+    want = 0.2 * lw.mean((0, 1)) + 0.8 * (torch.logsumexp(lw, 1) - math.log(3)).mean(0)
+    torch.testing.assert_close(make_objective(spec.objective, spec.beta).theta(lw), want)
+    assert get_estimator(spec.estimator, spec.alpha).alpha == 0.3

@@ -89,6 +89,14 @@ def log_likelihoods(model: VAE, x: Tensor, k: int, report_k: List[int], rows: in
     n = x.shape[0]
     per_piece = min(k, rows)                  # samples per draw piece
     examples = max(1, rows // per_piece)      # examples per draw block
+    # A block's K log-weights per example are held whole (fp32 pieces, their concatenation, then
+    # fp64: 16 bytes a row at the peak); past the free memory Linux's out-of-memory killer would
+    # end the process with no word.
+    need, free = k * min(n, examples) * 16, runtime.free_memory(x.device)
+    if free is not None and need > free:
+        raise VaexpError(f"eval.k={k}: the evaluation holds the K log-weights of each image in a block together, "
+                         f"{need / 2 ** 30:.1f} GiB here, more than the {free / 2 ** 30:.1f} GiB free on "
+                         f"{x.device.type}; lower eval.k")
     out = {key: torch.empty(n, dtype=torch.float64, device=x.device) for key in ("log_px", "ess", "max_weight")}
     for kk in report_k:
         out[f"L{kk}"] = torch.empty(n, dtype=torch.float64, device=x.device)

@@ -102,6 +102,26 @@ def denormals_flushed() -> bool:
     return bool(((x * 1e-20) == 0).all())
 
 
+def free_memory(device) -> Optional[int]:
+    """Bytes a new allocation can take on `device` without swapping or an out-of-memory kill
+    (CPU: Linux's MemAvailable; CUDA: the driver's free count); None where it is not known."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # -- cores and the thread governor ------------------------------------------------------------------
 
 def cores() -> int:

@@ -8,19 +8,26 @@ pass of a draw shared by every estimator: common random numbers), so θ is repor
 and each φ estimator's bias statistic against reparam's φ gradient uses exact pairs (reparam is
 drawn as the reference when not listed); every cell has its own seeded stream, so results do not
 depend on the other cells. A zero-mean gradient reads ≈ 0.8/√R (the floor): summaries below 3x
-that are marked '*'.
+that are marked '*'. The output directory is a transaction like a train run's (check_out_dir):
+another command's output or a measurement with other settings there is refused before anything
+is written, this measurement finished is reported, and the results (config.yaml, snr.txt,
+snr.png, TensorBoard events, snr.csv last) are written atomically, one after the other, only once
+measured.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -38,6 +45,10 @@ from vaexp.tblog import RunLogger
 
 CSV_NAME = rundir.SNR_CSV
 PNG_NAME = "snr.png"
+TXT_NAME = "snr.txt"
+# A finished measurement: its settings and its results, written together once measured (config.yaml
+# first, snr.csv - the sweep summary's done file - last; TensorBoard events before it).
+RESULT_FILES = (rundir.CONFIG, TXT_NAME, PNG_NAME, CSV_NAME)
 THETA, PHI = "theta", "phi"
 ALL = "all"  # θ's row: the same gradient for every estimator
 _FLOOR = math.sqrt(2 / math.pi)  # E|Z| for Z ~ N(0, 1): the SNR of a zero-mean gradient is ≈ this / √R
@@ -146,23 +157,108 @@ def run_config(run) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(Path(run) / rundir.CONFIG))
 
 
-def recorded_config(cfg, saved: Optional[DictConfig] = None) -> Dict:
+def checkpoint_position(state: Dict) -> Dict[str, int]:
+    """Where a run's checkpoint stands (what snr measured with run=): its epoch and global step."""
+    return {"epoch": int(state["state"]["epoch"]), "global_step": int(state["state"]["global_step"])}
+
+
+def recorded_config(cfg, saved: Optional[DictConfig] = None, position: Optional[Dict] = None) -> Dict:
     """What config.yaml records: the command's settings, resolved; with run=, the model and dataset
-    are the run's own (`saved`, its config: what was measured, not snr's unused defaults) and
-    perturb is null (it applies only to the analytic model)."""
+    are the run's own (`saved`, its config: what was measured, not snr's unused defaults), perturb
+    is null (it applies only to the analytic model) and `checkpoint` is the measured checkpoint's
+    position (`position`, read from the run when None; null without run=)."""
+    cfg = rundir.task_config(cfg)
     record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    record["checkpoint"] = None
     if cfg.run:
         saved = run_config(cfg.run) if saved is None else saved
         for key in ("model", "dataset"):
             record[key] = OmegaConf.to_container(saved[key], resolve=True, enum_to_str=True)
         record["perturb"] = None
+        record["checkpoint"] = position if position is not None else \
+            checkpoint_position(rundir.load_checkpoint(Path(cfg.run)))
     return record
 
 
+# -- the output directory -------------------------------------------------------------------------------
+
+_NEW_DIR = "use a new output directory for vaexp snr (drop hydra.run.dir=, or give another)"
+
+
+def _is_snr_record(record) -> bool:
+    """config.yaml as vaexp snr writes it (a train run's has schedule and an int k)."""
+    return isinstance(record, dict) and isinstance(record.get("k"), list) and isinstance(record.get("m"), list) \
+        and "draws" in record and "schedule" not in record
+
+
+def _hydra_job(out_dir: Path) -> Optional[str]:
+    """The command Hydra's record in out_dir/.hydra/ is of ("?" when unreadable); None without one."""
+    path = out_dir / rundir.HYDRA_DIR / "hydra.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return str(yaml.safe_load(path.read_text())["hydra"]["job"]["name"])
+    except Exception:  # noqa: BLE001 - damaged or not Hydra's: not snr's record either
+        return "?"
+
+
+def _comparable(record: Dict) -> Dict:
+    """A recorded config, flattened, as settings are compared: without the runtime-only ones, the
+    data paths and run= absolute (a run named by a relative path, or through a link, is the same)."""
+    flat = {k: v for k, v in rundir.absolute_data_paths(rundir.flatten(record)).items()
+            if not rundir.covers(rundir.RUNTIME_ONLY, k)}
+    if isinstance(flat.get("run"), str) and flat["run"]:
+        flat["run"] = os.path.realpath(os.path.expanduser(flat["run"]))
+    return flat
+
+
+def check_out_dir(cfg, out_dir: Path) -> bool:
+    """Whether `vaexp snr` with `cfg` may write into out_dir, read before anything is written there
+    (by the callback before Hydra writes .hydra/, and by the command under the directory's lock):
+    rundir.RunDirTaken when it holds another command's output (a train run: config.yaml of another
+    command, checkpoint.pt, metrics.json, Hydra's record of another command; a sweep directory) or a
+    measurement with other settings (another checkpoint of the same run too), or snr results whose
+    settings are unknown (no config.yaml). True when it already holds this measurement, finished
+    (the command then reports it, as `vaexp train` a finished run); False: measure."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return False
+    for name in (rundir.CHECKPOINT, rundir.METRICS, rundir.MULTIRUN_RECORD):
+        if (out_dir / name).exists():
+            what = "a sweep directory" if name == rundir.MULTIRUN_RECORD else "a vaexp train run"
+            raise rundir.RunDirTaken(f"{out_dir} holds the output of another command ({what}: {out_dir / name}); "
+                                     f"{_NEW_DIR}")
+    job = _hydra_job(out_dir)
+    if job not in (None, "snr"):
+        raise rundir.RunDirTaken(f"{out_dir} holds the output of another command "
+                                 f"({out_dir / rundir.HYDRA_DIR / 'hydra.yaml'} records "
+                                 f"{'vaexp ' + job if job != '?' else 'no vaexp snr command'}); {_NEW_DIR}")
+    config = out_dir / rundir.CONFIG
+    if not config.exists():
+        results = [name for name in RESULT_FILES if (out_dir / name).exists()]
+        if results:
+            raise rundir.RunDirTaken(f"{out_dir / results[0]}: snr results without their {rundir.CONFIG}, so "
+                                     f"with unknown settings, which this command would replace; {_NEW_DIR}")
+        return False
+    saved = rundir.as_dict(rundir.load_config(out_dir))  # VaexpError naming the file when unreadable
+    if not _is_snr_record(saved):
+        raise rundir.RunDirTaken(f"{out_dir} holds the output of another command ({config} is not a vaexp snr "
+                                 f"config); {_NEW_DIR}")
+    theirs, ours = _comparable(saved), _comparable(recorded_config(cfg))
+    diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if diffs:
+        shown = ", ".join(f"{k}={ours.get(k)} (saved: {theirs.get(k)})" for k in diffs[:4])
+        if any(k.startswith("checkpoint.") for k in diffs):
+            shown += f" (the run {cfg.run} is not at the checkpoint it measured)"
+        raise rundir.RunDirTaken(f"{out_dir} already holds an snr measurement with other settings: {shown}; "
+                                 f"{_NEW_DIR}, or run it with its own settings (in {config})")
+    return all((out_dir / name).is_file() for name in RESULT_FILES)
+
+
 def load_point(cfg, device: torch.device, saved: Optional[DictConfig] = None):
-    """(model, data, description): a trained run's checkpoint (`saved`: its config, read from the
-    run when None), or the analytic model at its optimum for the training data plus N(0, perturb²)
-    on every parameter (Rainforth et al.)."""
+    """(model, data, description, position): a trained run's checkpoint (`saved`: its config, read
+    from the run when None; position: checkpoint_position), or the analytic model at its optimum for
+    the training data plus N(0, perturb²) on every parameter (Rainforth et al.; position None)."""
     if cfg.run:
         run = Path(cfg.run)
         saved = run_config(run) if saved is None else saved
@@ -172,7 +268,7 @@ def load_point(cfg, device: torch.device, saved: Optional[DictConfig] = None):
         model.load_state_dict(state["model"])
         where = (f"run {run} (epoch {state['state']['epoch']}, step {state['state']['global_step']}; "
                  f"{saved.dataset.name}, {saved.model.name})")
-        return model, data, where
+        return model, data, where, checkpoint_position(state)
     data = load_dataset(cfg.dataset, device)
     model = build_model(cfg.model, data).to(device)
     model.set_optimum(data.train)
@@ -180,7 +276,7 @@ def load_point(cfg, device: torch.device, saved: Optional[DictConfig] = None):
     where = (f"the analytic model (D={data.train.shape[1]}, {len(model.encoder)} stochastic layer(s), "
              f"q_var={cfg.model.q_var:.4g}) at its optimum for the {data.train.shape[0]} training points, "
              f"perturbed by N(0, {cfg.perturb}^2) (seed {cfg.seed})")
-    return model, data, where
+    return model, data, where, None
 
 
 def minibatch(data, index: int, batch: int, seed: int) -> Tensor:
@@ -199,15 +295,22 @@ def minibatch(data, index: int, batch: int, seed: int) -> Tensor:
 # -- the command --------------------------------------------------------------------------------------
 
 def snr(cfg, out_dir: Path) -> Dict:
-    """`vaexp snr`: measure, then write snr.csv, snr.png, TensorBoard scalars and config.yaml (the
-    settings, with run= the run's model and dataset: see recorded_config)."""
+    """`vaexp snr`: measure, then write config.yaml (the settings, with run= the run's model and
+    dataset and the checkpoint's position: see recorded_config), snr.txt, snr.png, TensorBoard
+    scalars and snr.csv, each atomically and all only once measured: an interrupted or failed
+    command leaves the directory as it was (the error boundary removes what it added). A
+    directory that holds another command's output, or a measurement with other settings, is
+    refused (check_out_dir); one that holds this measurement, finished, is reported
+    ({"finished": True, "table": its snr.txt}), not measured again."""
+    out_dir = Path(out_dir)
+    if check_out_dir(cfg, out_dir):
+        return {"finished": True, "table": (out_dir / TXT_NAME).read_text().rstrip("\n"), "out_dir": out_dir,
+                "rows": read_csv(out_dir / CSV_NAME)}
     device = resolve_device(cfg.device)
     runtime.hold_threads_for(device)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = run_config(cfg.run) if cfg.run else None
-    rundir.atomic_write_text(out_dir / rundir.CONFIG, OmegaConf.to_yaml(OmegaConf.create(recorded_config(cfg, saved))))
-    model, data, where = load_point(cfg, device, saved)
+    model, data, where, position = load_point(cfg, device, saved)
     model.eval()
     x = minibatch(data, cfg.index, cfg.batch, cfg.seed)
     obj = make_objective(cfg.objective.name, cfg.beta)
@@ -228,11 +331,17 @@ def snr(cfg, out_dir: Path) -> Dict:
               + (f" gdreg: alpha={cfg.alpha:g}." if "gdreg" in names else ""))
     table = header + "\n\n" + "\n\n".join(format_table(rows, slopes[s], s, cfg.draws) for s in ("mean", "median"))
     table += "\n\n" + format_bias(rows)
-    write_csv(out_dir / CSV_NAME, rows)
+    # Everything rendered first, then written in one go (see the docstring).
+    config_text = OmegaConf.to_yaml(OmegaConf.create(recorded_config(cfg, saved, position)))
+    png = plot_png(rows, cfg.draws, title=f"{cfg.objective.name}: gradient SNR, R={cfg.draws}")
+    csv_bytes = csv_text(rows).encode()
+    rundir.atomic_write_text(out_dir / rundir.CONFIG, config_text)
+    rundir.atomic_write_text(out_dir / TXT_NAME, table + "\n")
+    rundir.atomic_write_bytes(out_dir / PNG_NAME, png)
     write_tensorboard(out_dir, rows, slopes)
-    plot(out_dir / PNG_NAME, rows, cfg.draws, title=f"{cfg.objective.name}: gradient SNR, R={cfg.draws}")
-    (out_dir / "snr.txt").write_text(table + "\n")
-    return {"rows": rows, "slopes": slopes, "table": table, "out_dir": out_dir, "elapsed_s": elapsed}
+    rundir.atomic_write_bytes(out_dir / CSV_NAME, csv_bytes)
+    return {"rows": rows, "slopes": slopes, "table": table, "out_dir": out_dir, "elapsed_s": elapsed,
+            "finished": False}
 
 
 def _label(m: int, k: int, m0: int, k0: int) -> str:
@@ -293,14 +402,29 @@ def _fmt_slope(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:+.2f}"
 
 
+_CSV_HEAD = ["estimator", "network", "m", "k", "draws", "snr_mean", "snr_median", "params", "excluded", "bias_z"]
+
+
+def csv_text(rows: Sequence[Row]) -> str:
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(_CSV_HEAD)
+    for r in rows:
+        w.writerow([r.estimator, r.network, r.m, r.k, r.draws, repr(r.mean), repr(r.median), r.params, r.excluded,
+                    repr(r.bias_z)])
+    return f.getvalue()
+
+
 def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["estimator", "network", "m", "k", "draws", "snr_mean", "snr_median", "params", "excluded",
-                    "bias_z"])
-        for r in rows:
-            w.writerow([r.estimator, r.network, r.m, r.k, r.draws, repr(r.mean), repr(r.median), r.params, r.excluded,
-                        repr(r.bias_z)])
+    rundir.atomic_write_bytes(Path(path), csv_text(rows).encode())
+
+
+def read_csv(path: Path) -> List[Row]:
+    """snr.csv's rows (as write_csv wrote them)."""
+    with open(path, newline="") as f:
+        return [Row(r["estimator"], r["network"], int(r["m"]), int(r["k"]), int(r["draws"]), float(r["snr_mean"]),
+                    float(r["snr_median"]), int(r["params"]), int(r["excluded"]), float(r["bias_z"]))
+                for r in csv.DictReader(f)]
 
 
 def write_tensorboard(out_dir: Path, rows: Sequence[Row], slopes: Dict) -> None:
@@ -325,8 +449,14 @@ _COLOURS = {ALL: "black", "reparam": "tab:blue", "stl": "tab:orange", "dreg": "t
 
 
 def plot(path: Path, rows: Sequence[Row], draws: int, title: str = "") -> None:
-    """Log–log: SNR vs K (at M = m[0]) and, when M varies, SNR vs M (at K = k[0]); one line per
-    estimator and network (mean over parameters solid, median dashed); the estimation floor dotted."""
+    """plot_png written to `path`, atomically."""
+    rundir.atomic_write_bytes(Path(path), plot_png(rows, draws, title))
+
+
+def plot_png(rows: Sequence[Row], draws: int, title: str = "") -> bytes:
+    """The PNG of: log–log SNR vs K (at M = m[0]) and, when M varies, SNR vs M (at K = k[0]); one
+    line per estimator and network (mean over parameters solid, median dashed); the estimation
+    floor dotted."""
     import matplotlib
     import matplotlib.ticker
 
@@ -362,8 +492,12 @@ def plot(path: Path, rows: Sequence[Row], draws: int, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def _bar(total: int, enabled: bool):

@@ -120,7 +120,8 @@ def _dir_setting(config: DictConfig, command: Command) -> str:
 
 def _hold_run_dir(config: DictConfig) -> None:
     """train / eval / snr: create and lock the directory the command writes (taking the snapshot
-    of what was there first), then, for train, the checks that read it."""
+    of what was there first), then, for train and snr, the checks that read it (before Hydra
+    writes its .hydra/ record there: a refused directory is left as it was)."""
     job, command = str(config.hydra.job.name), _command(config)
     if command is None or not command.writes_run_dir:
         return
@@ -139,12 +140,16 @@ def _hold_run_dir(config: DictConfig) -> None:
         what = "run" if job == "train" else "output"
         raise VaexpError(f"{_dir_setting(config, command)}: cannot create the {what} directory: "
                          f"{os_error_line(err)}") from None
-    if job != "train":
+    if job not in ("train", "snr"):
         return
     from vaexp.cli.checks import validate_train_dir  # torch; see _check
+    from vaexp.snr import check_out_dir
 
     try:
-        validate_train_dir(config, path, config.hydra.overrides.task)
+        if job == "train":
+            validate_train_dir(config, path, config.hydra.overrides.task)
+        else:
+            check_out_dir(config, path)
     except BaseException:
         tx.rollback()
         tx.end()
@@ -179,6 +184,23 @@ def _check_job_dirs(jobs, job_dirs) -> None:
             raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)}; nothing was run)") from None
         except VaexpError:
             continue  # a damaged run (an unreadable config.yaml): that job fails alone, with its own message
+
+
+def _check_snr_job_dirs(jobs, job_dirs) -> None:
+    """An snr sweep job whose directory holds another command's output, or a measurement with other
+    settings, would be refused there after Hydra has rewritten its .hydra/ record (vaexp.snr.
+    check_out_dir): refused here, for the whole sweep, before anything is written."""
+    from vaexp.snr import check_out_dir  # torch; see _check
+
+    for (job_overrides, job_cfg), job_dir in zip(jobs, job_dirs):
+        if job_dir is None or not job_dir.is_dir():
+            continue
+        try:
+            check_out_dir(job_cfg, job_dir)
+        except rundir.RunDirTaken as err:
+            raise VaexpError(f"{err} (in the sweep job {' '.join(job_overrides)}; nothing was run)") from None
+        except VaexpError:
+            continue  # a damaged file (an unreadable config.yaml): that job fails alone, with its own message
 
 
 class ValidateCallback(Callback):
@@ -216,6 +238,8 @@ class ValidateCallback(Callback):
                                  "(hydra.job.id); name them by settings or ${hydra.job.num}")
             if str(config.hydra.job.name) == "train":
                 _check_job_dirs(jobs, job_dirs)
+            elif str(config.hydra.job.name) == "snr":
+                _check_snr_job_dirs(jobs, job_dirs)
             _make_sweep_dir(config)
         except Exception as err:  # noqa: BLE001 - see _report_and_exit
             _report_and_exit(err, config)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaexp import rundir
 from vaexp.data import DATASETS
+from vaexp.rundir.layout import PATH_SETTINGS
 from vaexp.errors import VaexpError
 from vaexp.estimators import ESTIMATORS, get_estimator, undefined_because
 from vaexp.models.burda import ACTIVATIONS
@@ -39,6 +40,10 @@ def cuda_available() -> bool:
 
 SEED_LIMIT = 2 ** 63
 MAX_EPOCHS = 10 ** 7
+# Sample rows one step, draw block or gradient draw computes at once: 2^31 rows of even one
+# latent unit are 8 GiB of ε alone, and well past it torch's size arithmetic overflows int64 (a
+# "bug" line, not a refusal). A count under it that still does not fit gets the memory message.
+MAX_ROWS = 2 ** 31
 
 
 def _finite(x: Any) -> bool:
@@ -49,6 +54,11 @@ def validate_seed(setting: str, value: Any, limit: int = SEED_LIMIT) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
         _fail(f"{setting}={value}", f"a seed must be an integer in [0, 2^{limit.bit_length() - 1} - 1]",
               f"use e.g. {setting}=0")
+
+
+def validate_rows(setting: str, rows: int, fix: str) -> None:
+    if rows >= MAX_ROWS:
+        _fail(setting, f"{rows:,} sample rows at once, more than any device holds (the limit is 2^31)", fix)
 
 
 def validate_dataset_seeds(dataset: Any) -> None:
@@ -77,6 +87,9 @@ def validate_eval(ev: Any, prefix: str = "eval") -> None:
             _fail(f"{prefix}.report_k", f"{kk} is not a sample count", "use values >= 1, e.g. [1,64]")
     if ev.chunk < 0:
         _fail(f"{prefix}.chunk={ev.chunk}", "must be >= 0", "use 0 to size chunks from free memory")
+    validate_rows(f"{prefix}.k={ev.k}", ev.k, f"lower {prefix}.k (Burda et al. use 5000)")
+    validate_rows(f"{prefix}.chunk={ev.chunk} {prefix}.k={ev.k}", ev.chunk * ev.k,
+                  f"lower {prefix}.chunk (images per draw block; 0 sizes blocks automatically)")
     if ev.n_test is not None and ev.n_test < 2:
         _fail(f"{prefix}.n_test={ev.n_test}", "must be >= 2 (active units are a variance over the test images)",
               "or null for the whole test set")
@@ -113,6 +126,8 @@ def validate(cfg: DictConfig) -> None:
         _fail(f"batch_size={cfg.batch_size}", "must be >= 1", "use e.g. batch_size=20")
     if cfg.log_every < 1:
         _fail(f"log_every={cfg.log_every}", "must be >= 1", "use e.g. log_every=200")
+    validate_rows(f"m={cfg.m} k={cfg.k} batch_size={cfg.batch_size}", cfg.m * cfg.k * cfg.batch_size,
+                  "lower k, m or batch_size (a step computes m*k samples of each of batch_size images)")
     validate_seed("seed", cfg.seed)
     validate_dataset_seeds(cfg.dataset)
     obj = cfg.objective.name
@@ -322,6 +337,9 @@ def validate_snr(cfg: DictConfig) -> None:
                           ("chunk", 0, "use chunk=0 to size the vectorised passes automatically")):
         if cfg[key] < low:
             _fail(f"{key}={cfg[key]}", f"must be >= {low}", fix)
+    m, k = max(cfg.m), max(cfg.k)  # the grid's largest cell bounds every cell's rows (grid=axes has fewer)
+    validate_rows(f"m={m} k={k} batch={cfg.batch} (the grid's largest)", m * k * cfg.batch * max(1, cfg.chunk),
+                  "lower the largest k or m of the grid, batch or chunk")
     validate_seed("seed", cfg.seed)
     validate_device(cfg.device)
     if cfg.run:
@@ -359,9 +377,19 @@ def validate_run_files(run: Path) -> DictConfig:
     return saved
 
 
+def validate_paths(cfg: DictConfig) -> None:
+    """No setting that names a path is empty (vaexp.rundir.layout.PATH_SETTINGS says why)."""
+    for key in PATH_SETTINGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and not value.strip():
+            _fail(f"{key}={value}", "an empty path (an unset shell variable?)", "give a directory" + (
+                "" if key in ("resume", "run") else f", or leave {key}= out for its default"))
+
+
 def validate_command(cfg: DictConfig) -> None:
     """Checks for the composed config of train, eval or snr, chosen by Hydra's job name; none of
     them reads or writes the run directory of a train command (validate_train_dir does)."""
+    validate_paths(cfg)
     job = cfg.hydra.job.name if "hydra" in cfg else "train"
     if job == "snr":
         validate_snr(cfg)
@@ -401,6 +429,13 @@ def validate_train_dir(cfg: DictConfig, run_dir: Path, overrides) -> DictConfig:
     effective = rundir.effective_config(apply_mk(cfg), run_dir, overrides, TrainConfig)
     if (run_dir / rundir.CONFIG).exists():
         rundir.load_config(run_dir, TrainConfig)
+        # The callback checked the composed defaults with the overrides (mnist, burda1, iwae unless
+        # given); a run there continues with its own settings, so the checks see those.
+        try:
+            validate(effective)
+        except VaexpError as err:
+            where = f"resume={run_dir}" if cfg.get("resume") else f"the run in {run_dir}"
+            raise VaexpError(f"{where} (its own settings with the overrides): {err}") from None
     saved = rundir.load_checkpoint(run_dir)
     if saved is None:
         _no_checkpoint_but_trained(run_dir, rundir.n_epochs(effective.schedule), bool(cfg.get("resume")))

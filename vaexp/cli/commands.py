@@ -194,7 +194,10 @@ def run_snr(cfg: DictConfig):
     grid = f"k={list(cfg.k)} m={list(cfg.m)}, draws={cfg.draws}, chunk={cfg.chunk}"
     with memory_hint(f"in vaexp snr with {grid}", _SNR_MEMORY):
         result = snr(cfg, out_dir)
-    _say(f"{result['table']}\n  written: {out_dir}/snr.csv, snr.png, snr.txt, TensorBoard events")
+    if result["finished"]:  # as vaexp train reports a finished run
+        _say(f"vaexp: {out_dir} already holds this measurement; its results:\n{result['table']}")
+        return result
+    _say(f"{result['table']}\n  written: {out_dir}/snr.csv, snr.png, snr.txt, config.yaml, TensorBoard events")
     return result
 
 

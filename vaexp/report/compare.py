@@ -3,12 +3,15 @@
 Two runs are comparable when they scored the same binarised test images with the same
 estimator of log p(x): the same dataset settings that fix the test set (name, binarize_seed,
 and the generator settings of synthetic data), the same number of test images, and the same
-eval.k and eval.seed. Runs of one setting (vaexp.report's grouping: they differ only in seed)
-are combined by averaging each image's estimate over the seeds; the paired difference of two
-settings is then taken image by image, and its mean, standard error (over images), 95% interval
-and paired t-test (vaexp.stats) describe it. That standard error is the test-set and Monte Carlo
-uncertainty; training variability across seeds shows in the report's seed std. Invariant: a pair
-that is not comparable is never compared; the reason is given instead.
+eval.k and eval.seed; and the same data (vaexp.report.runs.assign_data: the sha256 of the
+scored test images, or for an evaluation that predates it the recorded data source; one whose
+data are not recorded at all is compared on its settings). Runs of one setting (vaexp.report's
+grouping: they differ only in seed) are combined by averaging each image's estimate over the
+seeds; the paired difference of two settings is then taken image by image, and its mean,
+standard error (over images), 95% interval and paired t-test (vaexp.stats) describe it. That
+standard error is the test-set and Monte Carlo uncertainty; training variability across seeds
+shows in the report's seed std. Invariant: a pair that is not comparable is never compared; the
+reason is given instead.
 """
 from __future__ import annotations
 
@@ -21,13 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vaexp import rundir, stats
-from vaexp.report.runs import (IGNORED, Group, ReportError, Run, find_runs, group_runs, split_duplicates,
-                               varying_keys)
+from vaexp.report.runs import (DATA, IGNORED, Group, ReportError, Run, find_runs, group_runs,
+                               same_data, split_duplicates, test_images, test_set_settings, varying_keys)
 from vaexp.report.tables import fmt_value
 
-# The dataset keys that do not change which test images a run scores.
-_NOT_THE_TEST_SET = ("dataset.path", "dataset.data_dir", "dataset.download", "dataset.n_valid", "dataset.n_train",
-                     "dataset.shuffle_seed")
 # The per-image quantities compared, as stored in test_log_px.*.pt: log p̂ (L_K) and the L_k bounds.
 QUANTITIES = (("log_px", "log p̂"), ("L1", "L_1"), ("L64", "L_64"))
 
@@ -36,18 +36,10 @@ def test_set_key(run: Run) -> Tuple:
     """What makes two runs' per-image estimates comparable (see the module docstring): the
     dataset settings that fix the test images, and the latest evaluation's K, number of test
     images and seed (as it stored them: vaexp.report.runs puts them in run.flat)."""
-    keys = {k: v for k, v in run.flat.items() if k.startswith("dataset.") and not rundir.covers(_NOT_THE_TEST_SET, k)}
-    for key in ("eval.k", "eval.n_test", "eval.seed"):
-        keys[key] = run.flat.get(key)
-    return tuple(sorted((k, repr(v)) for k, v in keys.items()))
-
-
-def test_images(run: Run) -> Optional[str]:
-    """The sha256 of the test images the latest evaluation scored (None: evaluated before vaexp
-    recorded it). Runs whose digests differ scored other images, whatever their settings say
-    (another copy of the data, e.g. a dataset.path)."""
-    value = run.test.get("test_images")
-    return value if isinstance(value, str) else None
+    keys = dict(test_set_settings(run))
+    for key in ("eval.k", "eval.seed"):
+        keys[key] = repr(run.flat.get(key))
+    return tuple(sorted(keys.items()))
 
 
 def per_image(run: Run) -> Dict[str, torch.Tensor]:
@@ -71,6 +63,8 @@ class Setting:
     values: Dict[str, torch.Tensor]   # QUANTITIES name -> [n] mean over seeds
     key: Tuple
     images: Optional[str] = None      # the scored test images' sha256 (None: not recorded)
+    data: Optional[Tuple[str, str]] = None  # its runs' data identity (vaexp.report.runs.assign_data)
+    data_label: str = ""
 
     @property
     def nll(self) -> float:
@@ -121,7 +115,8 @@ def settings_of(runs: Sequence[Run]) -> Tuple[List[Setting], List[str]]:
         if "log_px" not in values:
             notes.append(f"{g.first.name}: no per-image log p̂ in its test_log_px file, left out")
             continue
-        out.append(Setting(g, _label(g.first, varying), values, keys.pop(), digests.pop() if digests else None))
+        out.append(Setting(g, _label(g.first, varying), values, keys.pop(), digests.pop() if digests else None,
+                           g.first.data, str(g.first.flat.get(DATA, ""))))
     return sorted(out, key=lambda s: s.nll), notes
 
 
@@ -129,6 +124,14 @@ def why_not_comparable(a: Setting, b: Setting) -> str:
     da, db = dict(a.key), dict(b.key)
     diff = [f"{k}: {da.get(k)} vs {db.get(k)}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
     return "; ".join(diff)
+
+
+def why_other_data(a: Setting, b: Setting) -> str:
+    if (a.images and b.images) or (a.data and b.data and a.data[0] == b.data[0] == "sha256"):
+        return ("the same test-set settings, but other test images were scored: their sha256 differ, so the data "
+                "came from other files; see each run's train.data_source in metrics.json")
+    return (f"the same test-set settings, but other data: {a.data_label} vs {b.data_label}; an evaluation that did "
+            f"not record the sha256 of its test images is told apart by the data source its run recorded")
 
 
 @dataclass
@@ -146,10 +149,8 @@ def compare_settings(settings: Sequence[Setting]) -> Tuple[List[Row], List[str]]
             if a.key != b.key:
                 refused.append(f"{a.label} vs {b.label}: not comparable ({why_not_comparable(a, b)})")
                 continue
-            if a.images and b.images and a.images != b.images:
-                refused.append(f"{a.label} vs {b.label}: not comparable (the same test-set settings, but other test "
-                               f"images were scored: their sha256 differ, so the data came from other files; see "
-                               f"each run's train.data_source in metrics.json)")
+            if (a.images and b.images and a.images != b.images) or not same_data(a.data, b.data):
+                refused.append(f"{a.label} vs {b.label}: not comparable ({why_other_data(a, b)})")
                 continue
             results = {q: stats.paired((a.values[q] - b.values[q]).tolist())
                        for q, _ in QUANTITIES if q in a.values and q in b.values and a.values[q].numel() > 1}

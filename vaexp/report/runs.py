@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -18,9 +19,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from vaexp.errors import VaexpError, one_line
-from vaexp.rundir import (CHECKPOINT, CONFIG, ERROR_FILE, METRICS, NOT_A_SETTING, WEIGHT_KEYS, configured_epochs,
-                          covers, flatten, judge, quantity_key, read_metrics)
+from vaexp.rundir import (CHECKPOINT, CONFIG, DATA_SOURCE_KEYS, ERROR_FILE, HYDRA_DIR, METRICS, NOT_A_SETTING,
+                          OVERRIDES_RECORD, WEIGHT_KEYS, configured_epochs, covers, flatten, judge, override_keys,
+                          quantity_key, read_metrics)
 from vaexp.schedule import epoch_learning_rates
+from vaexp.schema import derived_k
 
 # into settings and contexts without them (vaexp.rundir holds the list).
 IGNORED = tuple(NOT_A_SETTING)
@@ -32,6 +35,11 @@ GRID_KEYS = ("m", "k")
 STANDARD_KEYS = ("dataset.name", "model.name", "objective.name", "estimator.name", "m", "k", "beta", "seed")
 SURGERY = (("recon", "recon"), ("avg_kl", "avg KL"), ("mutual_info", "I(x;z)"),
            ("marginal_kl", "KL(q(z)‖p(z))"))
+# A finished run's pseudo-setting in Run.flat: the data its evaluation scored (assign_data), shown
+# as a column like any other setting when it varies. Not a config key.
+DATA = "data"
+# The dataset keys that do not change which test images a run scores (vaexp.report.compare's too).
+NOT_THE_TEST_SET = DATA_SOURCE_KEYS + ("dataset.n_valid", "dataset.n_train", "dataset.shuffle_seed")
 
 
 class ReportError(VaexpError):
@@ -51,6 +59,7 @@ class Run:
     evaluation: Dict[str, Any] = field(default_factory=dict)  # the latest metrics.json "evals" entry
     hint: str = ""                 # an unfinished run: the command that finishes it
     curve: List[Dict[str, Any]] = field(default_factory=list)  # evaluations during training (eval.every)
+    data: Optional[Tuple[str, str]] = None  # a finished run's data identity (assign_data); None: not recorded
 
     @property
     def setting(self) -> Tuple:
@@ -63,8 +72,9 @@ class Run:
     @property
     def training_context(self) -> Tuple:
         """context without the eval.* settings, which a training curve does not depend on (and
-        which an unfinished run has only as configured: n_test=null, not the evaluated count)."""
-        return _key(self.flat, IGNORED + LINE_KEYS + GRID_KEYS + ("eval",))
+        which an unfinished run has only as configured: n_test=null, not the evaluated count), and
+        without DATA, which only a finished run's evaluation records."""
+        return _key(self.flat, IGNORED + LINE_KEYS + GRID_KEYS + ("eval", DATA))
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -121,9 +131,90 @@ def _checkpoint_state(run_dir: Path, cfg: Dict[str, Any]) -> str:
         return f"checkpoint unreadable ({type(e).__name__})"
 
 
+def _run_name(here: Path, top_path: Path, several: bool) -> str:
+    rel = here.relative_to(top_path)
+    name = str(rel) if str(rel) != "." else here.name
+    if several:
+        name = f"{top_path.name}/{name}" if str(rel) != "." else here.name
+    return name
+
+
+def _error_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError as e:
+        return f"failed (its {path.name} is unreadable: {one_line(e)})"
+    return lines[0] if lines else "failed"
+
+
+def _override_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Config groups whose choice (`dataset=mnist`) is the option's name (config key <group>.name).
+_NAMED_GROUPS = ("dataset", "model", "objective", "estimator", "schedule")
+
+
+def _flat_from_overrides(overrides: Sequence[Any]) -> Dict[str, Any]:
+    """A failed job's settings as far as its command line says (`dataset=mnist` -> dataset.name)."""
+    flat: Dict[str, Any] = {}
+    for item, key in zip(overrides, override_keys(overrides)):
+        text = str(item)
+        if "=" not in text or text.startswith("~"):
+            continue
+        key = f"{key}.name" if key in _NAMED_GROUPS else key
+        flat[key] = _override_value(text.split("=", 1)[1])
+    return flat
+
+
+def _hydra_record(here: Path) -> Optional[Tuple[Dict[str, Any], Dict[str, Any], str]]:
+    """(config, flat settings, what they come from) of a directory that Hydra started a `vaexp
+    train` job in but that has no config.yaml (the job failed before writing it), from Hydra's
+    record of the command: its composed config (.hydra/config.yaml, with k derived from mk as the
+    run would have), else its overrides (.hydra/overrides.yaml). None: no record, or the record
+    of another command (e.g. a `vaexp snr` job)."""
+    hydra = here / HYDRA_DIR
+    try:
+        job = (_load_yaml(hydra / "hydra.yaml") or {}).get("hydra", {}).get("job", {})
+        if job.get("config_name") not in (None, "train"):
+            return None  # another command's job (e.g. vaexp snr -m)
+    except Exception:  # no or a damaged hydra.yaml: the other records decide
+        pass
+    composed = hydra / CONFIG
+    if composed.is_file():
+        try:
+            cfg = _load_yaml(composed)
+        except Exception:
+            cfg = None
+        if isinstance(cfg, dict) and any(isinstance(cfg.get(k), list) for k in ("k", "m")):
+            return None  # a `vaexp snr` job's (its k and m are lists)
+        if _is_run_config(cfg):
+            try:  # interpolations (a gaussian model's latents: ${dataset.dim})
+                cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+            except Exception:
+                pass
+            cfg = dict(cfg)
+            if isinstance(cfg.get("mk"), int):
+                cfg["k"] = derived_k(cfg["k"], cfg["mk"], cfg["m"])
+            return cfg, _normalised_flat(cfg), f"{HYDRA_DIR}/{CONFIG}"
+    try:
+        overrides = _load_yaml(here / OVERRIDES_RECORD)
+    except Exception:
+        return None
+    if not isinstance(overrides, list):
+        return None
+    return {}, _flat_from_overrides(overrides), OVERRIDES_RECORD
+
+
 def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
     """(runs, skipped) under the given directories; skipped: (dir, reason) of run directories
-    that cannot be reported (unreadable config.yaml or metrics.json)."""
+    that cannot be reported (unreadable config.yaml or metrics.json). A sweep job that failed
+    before writing config.yaml (its error.txt and Hydra's record of it there) is a failed run.
+    The finished runs carry their data identity (assign_data)."""
     runs: List[Run] = []
     skipped: List[Tuple[Path, str]] = []
     seen = set()
@@ -135,6 +226,10 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
             if CONFIG not in files:
                 if METRICS in files:
                     skipped.append((here, "metrics.json without config.yaml"))
+                elif ERROR_FILE in files:
+                    failed = _failed_before_config(here, top_path, len(dirs) > 1, seen)
+                    if failed is not None:
+                        runs.append(failed)
                 continue
             try:
                 cfg = _load_yaml(here / CONFIG)
@@ -149,10 +244,7 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
             if real in seen:
                 continue
             seen.add(real)
-            rel = here.relative_to(top_path)
-            name = str(rel) if str(rel) != "." else here.name
-            if len(dirs) > 1:
-                name = f"{top_path.name}/{name}" if str(rel) != "." else here.name
+            name = _run_name(here, top_path, len(dirs) > 1)
             run = Run(path=here, name=name, config=cfg, flat=_normalised_flat(cfg), status="unfinished")
             metrics, why = read_metrics(here) if METRICS in files else (None, None)
             if why is not None:
@@ -168,8 +260,7 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                 run.flat = _with_eval_settings(run.flat, last)
             elif ERROR_FILE in files and state != "diverged":  # a diverged sweep job writes error.txt too
                 run.status = "failed"
-                lines = [ln for ln in (here / ERROR_FILE).read_text(errors="replace").splitlines() if ln.strip()]
-                run.detail = lines[0] if lines else "failed"
+                run.detail = _error_line(here / ERROR_FILE)
             else:
                 run.status = state
                 run.detail = detail if metrics is not None else ""
@@ -178,7 +269,27 @@ def find_runs(dirs: Sequence[str]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                 run.detail = f"{run.detail}; {state}" if run.detail else state
                 run.hint = _hint(run, metrics)
             runs.append(run)
+    assign_data([r for r in runs if r.status == "finished"])
     return runs, skipped
+
+
+def _failed_before_config(here: Path, top_path: Path, several: bool, seen: set) -> Optional[Run]:
+    """A sweep job directory with error.txt but no config.yaml (the job failed before writing it:
+    its data could not be loaded, an eval.n_test larger than the test set, ...) as a failed run,
+    its settings from Hydra's record of the job; None when it is not a `vaexp train` job's."""
+    record = _hydra_record(here)
+    if record is None:
+        return None
+    real = here.resolve()
+    if real in seen:
+        return None
+    seen.add(real)
+    cfg, flat, source = record
+    run = Run(path=here, name=_run_name(here, top_path, several), config=cfg, flat=flat, status="failed")
+    run.detail = f"{_error_line(here / ERROR_FILE)}; {_checkpoint_state(here, cfg)} (it failed before writing " \
+                 f"config.yaml: its settings are those of {source})"
+    run.hint = _hint(run, None)
+    return run
 
 
 def _hint(run: Run, metrics: Optional[Dict[str, Any]]) -> str:
@@ -210,9 +321,107 @@ def _with_eval_settings(flat: Dict[str, Any], entry: Dict[str, Any]) -> Dict[str
     return out
 
 
+# --------------------------------------------------------------------------- the data a run scored
+
+def test_images(run: Run) -> Optional[str]:
+    """The sha256 of the test images the latest evaluation scored (None: evaluated before vaexp
+    recorded it). Runs whose digests differ scored other images, whatever their settings say
+    (another copy of the data, e.g. a dataset.path)."""
+    value = run.test.get("test_images")
+    return value if isinstance(value, str) and value else None
+
+
+_CACHED = re.compile(r"cache .+? \(from (.+)\)")
+
+
+def data_source(run: Run) -> Optional[str]:
+    """Where the run's data were read from, as metrics.json's train.data_source records it, with a
+    cache read as the source it was filled from ("cache <file> (from X)" is X: the cache holds X's
+    pixels); None when not recorded."""
+    value = run.train.get("data_source") if isinstance(run.train, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    match = _CACHED.fullmatch(value.strip())
+    while match and match.group(1) != "an earlier run":  # a cache that does not know its origin stays itself
+        value = match.group(1)
+        match = _CACHED.fullmatch(value)
+    return value.strip()
+
+
+def test_set_settings(run: Run) -> Tuple:
+    """The settings that fix which test images an evaluation scores: the dataset settings other
+    than NOT_THE_TEST_SET, and the number of test images evaluated."""
+    keys = {k: v for k, v in run.flat.items() if k.startswith("dataset.") and not covers(NOT_THE_TEST_SET, k)}
+    keys["eval.n_test"] = run.flat.get("eval.n_test")
+    return tuple(sorted((k, repr(v)) for k, v in keys.items()))
+
+
+def assign_data(finished: Sequence[Run]) -> None:
+    """Give each finished run its data identity (Run.data) and its DATA label (Run.flat), which
+    the grouping, the duplicates, the columns and vaexp.report.compare's pairing all read.
+
+    The rule: a run whose evaluation recorded the sha256 of its test images is identified by it
+    (runs with other digests scored other images). A run evaluated before vaexp recorded the
+    digest is identified by the data source its training recorded (a cache read as what filled
+    it): when runs that did record a digest read the same source under the same test-set
+    settings and all scored one set of images, it is that set; otherwise it is the source itself
+    (so runs of other recorded sources are told apart). A run that recorded neither is taken to
+    be on the data of the other runs of its setting when they are all on one; otherwise its data
+    are unknown ("not recorded"), which vaexp.report.compare pairs on the settings alone
+    (same_data), as it pairs runs whose digest is missing."""
+    ident: Dict[int, Optional[Tuple[str, str]]] = {}
+    by_source: Dict[Tuple, set] = {}
+    for r in finished:
+        digest, source = test_images(r), data_source(r)
+        ident[id(r)] = ("sha256", digest) if digest else None
+        if digest and source:
+            by_source.setdefault((test_set_settings(r), source), set()).add(digest)
+    for r in finished:
+        source = data_source(r)
+        if ident[id(r)] is None and source:
+            digests = by_source.get((test_set_settings(r), source), set())
+            ident[id(r)] = ("sha256", next(iter(digests))) if len(digests) == 1 else ("source", source)
+    by_setting: Dict[Tuple, set] = {}
+    for r in finished:
+        by_setting.setdefault(_key(r.flat, IGNORED + (DATA,)), set()).add(ident[id(r)])
+    for r in finished:
+        if ident[id(r)] is None:
+            known = by_setting[_key(r.flat, IGNORED + (DATA,))] - {None}
+            if len(known) == 1:
+                ident[id(r)] = next(iter(known))
+    labels = _data_labels(finished, ident)
+    for r in finished:
+        r.data = ident[id(r)]
+        r.flat = {**r.flat, DATA: labels[r.data]}
+
+
+def _data_labels(runs: Sequence[Run], ident: Dict[int, Optional[Tuple[str, str]]]) -> Dict[Any, str]:
+    """Each identity's label: the digest's first hex digits (at least 12, more where two digests
+    of the report would look alike) with the data source when its runs agree on one; the source
+    of a run without a digest; "not recorded"."""
+    digests = sorted({i[1] for i in ident.values() if i and i[0] == "sha256"})
+    n = 12
+    while len({d[:n] for d in digests}) < len(digests):
+        n += 4
+    labels: Dict[Any, str] = {None: "not recorded"}
+    for identity in {i for i in ident.values() if i is not None}:
+        kind, value = identity
+        if kind == "sha256":
+            sources = {data_source(r) for r in runs if ident[id(r)] == identity} - {None}
+            labels[identity] = f"test images sha256:{value[:n]}" + (f" ({sources.pop()})" if len(sources) == 1 else "")
+        else:
+            labels[identity] = f"{value} (test images not recorded)"
+    return labels
+
+
+def same_data(a: Optional[Tuple[str, str]], b: Optional[Tuple[str, str]]) -> bool:
+    """Whether two data identities (Run.data) may be the same data: equal, or one not recorded."""
+    return a is None or b is None or a == b
+
+
 def split_duplicates(runs: Sequence[Run]) -> Tuple[List[Run], List[Tuple[Run, Run]]]:
-    """(runs counted, [(duplicate, the run it repeats)]): finished runs of one setting and seed
-    (e.g. a copied run directory) count once."""
+    """(runs counted, [(duplicate, the run it repeats)]): finished runs of one setting, data (DATA,
+    part of the setting) and seed (e.g. a copied run directory) count once."""
     first: Dict[Tuple, Run] = {}
     kept, duplicates = [], []
     for r in sorted(runs, key=lambda r: (str(r.path), r.name)):

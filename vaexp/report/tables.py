@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from vaexp.report.runs import SURGERY, Group, Run, fmt_list, fmt_num, metric_values
+from vaexp.report.runs import DATA, SURGERY, Group, Run, fmt_list, fmt_num, metric_values, test_images
 from vaexp.rundir import WEIGHT_KEYS, lk_keys
 
 
@@ -140,7 +140,10 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
                     "and the K-sample estimate)." if neg_kl else "")
                  + (" ESS: the effective sample size 1/Σw̃² of an image's K normalised importance weights (median "
                     "over images), and the share of images with ESS below 10, whose estimate rests on a handful of "
-                    "samples." if ess else ""))
+                    "samples." if ess else "")
+                 + (f" {DATA}: the test images each run's evaluation scored (the first hex digits of their "
+                    "sha256, with where the run read its data, metrics.json's train.data_source); runs of one "
+                    "setting on other data are separate rows, never seeds of one." if DATA in extra_keys else ""))
     if unfinished:
         lines.append("")
         lines.append(f"Not finished ({len(unfinished)}):")
@@ -185,8 +188,8 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
     surgery = [key for key, _ in SURGERY if any(key in r.test for r in runs)]
     diagnostics = [k for k in ("neg_kl_qp",) + WEIGHT_KEYS if any(metric_values(r).get(k) is not None for r in runs)]
     cols = RUN_COLUMNS + l_keys + diagnostics + ["active_units", "latent_units"] + surgery + \
-        ["train_bound", "valid_bound"] + _jvi_columns(runs) + ["wall_time_s", "device"] + list(extra_keys) \
-        + ["detail", "hint", "path"]
+        ["train_bound", "valid_bound"] + _jvi_columns(runs) + ["wall_time_s", "device", "test_images", "data_source"] \
+        + list(extra_keys) + ["detail", "hint", "path"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -199,8 +202,10 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
             values["active_units"] = fmt_list(mv.get("active_units"))
             values["latent_units"] = fmt_list(r.test.get("latent_units"))
             values["device"] = r.train.get("device", "")
-        for key in extra_keys:
-            values[key] = fmt_value(r.flat.get(key))
+            values["test_images"] = test_images(r) or ""        # the whole sha256 (the data column: its start)
+            values["data_source"] = str(r.train.get("data_source") or "")
+        for key in extra_keys:  # (a key the run lacks: an unfinished run's DATA, a failed job's unrecorded setting)
+            values[key] = fmt_value(r.flat[key]) if key in r.flat else ""
         w.writerow([fmt_num(values.get(c)) if not isinstance(values.get(c), str) else values.get(c) for c in cols])
     return buf.getvalue()
 

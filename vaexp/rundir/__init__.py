@@ -9,13 +9,14 @@ evaluation i; test_log_px.pt the latest), error.txt (a failed sweep job), Tensor
 files.py: atomic writes, checkpoint.pt and config.yaml; metrics.py: metrics.json and when a run
 is finished. Everything is used as `rundir.<name>`. No torch at import.
 """
-from vaexp.rundir.files import (CHECKPOINT_KEYS, RunDirTaken, atomic_save, atomic_write_text, check_checkpoint, effective_config,
-                                load_checkpoint, load_config, record_config, restore_model, task_config,
-                                with_absolute_data_paths)
+from vaexp.rundir.files import (CHECKPOINT_KEYS, RunDirTaken, atomic_save, atomic_write_bytes, atomic_write_text,
+                                check_checkpoint, effective_config, load_checkpoint, load_config, record_config,
+                                restore_model, task_config, with_absolute_data_paths)
 from vaexp.rundir.layout import (CHECKPOINT, CONFIG, DATA_SOURCE_KEYS, ERROR_FILE, HYDRA_DIR, LOCK, METRICS,
                                  MULTIRUN_RECORD, NOT_A_SETTING, OVERRIDES_RECORD, PER_EXAMPLE, RESUMABLE,
-                                 RUNTIME_ONLY, SNR_CSV, STACK_PER_RUN, WEIGHT_KEYS, as_dict, covers, final_train,
-                                 flatten, last_trained, lk_keys, n_epochs, override_keys, quantity_key)
+                                 RUNTIME_ONLY, SNR_CSV, STACK_PER_RUN, WEIGHT_KEYS, absolute_data_paths, as_dict,
+                                 covers, final_train, flatten, last_trained, lk_keys, n_epochs, override_keys,
+                                 quantity_key)
 from vaexp.rundir.metrics import (checkpoint_record, configured_epochs, finished_metrics, json_safe, judge,
                                   read_metrics, record_curve_point, record_evaluation, record_training,
                                   training_record)

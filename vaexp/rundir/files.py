@@ -60,6 +60,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, "w", lambda f: f.write(text))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, "wb", lambda f: f.write(data))
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically."""
     import torch  # only the writers of tensors need torch; `vaexp report` reads metrics.json without it
@@ -227,6 +231,10 @@ def effective_config(cfg: DictConfig, run_dir: Path, overrides: Iterable[str], s
             new = " ".join(f"{k}={flat_cur.get(k)}" for k in diffs[:4])
             saved_as = ", ".join(f"{k}={flat_saved.get(k)}" for k in diffs[:4])
             evals = " ".join(f"{k}={flat_cur.get(k)}" for k in diffs[:4] if k.startswith("eval."))
+            if all(k.startswith("eval.") for k in diffs):  # resume= refuses new eval settings once finished
+                raise RunDirTaken(f"{run_dir} already holds this run, recorded with {saved_as}; `vaexp eval "
+                                  f"{run_dir} {evals}` evaluates it with these (or resume={run_dir} {new} while "
+                                  f"it has epochs left to train)")
             raise RunDirTaken(f"{run_dir} already holds this run, recorded with {saved_as}; to change that, continue "
                              f"it with resume={run_dir} {new}" + (f" (or `vaexp eval {run_dir} {evals}` to evaluate "
                                                                   f"it again)" if evals else ""))

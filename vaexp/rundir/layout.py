@@ -47,6 +47,10 @@ STACK_PER_RUN = ("seed", "objective", "estimator", "beta", "m", "k", "mk", "eval
 DATA_SOURCE_KEYS = ("dataset.path", "dataset.data_dir", "dataset.download")  # where the data were read from
 DATA_PATH_KEYS = ("dataset.path", "dataset.data_dir")
 NOT_A_SETTING = RUNTIME_ONLY + ("seed", "mk") + DATA_SOURCE_KEYS + ("eval.chunk", "eval.every", "diagnostics")
+# Settings that name a directory or file (sweep: a directory's name), each command having some:
+# given empty (`out_root=$OUT` with OUT unset) they would mean the file-system root or the
+# working directory, so an empty one is refused. In the order a message names the first.
+PATH_SETTINGS = ("resume", "run", "out_root", "sweep", "out", "hydra.run.dir", "hydra.sweep.dir") + DATA_PATH_KEYS
 
 
 def quantity_key(quantity: str) -> str:
