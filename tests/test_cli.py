@@ -596,6 +596,8 @@ EMPTY_PATHS = [  # e.g. out_root=$OUT with OUT unset: the file-system root, or t
     (["train", "dataset.path="], "dataset.path=: an empty path"),  # (the default dataset, mnist)
     (["eval", "run="], "run=: an empty path"),
     (["snr", "out_root="], "out_root=: an empty path"),
+    (["report", "runs", "out="], "out=: an empty path"),
+    (["compare", "runs", "out="], "out=: an empty path"),
 ]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vaexp import rundir
 from vaexp.cli import sweep
@@ -29,6 +29,7 @@ from vaexp.cli.commands import COMMANDS, Command
 from vaexp.cli.hydra_errors import exit_with_line
 from vaexp.errors import VaexpError, debugging, os_error_line
 from vaexp.report import check_dirs
+from vaexp.rundir.layout import PATH_SETTINGS
 from vaexp.schema import TrainConfig, apply_mk
 
 
@@ -40,7 +41,17 @@ def _command(config: DictConfig) -> Optional[Command]:
     return COMMANDS.get(_job(config))
 
 
+def _check_paths(config: DictConfig) -> None:
+    """No setting that names a path is empty (vaexp.rundir.layout.PATH_SETTINGS says why)."""
+    for key in PATH_SETTINGS:
+        value = OmegaConf.select(config, key, default=None)
+        if isinstance(value, str) and not value.strip():
+            raise VaexpError(f"{key}={value}: an empty path (an unset shell variable?); give a directory" + (
+                "" if key in ("resume", "run") else f", or leave {key}= out for its default"))
+
+
 def _check(config: DictConfig) -> None:
+    _check_paths(config)
     job = _job(config)
     command = _command(config)
     if command is not None and command.positional == "dirs":

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaexp import rundir
 from vaexp.data import DATASETS
-from vaexp.rundir.layout import PATH_SETTINGS
 from vaexp.errors import VaexpError
 from vaexp.estimators import ESTIMATORS, get_estimator, undefined_because
 from vaexp.models.burda import ACTIVATIONS
@@ -377,19 +376,9 @@ def validate_run_files(run: Path) -> DictConfig:
     return saved
 
 
-def validate_paths(cfg: DictConfig) -> None:
-    """No setting that names a path is empty (vaexp.rundir.layout.PATH_SETTINGS says why)."""
-    for key in PATH_SETTINGS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, str) and not value.strip():
-            _fail(f"{key}={value}", "an empty path (an unset shell variable?)", "give a directory" + (
-                "" if key in ("resume", "run") else f", or leave {key}= out for its default"))
-
-
 def validate_command(cfg: DictConfig) -> None:
     """Checks for the composed config of train, eval or snr, chosen by Hydra's job name; none of
     them reads or writes the run directory of a train command (validate_train_dir does)."""
-    validate_paths(cfg)
     job = cfg.hydra.job.name if "hydra" in cfg else "train"
     if job == "snr":
         validate_snr(cfg)
