@@ -42,9 +42,21 @@ def _command(config: DictConfig) -> Optional[Command]:
 
 
 def _check_paths(config: DictConfig) -> None:
-    """No setting that names a path is empty (vaexp.rundir.layout.PATH_SETTINGS says why)."""
+    """No setting that names a path is empty (vaexp.rundir.layout.PATH_SETTINGS says why). An
+    interpolated one (hydra.run.dir, hydra.sweep.dir by default) is built from settings checked
+    here themselves, and is not resolved: its ${now:...} would be fixed at this moment, apart
+    from the time the sweep's other jobs and Hydra resolve it."""
     for key in PATH_SETTINGS:
-        value = OmegaConf.select(config, key, default=None)
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(config, parent_key, default=None) if parent_key else config
+        if not isinstance(parent, DictConfig):
+            continue
+        try:  # (not `leaf in parent`: that resolves it; a command's schema lacks the others' keys)
+            if OmegaConf.is_interpolation(parent, leaf):
+                continue
+            value = parent[leaf]
+        except Exception:  # noqa: BLE001 - no such setting in this command
+            continue
         if isinstance(value, str) and not value.strip():
             raise VaexpError(f"{key}={value}: an empty path (an unset shell variable?); give a directory" + (
                 "" if key in ("resume", "run") else f", or leave {key}= out for its default"))
