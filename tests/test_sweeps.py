@@ -82,6 +82,18 @@ def test_cross_product_grid(vaexp_main, tmp_path):
     assert sorted((config_of(j)["m"], config_of(j)["k"]) for j in jobs(sweep)) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
+def test_a_sweep_named_by_the_microsecond_is_one_directory(vaexp_main, tmp_path):
+    """The jobs land where the callback checked and the summary looks: ${now} is the launch's."""
+    sweeps = tmp_path / "sweeps"
+    res = vaexp_main("train", "-m", "seed=0,1", *TINY, f"out_root={tmp_path / 'out'}",
+                     f"hydra.sweep.dir={sweeps}/s" + "${now:%H-%M-%S-%f}")
+    assert res.code == 0, res.err
+    no_traceback(res)
+    (sweep,) = sweeps.iterdir()
+    assert [config_of(job)["seed"] for job in jobs(sweep)] == [0, 1]
+    assert all(finished(job) for job in jobs(sweep))
+    assert f"sweep {sweep}: all 2 jobs finished" in res.out, res.out + res.err
+
 # --------------------------------------------------------------------------- failures, re-runs
 
 def test_a_failing_job_does_not_stop_the_sweep(vaexp_main, tmp_path):
@@ -181,6 +193,25 @@ def test_iwae_table1_preset_is_burdas_grid(compose_train):
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.overrides.task = ["experiment=iwae_table1", "seed=0,1", "k=50"]
     assert len(sweep_jobs(cfg, "train")) == 8
+
+
+def test_every_job_and_the_sweeper_see_one_launch_time(compose_train):
+    """${now:...} in the sweep directory is resolved once: the directories vaexp checks, plans and
+    summarises are the ones the sweeper creates, however long the checks between take."""
+    import time
+
+    from omegaconf import open_dict, read_write
+
+    from vaexp.cli.sweep import job_directory, sweep_jobs
+
+    cfg = compose_train("hydra.sweep.dir=/tmp/vaexp-never-made/${now:%H-%M-%S-%f}")
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.overrides.task = ["seed=0,1,2"]
+    grid = sweep_jobs(cfg, "train")
+    time.sleep(0.01)  # %f: any later resolution without the cache is another name
+    dirs = {job_directory(job).parent for _, job in grid}
+    assert dirs == {Path(str(cfg.hydra.sweep.dir))}, dirs
+    assert [job.seed for _, job in grid] == [0, 1, 2]
 
 
 def test_rainforth_preset_is_the_mk64_line(compose_train):

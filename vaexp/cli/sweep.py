@@ -112,13 +112,21 @@ def sweep_jobs(config: Any, config_name: Optional[str]) -> List[Tuple[List[str],
     # job's seed), with the job's number, which every launcher sets (${hydra.job.num} in a name).
     raw = OmegaConf.to_container(config.hydra.overrides, resolve=False)
     hydra_overrides = [str(o) for o in raw.get("hydra", [])]
+    # Each job gets the master's resolver cache, as load_sweep_config copies it: a ${now:...} in a
+    # directory is the launch's time in every job, whenever the job resolves it. The master (the
+    # object the sweeper goes on to use) resolves its sweep directory first, so that time is fixed.
+    try:
+        str(config.hydra.sweep.dir)
+    except Exception:  # noqa: BLE001 - an interpolation only the launcher fills: job_directory says None
+        pass
     jobs = []
     for batch in BasicSweeper.split_arguments(parsed, None):
         for job_overrides in batch:
             extra = [f"hydra.job.num={len(jobs)}"]
-            jobs.append((list(job_overrides), compose(config_name=config_name,
-                                                      overrides=hydra_overrides + list(job_overrides) + extra,
-                                                      return_hydra_config=True)))
+            job_cfg = compose(config_name=config_name, overrides=hydra_overrides + list(job_overrides) + extra,
+                              return_hydra_config=True)
+            OmegaConf.copy_cache(from_config=config, to_config=job_cfg)
+            jobs.append((list(job_overrides), job_cfg))
     return jobs
 
 
