@@ -203,10 +203,9 @@ def _hydra_job(out_dir: Path) -> Optional[str]:
 
 
 def _comparable(record: Dict) -> Dict:
-    """A recorded config, flattened, as settings are compared: without the runtime-only ones, the
-    data paths and run= absolute (a run named by a relative path, or through a link, is the same)."""
-    flat = {k: v for k, v in rundir.absolute_data_paths(rundir.flatten(record)).items()
-            if not rundir.covers(rundir.RUNTIME_ONLY, k)}
+    """A recorded config as rundir compares settings, with run= absolute too (a run named by a
+    relative path, or through a link, is the same)."""
+    flat = rundir.described(record)
     if isinstance(flat.get("run"), str) and flat["run"]:
         flat["run"] = os.path.realpath(os.path.expanduser(flat["run"]))
     return flat

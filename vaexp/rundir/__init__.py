@@ -10,8 +10,8 @@ files.py: atomic writes, checkpoint.pt and config.yaml; metrics.py: metrics.json
 is finished. Everything is used as `rundir.<name>`. No torch at import.
 """
 from vaexp.rundir.files import (CHECKPOINT_KEYS, RunDirTaken, atomic_save, atomic_write_bytes, atomic_write_text,
-                                check_checkpoint, effective_config, load_checkpoint, load_config, record_config,
-                                restore_model, task_config, with_absolute_data_paths)
+                                check_checkpoint, described, effective_config, load_checkpoint, load_config,
+                                record_config, restore_model, task_config, with_absolute_data_paths)
 from vaexp.rundir.layout import (CHECKPOINT, CONFIG, DATA_SOURCE_KEYS, ERROR_FILE, HYDRA_DIR, LOCK, METRICS,
                                  MULTIRUN_RECORD, NOT_A_SETTING, OVERRIDES_RECORD, PER_EXAMPLE, RESUMABLE,
                                  RUNTIME_ONLY, SNR_CSV, STACK_PER_RUN, WEIGHT_KEYS, absolute_data_paths, as_dict,

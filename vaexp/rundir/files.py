@@ -249,9 +249,11 @@ def _resumable(flat: Dict[str, Any]) -> str:
     return ", ".join(f"{k}.*" if any(x.startswith(k + ".") for x in flat) else k for k in user)
 
 
-def _described(cfg) -> Dict[str, Any]:
-    """A config's settings, without the runtime-only ones (they do not describe the run)."""
-    return {k: v for k, v in absolute_data_paths(flatten(as_dict(cfg))).items() if not covers(RUNTIME_ONLY, k)}
+def described(cfg) -> Dict[str, Any]:
+    """A config (or its dict) as settings are compared: flattened, data paths absolute, without the
+    runtime-only ones (they do not describe the run)."""
+    flat = flatten(cfg if isinstance(cfg, dict) else as_dict(cfg))
+    return {k: v for k, v in absolute_data_paths(flat).items() if not covers(RUNTIME_ONLY, k)}
 
 
 def with_absolute_data_paths(cfg: DictConfig) -> DictConfig:
@@ -277,7 +279,7 @@ def record_config(cfg: DictConfig, run_dir: Path) -> None:
     if not path.exists():
         atomic_write_text(path, text)
         return
-    if _described(load_config(run_dir)) == _described(cfg):
+    if described(load_config(run_dir)) == described(cfg):
         return
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     backup, i = run_dir / f"config.{stamp}.yaml", 1
