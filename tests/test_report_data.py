@@ -146,9 +146,87 @@ def test_digests_alike_in_their_first_digits_get_longer_labels(tmp_path, vaexp_m
 
 
 def test_same_data_is_equal_or_not_recorded():
-    assert same_data(None, ("sha256", D1)) and same_data(("source", "x"), None)
-    assert same_data(("sha256", D1), ("sha256", D1)) and not same_data(("sha256", D1), ("sha256", D2))
-    assert not same_data(("source", "x"), ("sha256", D1))
+    assert same_data(None, ("sha256", D1, None)) and same_data(("source", "x", D2), None)
+    assert same_data(("sha256", D1, D3), ("sha256", D1, D3)) and not same_data(("sha256", D1, D3), ("sha256", D2, D3))
+    assert not same_data(("source", "x", None), ("sha256", D1, None))
+    # the training data: equal where both recorded it
+    assert not same_data(("sha256", D1, D2), ("sha256", D1, D3))
+    assert same_data(("sha256", D1, None), ("sha256", D1, D3)) and same_data(("sha256", D1, D3), ("sha256", D1, None))
+
+
+def trained_on(d: Path, digest: str) -> Path:
+    """Record in a fake run's metrics.json the digest of the data its training read."""
+    metrics = json.loads((d / "metrics.json").read_text())
+    metrics["train"]["training_data"] = digest
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def test_runs_on_other_training_data_are_other_rows(tmp_path, vaexp_main):
+    """The same test images, other training data (two dataset.path folders sharing their test
+    files): two rows labelled by the training data, never seeds of one; compare does not pair them."""
+    s = tmp_path / "s"
+    n = 20
+    for name, seed, nll, train in (("a0", 0, 85.0, D2), ("a1", 1, 86.0, D2), ("b0", 0, 90.0, D3)):
+        d = trained_on(on_data(fake_run(s, name, seed=seed, nll=nll, evals=[evaluation(nll, seed, settings={"n_test": n})]),
+                               D1, f"dataset.path=/data/{name[0]}"), train)
+        with_per_image(d, images(n, seed, nll))
+    res = vaexp_main("report", s, "plots=false")
+    assert res.code == 0, res.err
+    assert "duplicate" not in res.err and "3 finished run(s) in 2 setting(s)" in res.err
+    rows = table_rows(res.out)
+    assert len(rows) == 2
+    assert any("| 2 (0,1) |" in r and "sha256:1a1a1a1a1a1a (dataset.path=/data/a), training data sha256:2b2b2b2b2b2b"
+               in r for r in rows), rows
+    assert any("| 1 (0) | 90.00 |" in r and "training data sha256:3c3c3c3c3c3c" in r for r in rows), rows
+    runs = {r["run"]: r for r in read_csv(s / "report" / "runs.csv")}
+    assert runs["b0"]["training_data"] == D3 and runs["a0"]["test_images"] == D1
+    res = vaexp_main("compare", s)
+    assert res.code == 2 and "trained on other data" in res.err, res.err
+
+
+def test_a_run_from_before_the_training_digest_joins_the_one_training_data_of_its_test_images(tmp_path, vaexp_main):
+    """A run that recorded no training digest is on the training data of the runs on its test
+    images when they all trained on one; when they trained on two, it is its own row."""
+    s = tmp_path / "s"
+    trained_on(on_data(fake_run(s, "new", seed=0, nll=85.0), D1), D2)
+    on_data(fake_run(s, "old", seed=1, nll=86.0), D1)
+    res = vaexp_main("report", s, "plots=false")
+    assert res.code == 0, res.err
+    assert len(table_rows(res.out)) == 1 and "| 2 (0,1) | 85.50 ± 0.71 |" in res.out and "| data" not in res.out
+    trained_on(on_data(fake_run(s, "other", seed=2, nll=95.0), D1), D3)
+    res = vaexp_main("report", s, "plots=false")
+    assert res.code == 0, res.err
+    rows = table_rows(res.out)
+    assert len(rows) == 3
+    assert any("| 1 (1) |" in r and "training data not recorded" in r for r in rows), rows
+
+
+def test_a_run_records_the_data_it_trained_on(tmp_path, data_dir, vaexp_main):
+    """Real runs on two dataset.path folders with the same test files and other training files:
+    the same test digest, other training digests (the same for another seed on the same files),
+    and the report tells the two apart."""
+    from test_data import fake_pixels, write_idx_dir
+
+    from conftest import TINY_BURDA1
+
+    test = fake_pixels(30, 2)
+    folders = {"a": write_idx_dir(tmp_path / "a", fake_pixels(140, 1), test),
+               "b": write_idx_dir(tmp_path / "b", fake_pixels(140, 3), test)}
+    args = ["dataset=mnist", "dataset.n_valid=20", "schedule=quick", "schedule.epochs=1", "eval.k=10",
+            "eval.au_samples=4", "progress=false", *TINY_BURDA1]
+    for name, folder, seed in (("a0", "a", 0), ("a1", "a", 1), ("b0", "b", 0)):
+        res = vaexp_main("train", *args, f"seed={seed}", f"dataset.path={folders[folder]}",
+                         f"hydra.run.dir={tmp_path / 'runs' / name}")
+        assert res.code == 0, res.err
+    m = {name: json.loads((tmp_path / "runs" / name / "metrics.json").read_text()) for name in ("a0", "a1", "b0")}
+    assert len({x["test"]["test_images"] for x in m.values()}) == 1
+    digest = m["a0"]["train"]["training_data"]
+    assert len(digest) == 64 and m["a1"]["train"]["training_data"] == digest != m["b0"]["train"]["training_data"]
+    res = vaexp_main("report", tmp_path / "runs", "plots=false")
+    assert res.code == 0, res.err
+    rows = table_rows(res.out)
+    assert len(rows) == 2 and any("| 2 (0,1) |" in r and f"training data sha256:{digest[:12]}" in r for r in rows)
 
 
 def test_compare_pairs_an_unrecorded_run_on_its_settings(tmp_path):

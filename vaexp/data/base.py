@@ -18,7 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -57,11 +57,23 @@ class Dataset:
     # True: `train` holds Bernoulli probabilities, binarised afresh every epoch by the trainer.
     # False: `train` holds the data itself (static bits, or real values), used as it is.
     binary: bool = True
+    _training_digest: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def train_mean(self) -> Tensor:
         """Mean training value per dimension (the decoder's output bias starts from it)."""
         return self.train.mean(0)
+
+    def training_digest(self) -> str:
+        """sha256 of the training and validation data as the trainer reads them (their float32
+        bytes, in order), computed once: runs that trained on other data differ in it whatever
+        their settings say (a dataset.path whose test files are the same, its training files not)."""
+        if self._training_digest is None:
+            h = hashlib.sha256()
+            for part in (self.train, self.valid):
+                h.update(np.ascontiguousarray(part.detach().to(device="cpu", dtype=torch.float32).numpy()))
+            self._training_digest = h.hexdigest()
+        return self._training_digest
 
 
 def binarize(probs: Tensor, generator: torch.Generator) -> Tensor:

@@ -127,6 +127,9 @@ def why_not_comparable(a: Setting, b: Setting) -> str:
 
 
 def why_other_data(a: Setting, b: Setting) -> str:
+    if a.data and b.data and a.data[:2] == b.data[:2]:
+        return ("the same test images, but trained on other data: the sha256 of the training and validation data "
+                "their runs read differ (train.training_data in metrics.json; see each run's train.data_source)")
     if (a.images and b.images) or (a.data and b.data and a.data[0] == b.data[0] == "sha256"):
         return ("the same test-set settings, but other test images were scored: their sha256 differ, so the data "
                 "came from other files; see each run's train.data_source in metrics.json")

@@ -59,7 +59,7 @@ class Run:
     evaluation: Dict[str, Any] = field(default_factory=dict)  # the latest metrics.json "evals" entry
     hint: str = ""                 # an unfinished run: the command that finishes it
     curve: List[Dict[str, Any]] = field(default_factory=list)  # evaluations during training (eval.every)
-    data: Optional[Tuple[str, str]] = None  # a finished run's data identity (assign_data); None: not recorded
+    data: Optional[Tuple] = None  # a finished run's data identity (assign_data); None: not recorded
 
     @property
     def setting(self) -> Tuple:
@@ -331,6 +331,13 @@ def test_images(run: Run) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
+def training_data(run: Run) -> Optional[str]:
+    """The sha256 of the training and validation data the run trained on, as metrics.json's
+    train.training_data records it (None: trained before vaexp recorded it)."""
+    value = run.train.get("training_data") if isinstance(run.train, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 _CACHED = re.compile(r"cache .+? \(from (.+)\)")
 
 
@@ -357,18 +364,23 @@ def test_set_settings(run: Run) -> Tuple:
 
 
 def assign_data(finished: Sequence[Run]) -> None:
-    """Give each finished run its data identity (Run.data) and its DATA label (Run.flat), which
-    the grouping, the duplicates, the columns and vaexp.report.compare's pairing all read.
+    """Give each finished run its data identity (Run.data: (kind, test images, training data)) and
+    its DATA label (Run.flat), which the grouping, the duplicates, the columns and
+    vaexp.report.compare's pairing all read.
 
-    The rule: a run whose evaluation recorded the sha256 of its test images is identified by it
-    (runs with other digests scored other images). A run evaluated before vaexp recorded the
+    The test images: a run whose evaluation recorded the sha256 of its test images is identified
+    by it (runs with other digests scored other images). A run evaluated before vaexp recorded the
     digest is identified by the data source its training recorded (a cache read as what filled
     it): when runs that did record a digest read the same source under the same test-set
     settings and all scored one set of images, it is that set; otherwise it is the source itself
     (so runs of other recorded sources are told apart). A run that recorded neither is taken to
     be on the data of the other runs of its setting when they are all on one; otherwise its data
-    are unknown ("not recorded"), which vaexp.report.compare pairs on the settings alone
-    (same_data), as it pairs runs whose digest is missing."""
+    are unknown (None, "not recorded"), which vaexp.report.compare pairs on the settings alone
+    (same_data), as it pairs runs whose digest is missing.
+
+    The training data, the same way: the sha256 its training recorded, else (trained before vaexp
+    recorded it) that of the runs on its test images when they all trained on one, else None
+    (not recorded: told apart from the recorded ones, paired with any)."""
     ident: Dict[int, Optional[Tuple[str, str]]] = {}
     by_source: Dict[Tuple, set] = {}
     for r in finished:
@@ -389,34 +401,55 @@ def assign_data(finished: Sequence[Run]) -> None:
             known = by_setting[_key(r.flat, IGNORED + (DATA,))] - {None}
             if len(known) == 1:
                 ident[id(r)] = next(iter(known))
-    labels = _data_labels(finished, ident)
+    trained = {id(r): training_data(r) for r in finished}
+    by_test: Dict[Any, set] = {}
     for r in finished:
-        r.data = ident[id(r)]
+        by_test.setdefault(ident[id(r)], set()).add(trained[id(r)])
+    for r in finished:
+        known = by_test[ident[id(r)]] - {None}
+        if trained[id(r)] is None and len(known) == 1:
+            trained[id(r)] = next(iter(known))
+    full = {id(r): None if ident[id(r)] is None else (*ident[id(r)], trained[id(r)]) for r in finished}
+    labels = _data_labels(finished, full)
+    for r in finished:
+        r.data = full[id(r)]
         r.flat = {**r.flat, DATA: labels[r.data]}
 
 
-def _data_labels(runs: Sequence[Run], ident: Dict[int, Optional[Tuple[str, str]]]) -> Dict[Any, str]:
-    """Each identity's label: the digest's first hex digits (at least 12, more where two digests
-    of the report would look alike) with the data source when its runs agree on one; the source
-    of a run without a digest; "not recorded"."""
-    digests = sorted({i[1] for i in ident.values() if i and i[0] == "sha256"})
+def _data_labels(runs: Sequence[Run], ident: Dict[int, Optional[Tuple[str, str, Optional[str]]]]) -> Dict[Any, str]:
+    """Each identity's label: the test digest's first hex digits (at least 12, more where two
+    digests of the report would look alike) with the data source when its runs agree on one; the
+    source of a run without a digest; "not recorded"; and the training data's digest where runs on
+    the same test images trained on other data."""
+    digests = sorted({i[1] for i in ident.values() if i and i[0] == "sha256"}
+                     | {i[2] for i in ident.values() if i and i[2]})
     n = 12
     while len({d[:n] for d in digests}) < len(digests):
         n += 4
+    trainings: Dict[Tuple[str, str], set] = {}
+    for identity in ident.values():
+        if identity is not None:
+            trainings.setdefault(identity[:2], set()).add(identity[2])
     labels: Dict[Any, str] = {None: "not recorded"}
     for identity in {i for i in ident.values() if i is not None}:
-        kind, value = identity
+        kind, value, training = identity
         if kind == "sha256":
             sources = {data_source(r) for r in runs if ident[id(r)] == identity} - {None}
-            labels[identity] = f"test images sha256:{value[:n]}" + (f" ({sources.pop()})" if len(sources) == 1 else "")
+            label = f"test images sha256:{value[:n]}" + (f" ({sources.pop()})" if len(sources) == 1 else "")
         else:
-            labels[identity] = f"{value} (test images not recorded)"
+            label = f"{value} (test images not recorded)"
+        if len(trainings[identity[:2]]) > 1:
+            label += f", training data sha256:{training[:n]}" if training else ", training data not recorded"
+        labels[identity] = label
     return labels
 
 
-def same_data(a: Optional[Tuple[str, str]], b: Optional[Tuple[str, str]]) -> bool:
-    """Whether two data identities (Run.data) may be the same data: equal, or one not recorded."""
-    return a is None or b is None or a == b
+def same_data(a: Optional[Tuple], b: Optional[Tuple]) -> bool:
+    """Whether two data identities (Run.data) may be the same data: equal where both are recorded
+    (the test images, then the training data), the rest not recorded."""
+    if a is None or b is None:
+        return True
+    return a[:2] == b[:2] and (a[2] is None or b[2] is None or a[2] == b[2])
 
 
 def split_duplicates(runs: Sequence[Run]) -> Tuple[List[Run], List[Tuple[Run, Run]]]:

@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from vaexp.report.runs import DATA, SURGERY, Group, Run, fmt_list, fmt_num, metric_values, test_images
+from vaexp.report.runs import (DATA, SURGERY, Group, Run, fmt_list, fmt_num, metric_values, test_images,
+                               training_data)
 from vaexp.rundir import WEIGHT_KEYS, lk_keys
 
 
@@ -142,7 +143,8 @@ def markdown(groups: Sequence[Group], unfinished: Sequence[Run], skipped: Sequen
                     "over images), and the share of images with ESS below 10, whose estimate rests on a handful of "
                     "samples." if ess else "")
                  + (f" {DATA}: the test images each run's evaluation scored (the first hex digits of their "
-                    "sha256, with where the run read its data, metrics.json's train.data_source); runs of one "
+                    "sha256, with where the run read its data, metrics.json's train.data_source; and the training "
+                    "data's sha256 where runs on the same test images trained on other data); runs of one "
                     "setting on other data are separate rows, never seeds of one." if DATA in extra_keys else ""))
     if unfinished:
         lines.append("")
@@ -188,8 +190,8 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
     surgery = [key for key, _ in SURGERY if any(key in r.test for r in runs)]
     diagnostics = [k for k in ("neg_kl_qp",) + WEIGHT_KEYS if any(metric_values(r).get(k) is not None for r in runs)]
     cols = RUN_COLUMNS + l_keys + diagnostics + ["active_units", "latent_units"] + surgery + \
-        ["train_bound", "valid_bound"] + _jvi_columns(runs) + ["wall_time_s", "device", "test_images", "data_source"] \
-        + list(extra_keys) + ["detail", "hint", "path"]
+        ["train_bound", "valid_bound"] + _jvi_columns(runs) \
+        + ["wall_time_s", "device", "test_images", "training_data", "data_source"] + list(extra_keys) + ["detail", "hint", "path"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -203,6 +205,7 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
             values["latent_units"] = fmt_list(r.test.get("latent_units"))
             values["device"] = r.train.get("device", "")
             values["test_images"] = test_images(r) or ""        # the whole sha256 (the data column: its start)
+            values["training_data"] = training_data(r) or ""
             values["data_source"] = str(r.train.get("data_source") or "")
         for key in extra_keys:  # (a key the run lacks: an unfinished run's DATA, a failed job's unrecorded setting)
             values[key] = fmt_value(r.flat[key]) if key in r.flat else ""

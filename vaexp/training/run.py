@@ -156,6 +156,7 @@ class Run:
         train = {**rundir.last_trained(self.state["history"], self.objective.quantity),
                  "epochs": self.state["epoch"], "steps": self.state["global_step"],
                  "wall_time_s": self.state["wall_time"], "device": str(device), "data_source": data.source,
+                 "training_data": data.training_digest(),
                  **kernels(device)}  # GEMM kernel, subnormals flushed, compiled paths allowed
         if self.state.get("kernel_changes"):
             train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
