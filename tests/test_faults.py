@@ -518,6 +518,12 @@ def test_hydras_record_of_another_command_never_replaces_a_runs_own(tmp_path):
     assert hydra_subdir(None, run, ["seed=5"]).startswith(".hydra/rerun-")
     assert hydra_subdir(str(run), run, []).startswith(".hydra/resume-")
     assert hydra_subdir(None, None, ["seed=5"]) == ".hydra"                     # not known yet
+    # another command's record (vaexp snr -m over a train run's directory): never replaced
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: train\n")
+    assert hydra_subdir(None, run, ["seed=${m}"], command="train") == ".hydra"
+    assert hydra_subdir(None, run, ["seed=${m}"], command="snr").startswith(".hydra/rerun-")
+    (run / ".hydra" / "hydra.yaml").write_text("not: [hydra")                     # unreadable: not snr's
+    assert hydra_subdir(None, run, ["seed=${m}"], command="snr").startswith(".hydra/rerun-")
 
 
 def test_case09_plus_overrides_are_refused_unless_meaningful(run_copy, tmp_path, vaexp_main):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -191,17 +190,6 @@ def _is_snr_record(record) -> bool:
         and "draws" in record and "schedule" not in record
 
 
-def _hydra_job(out_dir: Path) -> Optional[str]:
-    """The command Hydra's record in out_dir/.hydra/ is of ("?" when unreadable); None without one."""
-    path = out_dir / rundir.HYDRA_DIR / "hydra.yaml"
-    if not path.is_file():
-        return None
-    try:
-        return str(yaml.safe_load(path.read_text())["hydra"]["job"]["name"])
-    except Exception:  # noqa: BLE001 - damaged or not Hydra's: not snr's record either
-        return "?"
-
-
 def _comparable(record: Dict) -> Dict:
     """A recorded config as rundir compares settings, with run= absolute too (a run named by a
     relative path, or through a link, is the same)."""
@@ -227,7 +215,7 @@ def check_out_dir(cfg, out_dir: Path) -> bool:
             what = "a sweep directory" if name == rundir.MULTIRUN_RECORD else "a vaexp train run"
             raise rundir.RunDirTaken(f"{out_dir} holds the output of another command ({what}: {out_dir / name}); "
                                      f"{_NEW_DIR}")
-    job = _hydra_job(out_dir)
+    job = rundir.hydra_job(out_dir)
     if job not in (None, "snr"):
         raise rundir.RunDirTaken(f"{out_dir} holds the output of another command "
                                  f"({out_dir / rundir.HYDRA_DIR / 'hydra.yaml'} records "

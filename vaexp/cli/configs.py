@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from vaexp.cli.commands import COMMANDS
-from vaexp.rundir import RUNTIME_ONLY, covers, override_keys
+from vaexp.rundir import HYDRA_DIR, RUNTIME_ONLY, covers, hydra_job, override_keys
 from vaexp.schema import (EstimatorConf, EvalConf, FilesConf, GaussianConf, ImagesConf, ModelConf, ObjectiveConf,
                           OmniglotConf, ScheduleConf, SyntheticConf, derived_k)
 
@@ -101,17 +101,30 @@ def _snr_job_tag(run: Optional[str], dataset: str, model: str) -> str:
     return f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def hydra_subdir(resume, output_dir=None, overrides=None) -> str:
-    """Where Hydra records a train job in its directory (hydra.output_subdir): .hydra, unless this
-    is a resume, or the directory's own record (.hydra/overrides.yaml) is of other settings (a
-    sweep over another grid's directories: the job is then refused): then a folder of its own
-    below it, so a run's record stays that of the command that made it. `overrides`: the
-    command's, as typed (default: Hydra's, unresolved); runtime-only keys do not count."""
+def hydra_subdir(resume, output_dir=None, overrides=None, command=None) -> str:
+    """Where Hydra records a train or snr job in its directory (hydra.output_subdir): .hydra,
+    unless this is a resume, or the directory's own record is of another command (.hydra/hydra.yaml)
+    or other settings (.hydra/overrides.yaml; a sweep over another grid's directories, which a
+    sweeper vaexp cannot check up front hands to the job, which refuses): then a folder of its own
+    below it, so a directory's record stays that of the command that made it. `overrides`, `command`: the command's overrides
+    as typed and its name (default: Hydra's); runtime-only keys do not count."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     if resume is not None:
         return f".hydra/resume-{stamp}"
-    record = Path(str(output_dir)) / ".hydra" / "overrides.yaml" if output_dir is not None else None
-    if record is None or not record.is_file():
+    if output_dir is None:
+        return ".hydra"
+    directory = Path(str(output_dir))
+    try:
+        if command is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            command = str(HydraConfig.get().job.name)
+    except Exception:  # noqa: BLE001 - outside a Hydra job: the settings alone decide
+        command = None
+    if command is not None and hydra_job(directory) not in (None, command):
+        return f".hydra/rerun-{stamp}"
+    record = directory / HYDRA_DIR / "overrides.yaml"
+    if not record.is_file():
         return ".hydra"
     try:
         if overrides is None:

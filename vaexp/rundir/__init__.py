@@ -15,8 +15,8 @@ from vaexp.rundir.files import (CHECKPOINT_KEYS, RunDirTaken, atomic_save, atomi
 from vaexp.rundir.layout import (CHECKPOINT, CONFIG, DATA_SOURCE_KEYS, ERROR_FILE, HYDRA_DIR, LOCK, METRICS,
                                  MULTIRUN_RECORD, NOT_A_SETTING, OVERRIDES_RECORD, PER_EXAMPLE, RESUMABLE,
                                  RUNTIME_ONLY, SNR_CSV, STACK_PER_RUN, WEIGHT_KEYS, absolute_data_paths, as_dict,
-                                 covers, final_train, flatten, last_trained, lk_keys, n_epochs, override_keys,
-                                 quantity_key)
+                                 covers, final_train, flatten, hydra_job, last_trained, lk_keys, n_epochs,
+                                 override_keys, quantity_key)
 from vaexp.rundir.metrics import (checkpoint_record, configured_epochs, finished_metrics, json_safe, judge,
                                   read_metrics, record_curve_point, record_evaluation, record_training,
                                   training_record)

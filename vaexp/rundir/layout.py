@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Dict, Iterable, List
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 
 from vaexp.schedule import epoch_learning_rates
@@ -70,6 +72,17 @@ def last_trained(history: List[Dict[str, Any]], quantity: str) -> Dict[str, Any]
 def lk_keys(keys: Iterable[str]) -> List[str]:
     """The L_k bounds among metric keys ("L1", "L64", "L5000"), in order of k."""
     return sorted({k for k in keys if k.startswith("L") and k[1:].isdigit()}, key=lambda k: int(k[1:]))
+
+
+def hydra_job(directory) -> Optional[str]:
+    """The command Hydra's record in directory/.hydra/ is of ("?" when unreadable); None without one."""
+    path = Path(directory) / HYDRA_DIR / "hydra.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return str(yaml.safe_load(path.read_text())["hydra"]["job"]["name"])
+    except Exception:  # noqa: BLE001 - damaged or not Hydra's: no command's record
+        return "?"
 
 
 def absolute_data_paths(flat: Dict[str, Any]) -> Dict[str, Any]:
