@@ -168,8 +168,8 @@ def test_runs_on_other_training_data_are_other_rows(tmp_path, vaexp_main):
     s = tmp_path / "s"
     n = 20
     for name, seed, nll, train in (("a0", 0, 85.0, D2), ("a1", 1, 86.0, D2), ("b0", 0, 90.0, D3)):
-        d = trained_on(on_data(fake_run(s, name, seed=seed, nll=nll, evals=[evaluation(nll, seed, settings={"n_test": n})]),
-                               D1, f"dataset.path=/data/{name[0]}"), train)
+        run = fake_run(s, name, seed=seed, nll=nll, evals=[evaluation(nll, seed, settings={"n_test": n})])
+        d = trained_on(on_data(run, D1, f"dataset.path=/data/{name[0]}"), train)
         with_per_image(d, images(n, seed, nll))
     res = vaexp_main("report", s, "plots=false")
     assert res.code == 0, res.err

@@ -106,8 +106,9 @@ def hydra_subdir(resume, output_dir=None, overrides=None, command=None) -> str:
     unless this is a resume, or the directory's own record is of another command (.hydra/hydra.yaml)
     or other settings (.hydra/overrides.yaml; a sweep over another grid's directories, which a
     sweeper vaexp cannot check up front hands to the job, which refuses): then a folder of its own
-    below it, so a directory's record stays that of the command that made it. `overrides`, `command`: the command's overrides
-    as typed and its name (default: Hydra's); runtime-only keys do not count."""
+    below it, so a directory's record stays that of the command that made it. `overrides`,
+    `command`: the command's overrides as typed and its name (default: Hydra's); runtime-only keys
+    do not count."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     if resume is not None:
         return f".hydra/resume-{stamp}"

@@ -191,7 +191,8 @@ def runs_csv(runs: Sequence[Run], extra_keys: Sequence[str]) -> str:
     diagnostics = [k for k in ("neg_kl_qp",) + WEIGHT_KEYS if any(metric_values(r).get(k) is not None for r in runs)]
     cols = RUN_COLUMNS + l_keys + diagnostics + ["active_units", "latent_units"] + surgery + \
         ["train_bound", "valid_bound"] + _jvi_columns(runs) \
-        + ["wall_time_s", "device", "test_images", "training_data", "data_source"] + list(extra_keys) + ["detail", "hint", "path"]
+        + ["wall_time_s", "device", "test_images", "training_data", "data_source"] + list(extra_keys) \
+        + ["detail", "hint", "path"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
