@@ -4,6 +4,7 @@ HPARAMS table and cards, and the README's lists of tags and files (issue 11)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -395,3 +396,64 @@ def test_readme_dataset_keys_table_is_the_schemas():
     assert set(listed) == set(dataset_options())
     for option, keys in listed.items():
         assert keys == set(dataset_keys(option)) - {"name"}, option
+
+
+def _steps_in_both_readers(run_dir: Path, tag: str):
+    """A tag's steps as the legacy EventAccumulator (vaexp report's) and TensorBoard's own data
+    provider's accumulator read them: both honour session STARTs, differently (see tblog.RunLogger)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+
+    legacy = [e.step for e in events(run_dir).Scalars(tag)]
+    acc = pea.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return legacy, [e.step for e in acc.Tensors(tag)]
+
+
+@pytest.mark.parametrize("first_session", [0, None])  # None: a directory a vaexp before sessions wrote
+def test_a_resumed_session_hides_a_killed_process_tail_and_keeps_the_checkpoint_step(tmp_path, first_session):
+    from vaexp.tblog import RunLogger
+
+    killed = RunLogger(tmp_path, session=first_session)
+    killed.scalars({"x": 0.0}, 0)
+    for step in range(1, 9):  # the checkpoint was at step 5; the process logged on to 8, then died
+        killed.scalars({"x": float(step)}, step)
+    killed.close()
+    resumed = RunLogger(tmp_path, session=5 + 1)
+    for step in range(6, 11):
+        resumed.scalars({"x": 100.0 + step}, step)
+    resumed.close()
+    legacy, provider = _steps_in_both_readers(tmp_path, "x")
+    assert legacy == provider == list(range(0, 11))
+    assert [e.value for e in events(tmp_path).Scalars("x")][5:7] == [5.0, 106.0]
+
+
+def test_a_run_resumed_at_an_epoch_end_keeps_every_point_of_that_step(vaexp_main, tmp_path, tiny_args, monkeypatch):
+    """Interrupted right after epoch 1's checkpoint (step 5, whose epoch/, eval/ and train/ points
+    were logged before it), then resumed: TensorBoard holds the points of the uninterrupted run."""
+    args = [*tiny_args, "schedule.epochs=3", "log_every=1", "eval.every=1", "progress=false"]
+    assert vaexp_main("train", *args, f"hydra.run.dir={tmp_path / 'ref'}").code == 0
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "5")
+    assert vaexp_main("train", *args, f"hydra.run.dir={tmp_path / 'run'}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    assert vaexp_main("train", f"resume={tmp_path / 'run'}", "progress=false").code == 0
+    for tag in ("train/bound", "epoch/train_bound", "eval/nll", "epoch/lr"):
+        want = _steps_in_both_readers(tmp_path / "ref", tag)
+        assert _steps_in_both_readers(tmp_path / "run", tag) == want and 5 in want[0], tag
+    # vaexp eval adds to a run without starting a session: extending it later keeps its points
+    assert vaexp_main("eval", str(tmp_path / "run"), "eval.k=20", "progress=false").code == 0
+    assert vaexp_main("train", f"resume={tmp_path / 'run'}", "schedule.epochs=4", "progress=false").code == 0
+    legacy, provider = _steps_in_both_readers(tmp_path / "run", "reeval/nll")
+    assert legacy == provider == [15]
+    assert _steps_in_both_readers(tmp_path / "run", "epoch/train_bound")[0] == [5, 10, 15, 20]
+
+
+def test_vaexp_eval_with_other_report_k_never_mixes_two_evaluations_in_the_row(vaexp_main, tmp_path, tiny_args):
+    run = tmp_path / "run"
+    assert vaexp_main("train", *tiny_args, "progress=false", f"hydra.run.dir={run}").code == 0
+    assert events(run).Scalars("hparam/L1")[-1].value == pytest.approx(rundir.read_metrics(run)[0]["test"]["L1"])
+    res = vaexp_main("eval", str(run), "eval.k=20", "eval.report_k=[5]", "progress=false")
+    assert res.code == 0, res.err
+    ea = events(run)
+    assert math.isnan(ea.Scalars("hparam/L1")[-1].value)          # of the earlier evaluation: not shown
+    assert ea.Scalars("hparam/L5")[-1].value == pytest.approx(rundir.read_metrics(run)[0]["test"]["L5"], rel=1e-6)
+    assert "reeval/active_units_1" in ea.Tags()["scalars"]

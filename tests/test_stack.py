@@ -269,3 +269,98 @@ def test_stacked_sweep_of_the_new_estimators_with_diagnostics(tiny_sweep, tmp_pa
         acc.Reload()
         est = [p.split("=")[1] for p in run.name.split(",") if p.startswith("estimator=")][0]
         assert [e.step for e in acc.Scalars(f"diag/phi_{est}/variance")] == [4, 8]
+
+
+# ------------------------------------------------------------------------------ jobs sharing a directory, faults
+
+@pytest.mark.parametrize("stack", ["stack=true", "stack=false"])
+def test_jobs_that_would_share_a_directory_with_other_settings_are_refused(tiny_sweep, tmp_path, vaexp_main, stack):
+    """Named without the setting they differ in, two runs would meet in one directory: stacked, both
+    trained into it (the dreg run's checkpoint over the reparam run's evaluation); alone, the second
+    refused after the first had filled it, with the sweep summed up as finished. Refused up front."""
+    res = vaexp_main(*tiny_sweep("shared", stack, "seed=0", "estimator=reparam,dreg", "hydra.sweep.subdir=seed${seed}"))
+    assert res.code == 2, res.out + res.err
+    assert "would both run in" in res.err and "estimator.name=reparam vs dreg" in res.err and "nothing was run" in res.err
+    assert "Traceback" not in res.err and not (tmp_path / "out" / "multirun" / "shared").exists()
+
+
+def test_stacked_jobs_that_differ_in_runtime_settings_alone_are_one_run(tiny_sweep, tmp_path, vaexp_main):
+    """log_every is not in a job's name: seed=0,1 log_every=1,2 is two runs; each is trained once,
+    by its first job (with that job's settings), and the other job finds it finished."""
+    res = vaexp_main(*tiny_sweep("once", "stack=true", "seed=0,1", "log_every=1,2"))
+    assert res.code == 0, res.err
+    assert "training 2 runs as one stacked model" in res.out and res.out.count("already finished") == 2, res.out
+    runs = _runs(tmp_path / "out/multirun/once")
+    assert len(runs) == 2
+    for run in runs.values():
+        assert "log_every: 1\n" in (run / "config.yaml").read_text()
+        assert len([p for p in run.iterdir() if p.name.startswith("events.")]) == 1
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert len(metrics["evals"]) == 1 and len(metrics["train"]["stacked_with"]) == 1
+
+
+def test_a_stack_interrupted_in_its_final_evaluation_has_recorded_every_runs_training(
+        tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+    from vaexp import evaluate
+
+    real, calls = evaluate.evaluate, {"n": 0}
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate", interrupted_at_the_second)
+    res = vaexp_main(*tiny_sweep("evki", "stack=true", "seed=0,1,2"))
+    assert res.code == 130, res.err
+    runs = sorted(_runs(tmp_path / "out/multirun/evki").values(), key=lambda d: d.name)
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["run"]["state"] == "trained" and metrics["train"]["epochs"] == 2, run.name
+    assert "test" in json.loads((runs[0] / "metrics.json").read_text())
+    monkeypatch.setattr(evaluate, "evaluate", real)
+    res = vaexp_main("report", tmp_path / "out/multirun/evki", "plots=false")
+    assert res.code == 0 and "vaexp eval" in res.out, res.out
+
+
+def test_an_interrupted_stack_says_which_run_diverged(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+    real_call = StackedStep.__call__
+    calls = {"n": 0}
+
+    def nan_for_model_1_from_step_7(self, x):
+        calls["n"] += 1
+        out = real_call(self, x)
+        if calls["n"] >= 7:
+            out = out.clone()
+            out[1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(StackedStep, "__call__", nan_for_model_1_from_step_7)
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "9")
+    res = vaexp_main(*tiny_sweep("nanint", "stack=true", "seed=0,1,2"))
+    assert res.code == 130, res.err
+    runs = sorted(_runs(tmp_path / "out/multirun/nanint").values(), key=lambda d: d.name)
+    assert "the checkpoints of the 2 stacked runs are saved" in res.err, res.err
+    assert f"{runs[1]} diverged: training bound became nan" in res.err, res.err
+    assert [rundir.load_checkpoint(d)["state"]["global_step"] for d in runs] == [9, 5, 9]
+
+
+def test_a_stack_interrupted_while_it_starts_removes_the_directories_it_made(tiny_sweep, tmp_path, vaexp_main,
+                                                                             monkeypatch):
+    from vaexp.training import loop
+
+    real, calls = loop.open_run, {"n": 0}
+
+    def interrupted_at_the_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "open_run", interrupted_at_the_third)
+    res = vaexp_main(*tiny_sweep("kistart", "stack=true", "seed=0,1,2"))
+    assert res.code == 130, res.err
+    sweep = tmp_path / "out/multirun/kistart"
+    left = [d for d in _runs(sweep).values()]
+    assert len(left) <= 1 and all("seed=0" in d.name for d in left), left  # at most the running job's own, as alone

@@ -400,13 +400,19 @@ def evaluate_run(run_dir: Path, settings, device_name, progress: bool = False) -
                                                           make_objective(saved_cfg.objective.name).quantity)
         metrics = hparam_metrics(result["metrics"], train)
         log = RunLogger(run_dir)
-        log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, step)
+        log.scalars({f"reeval/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+                    | {f"reeval/active_units_{i + 1}": a for i, a in enumerate(result["metrics"]["active_units"])},
+                    step)
         log.text("reeval/summary", eval_card(f"vaexp eval, {after['evals'][-1]['time']}: checkpoint of epoch "
                                              f"{position['epoch']}, step {step}", format_table(result["metrics"])), step)
-        if "test" in (before or {}):
-            log.metrics(metrics, step)
-        else:  # a run whose training never got to its own evaluation gets its row of the table here
-            values, differs = tblog.hparams(saved_cfg, tblog.varied_keys(run_dir))
-            log.hparams(values, differs, metrics, step)
+        if "test" in (before or {}):  # the row's metrics replaced; those this evaluation lacks (an
+            # L_k of other eval.report_k) become NaN, so the row never mixes two evaluations
+            try:
+                shown = hparam_metrics(before["test"], before.get("train"))
+            except (KeyError, TypeError, ValueError):  # a record from an older vaexp without some of them
+                shown = {}
+            metrics = {**metrics, **{k: float("nan") for k in shown if k not in metrics}}
+        values, differs = tblog.hparams(saved_cfg, tblog.varied_keys(run_dir))
+        log.hparams(values, differs, metrics, step)  # (again for a run trained to its evaluation: columns for new L_k)
         log.close()
     return {"metrics": result["metrics"], "epoch": position["epoch"], "step": step}

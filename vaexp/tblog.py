@@ -36,13 +36,26 @@ def image_grid(images: Tensor, shape, cols: Optional[int] = None, pad: int = 1) 
 
 
 class RunLogger:
-    """A SummaryWriter in the run directory. `purge_step` drops events written after the
-    checkpoint we resume from, so curves have no duplicated tails."""
+    """A SummaryWriter in the run directory. `session`: this writer starts a training session at
+    that step (a fresh run 0, a resume its checkpoint's step + 1): TensorBoard then hides what an
+    earlier session logged from that step on, i.e. what a process killed after its checkpoint
+    logged past it; the points at the checkpoint's own step were logged before it was written and
+    stay. Commands that only add to a run (vaexp eval) start no session."""
 
-    def __init__(self, run_dir: Path, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, session: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        if session is not None:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            # A session START purges events at or past its step, except that TensorBoard's own
+            # reader takes a directory's first START as its beginning; written twice, the second
+            # purges in a directory whose runs wrote none (vaexp before 2026-12), and is a no-op
+            # elsewhere (the legacy EventAccumulator, which vaexp report reads, purges at each).
+            fw = self.writer._get_file_writer()
+            for _ in range(2):
+                fw.add_event(Event(step=int(session), session_log=SessionLog(status=SessionLog.START)))
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         for key, value in values.items():

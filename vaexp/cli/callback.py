@@ -194,6 +194,29 @@ def _make_sweep_dir(config: DictConfig) -> None:
         raise VaexpError(f"{setting}: cannot create the sweep directory: {os_error_line(err)}") from None
 
 
+def _check_shared_job_dirs(jobs, job_dirs) -> None:
+    """Jobs whose directories coincide (named without a setting they differ in) are one run: the
+    first runs it and the others find its result. That holds only when they differ in runtime-only
+    settings alone; otherwise the sweep is refused here, before anything is written (the later job
+    would be refused in a directory the earlier one has just filled, or, stacked, train into it)."""
+    first = {}
+    for (job_overrides, job_cfg), job_dir in zip(jobs, job_dirs):
+        if job_dir is None:
+            continue
+        task = rundir.task_config(job_cfg)
+        settings = rundir.described(apply_mk(task) if "mk" in task else task)
+        if isinstance(settings.get("run"), str) and settings["run"]:  # vaexp snr's run=, however named
+            settings["run"] = os.path.realpath(os.path.expanduser(settings["run"]))
+        seen = first.setdefault(os.path.abspath(str(job_dir)), (job_overrides, settings))
+        diffs = [k for k in sorted(set(settings) | set(seen[1])) if settings.get(k) != seen[1].get(k)]
+        if diffs:
+            shown = ", ".join(f"{k}={seen[1].get(k)} vs {settings.get(k)}" for k in diffs[:4])
+            raise VaexpError(f"the sweep jobs {' '.join(seen[0]) or '(no overrides)'} and {' '.join(job_overrides)} "
+                             f"would both run in {job_dir}, but differ in {shown}; name the job directories by "
+                             f"what differs (e.g. the default hydra.sweep.subdir=${{hydra.job.override_dirname}}); "
+                             f"nothing was run")
+
+
 def _check_job_dirs(jobs, job_dirs) -> None:
     """A sweep job whose directory holds a run with other settings (or another command's output)
     would be refused there, after Hydra has rewritten that run's .hydra/ record: refused here, for
@@ -259,6 +282,7 @@ class ValidateCallback(Callback):
             if None in job_dirs and any(job_cfg.get("stack") for _, job_cfg in jobs):
                 raise VaexpError("stack=true: the job directories are named with what only the launcher knows "
                                  "(hydra.job.id); name them by settings or ${hydra.job.num}")
+            _check_shared_job_dirs(jobs, job_dirs)
             if str(config.hydra.job.name) == "train":
                 _check_job_dirs(jobs, job_dirs)
             elif str(config.hydra.job.name) == "snr":

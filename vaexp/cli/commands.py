@@ -146,7 +146,7 @@ def run_train(cfg: DictConfig):
         cfg = rundir.effective_config(apply_mk(cfg), run_dir, hc.overrides.task, TrainConfig)
     stop = Stop(at_step=_stop_at_step())
     if cfg.get("stack") and sweep.in_multirun() and sweep.stack_plan is not None:
-        stacked = sweep.stack_plan.result(run_dir, _say, stop)
+        stacked = sweep.stack_plan.result(run_dir, _say, stop, int(hc.job.num))
         if stacked is not None:
             return stacked
     done = rundir.finished_metrics(run_dir, cfg)

@@ -35,6 +35,7 @@ class PlannedJob:
     cfg: Any             # the job's task config (k derived from mk)
     run_dir: Path
     overrides: List[str]
+    num: int             # its hydra.job.num: the one job that trains this directory
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PlannedStack:
     jobs: List[PlannedJob]
     attempted: bool = False
     results: Dict[str, Any] = field(default_factory=dict)  # run dir -> summary or error
+    leader: str = ""     # the run dir of the job that trained the stack
 
 
 def _dir_key(path) -> str:
@@ -54,10 +56,13 @@ class StackPlan:
     def __init__(self, jobs: Sequence, job_dirs: Sequence[Path]):
         """`jobs`: (overrides, composed config with its hydra node) per job, in sweep order."""
         self.by_dir: Dict[str, PlannedStack] = {}
+        self.job_of: Dict[str, int] = {}
         groups: Dict[tuple, List[PlannedJob]] = {}
-        for (overrides, job_cfg), job_dir in zip(jobs, job_dirs):
-            if not job_cfg.get("stack"):
-                continue
+        planned = set()
+        for num, ((overrides, job_cfg), job_dir) in enumerate(zip(jobs, job_dirs)):
+            if not job_cfg.get("stack") or _dir_key(job_dir) in planned:
+                continue  # a later job in a planned directory (it differs in runtime-only settings): finds it done
+            planned.add(_dir_key(job_dir))
             task = apply_mk(OmegaConf.masked_copy(job_cfg, [key for key in job_cfg.keys() if key != "hydra"]))
             key = stack_key(task)
             if key is None:
@@ -69,54 +74,65 @@ class StackPlan:
             except VaexpError:
                 continue  # a damaged run: it fails alone, with its own message
             at = (saved["state"]["epoch"], saved["state"]["step"]) if saved is not None else (0, 0)
-            groups.setdefault((key, at), []).append(PlannedJob(task, Path(job_dir), list(overrides)))
+            groups.setdefault((key, at), []).append(PlannedJob(task, Path(job_dir), list(overrides), num))
         positions: Dict[str, List[tuple]] = {}
         for key, at in groups:
             positions.setdefault(key, []).append(at)
         for key, ats in positions.items():
-            if len(ats) > 1:  # a stack stopped (SIGKILL) while it wrote its runs' checkpoints
+            if len(ats) > 1:  # jobs added to an interrupted sweep, a run stopped alone, a stack killed mid-write
                 where = "; ".join(f"epoch {e} step {s}: " + ", ".join(j.run_dir.name for j in groups[(key, (e, s))])
                                   for e, s in sorted(ats))
-                warnings.warn(f"vaexp: runs trained as one stack are at different positions ({where}): they "
-                              f"continue in one stack per position, which rounds differently from the one stack "
-                              f"(their results agree to float rounding, not bit for bit)", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"vaexp: runs of one stack shape are at different positions ({where}): they "
+                              f"train in one stack per position (runs once stacked together then round "
+                              f"differently from one stack: their results agree to float rounding, not bit for "
+                              f"bit)", RuntimeWarning, stacklevel=2)
         for members in groups.values():
             if len(members) > 1:
                 group = PlannedStack(members)
                 for job in members:
                     self.by_dir[_dir_key(job.run_dir)] = group
+                    self.job_of[_dir_key(job.run_dir)] = job.num
 
-    def result(self, run_dir: Path, say: Callable[[str], None], stop=None) -> Optional[Dict]:
-        """This job's result when it belongs to a stack (training the stack first when this is
-        its first job to run), or None: train it alone as usual."""
+    def result(self, run_dir: Path, say: Callable[[str], None], stop=None, num: Optional[int] = None
+               ) -> Optional[Dict]:
+        """This job's (hydra.job.num `num`) result when it belongs to a stack (training the stack
+        first when this is its first job to run), or None: train it alone as usual."""
         me = _dir_key(run_dir)
         group = self.by_dir.get(me)
-        if group is None:
+        if group is None or (num is not None and self.job_of[me] != num):
             return None
         if not group.attempted:
             group.attempted = True
             ready: List[PlannedJob] = []
+            taken: List[rundir.Transaction] = []  # the other members' holds, this job's own is its command's
             with contextlib.ExitStack() as held:  # every member's directory locked while the stack trains
-                for job in group.jobs:
-                    try:
-                        held.enter_context(rundir.begin(job.run_dir))
-                        job.cfg = validate_train_dir(job.cfg, job.run_dir, job.overrides)
-                        ready.append(job)
-                    except (VaexpError, OSError) as err:
-                        group.results[_dir_key(job.run_dir)] = err
-                if len(ready) > 1:
-                    say(f"vaexp: training {len(ready)} runs as one stacked model:\n" +
-                        "\n".join(f"  {job.run_dir}" for job in ready))
-                    results = train_stacked([job.cfg for job in ready], [job.run_dir for job in ready], stop)
-                    for job, result in zip(ready, results):
-                        group.results[_dir_key(job.run_dir)] = result
+                try:
+                    for job in group.jobs:
+                        try:
+                            tx = held.enter_context(rundir.begin(job.run_dir))
+                            if _dir_key(job.run_dir) != me:
+                                taken.append(tx)
+                            job.cfg = validate_train_dir(job.cfg, job.run_dir, job.overrides)
+                            ready.append(job)
+                        except (VaexpError, OSError) as err:
+                            group.results[_dir_key(job.run_dir)] = err
+                    if len(ready) > 1:
+                        say(f"vaexp: training {len(ready)} runs as one stacked model:\n" +
+                            "\n".join(f"  {job.run_dir}" for job in ready))
+                        group.leader = _dir_key(ready[0].run_dir)
+                        results = train_stacked([job.cfg for job in ready], [job.run_dir for job in ready], stop)
+                        for job, result in zip(ready, results):
+                            group.results[_dir_key(job.run_dir)] = result
+                except BaseException:  # Ctrl-C, or the stack failed as a whole: what it made for the others goes
+                    for tx in taken:   # (a member that holds a checkpoint keeps it; see Transaction.rollback)
+                        tx.rollback()
+                    raise
         if me not in group.results:
             return None  # the stack did not run (a single compatible job left, or it failed): train alone
         result = group.results[me]
         if isinstance(result, BaseException):
             raise result
-        leader = _dir_key(group.jobs[0].run_dir)
+        leader = group.leader
         if me == leader:
             say(f"vaexp: {run_dir}: {rundir.final_train(result['train'])} (trained stacked)\n"
                 f"{format_table(result['test'])}\n  metrics: {Path(run_dir) / rundir.METRICS}")

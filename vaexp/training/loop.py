@@ -206,7 +206,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
             epoch_data = EpochData(data, [int(r.cfg.seed) for r in runs], epoch, device)
             if position["step"] == 0:
                 epoch_acc.zero_()
-            t_epoch = time.perf_counter()
+            t_epoch, first_step = time.perf_counter(), position["step"]  # (a resume continues an epoch)
             for i in range(position["step"], steps_per_epoch):
                 if stop.before(position["global_step"]) or not alive():
                     break
@@ -255,7 +255,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                                            "lr": lrs[epoch]})
                 slug = r.objective.slug  # "bound", or jvi's "jvi_estimate"
                 r.log.scalars({f"epoch/train_{slug}": train_bounds[j], f"epoch/valid_{slug}": vb,
-                               "epoch/steps_per_s": steps_per_epoch / max(epoch_time, 1e-9),
+                               "epoch/steps_per_s": (steps_per_epoch - first_step) / max(epoch_time, 1e-9),
                                "epoch/lr": lrs[epoch]}, position["global_step"])
                 if data.image_shape is not None:
                     r.log_pictures(data, position["global_step"])
@@ -285,25 +285,42 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     for j in alive():
         runs[j].state["wall_time"] = wall
 
-    if stop.requested:  # keep the work since the last checkpoint (mid-epoch too), unless it is not finite
+    if stop.requested and alive():  # keep the work since the last checkpoint (mid-epoch too), unless it is not finite
         step.sync([r.model for r in runs])
         finite = step.finite()
         for j in alive():
             if finite[j]:
                 runs[j].save(step.optimizer_state(j), epoch_acc[j], acc[j], acc_n)
+            else:
+                runs[j].error = (f"parameters became non-finite by the interruption; stopped, and "
+                                 f"{runs[j].checkpoint_status()}; lower schedule.lr")
+        # (a run that diverged first is not saved: its divergence is recorded and said, not lost)
+        diverged = [r for r in runs if r.error is not None]
+        for r in diverged:
+            if r.saved_state is not None:  # its earlier evaluations are now of a diverged run
+                rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
+                                       create=False)
         for r in runs:
             r.log.close()
+        if len(diverged) == n_runs:  # nothing was kept: the divergence is the result (see _record)
+            return [NonFiniteBound(r.error) for r in runs]
         where = describe_position(runs[0].state, n_epochs, steps_per_epoch)
         if n_runs == 1:
             raise Interrupted(runs[0].dir, runs[0].state,
                               f"interrupted with {where}; checkpoint saved in {runs[0].dir}. Re-run with "
                               f"resume={runs[0].dir} to continue")
-        dirs = ", ".join(str(r.dir) for r in runs)
-        raise Interrupted(runs[0].dir, runs[0].state,
-                          f"interrupted with {where}; the checkpoints of the {n_runs} stacked runs are saved ({dirs}). "
-                          f"Run the same sweep again (same sweep=<name>) to continue them stacked, or resume=<dir> "
-                          f"to continue one alone")
-    return [_finish(r, runs, i, n_epochs, data, device, wall) for i, r in enumerate(runs)]
+        kept = [r for r in runs if r.error is None]
+        dirs = ", ".join(str(r.dir) for r in kept)
+        lost = "".join(f"; {r.dir} diverged: {r.error}" for r in diverged)
+        raise Interrupted(kept[0].dir, kept[0].state,
+                          f"interrupted with {where}; the checkpoints of the {len(kept)} stacked runs are saved "
+                          f"({dirs}){lost}. Run the same sweep again (same sweep=<name>) to continue them stacked, "
+                          f"or resume=<dir> to continue one alone")
+    # Every run's training recorded before any evaluation: a stack interrupted while it evaluates
+    # one run leaves the others trained and recorded, not only checkpointed.
+    trained = [_record(r, runs, n_epochs, data, device) for r in runs]
+    return [t if isinstance(t, Exception) else _finish(r, runs, i, n_epochs, data, device, t)
+            for i, (r, t) in enumerate(zip(runs, trained))]
 
 
 def _close_logs(runs: Sequence[Run]) -> None:
@@ -314,10 +331,9 @@ def _close_logs(runs: Sequence[Run]) -> None:
             pass
 
 
-def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, device: torch.device,
-            wall: float) -> Union[Dict, VaexpError]:
-    """The end of one run: its training recorded in metrics.json, then its test evaluation added
-    (or its error: a non-finite bound, or metrics.json that cannot be written)."""
+def _record(r: Run, runs: List[Run], n_epochs: int, data: Dataset, device: torch.device) -> Union[Dict, VaexpError]:
+    """The end of one run's training: recorded in metrics.json, its "train" returned (or its error:
+    a non-finite bound, or metrics.json that cannot be written)."""
     if r.error is not None:
         if r.saved_state is not None:  # a run with earlier evaluations: they are now of a diverged run
             rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
@@ -332,6 +348,13 @@ def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, devic
         r.log.close()
         return VaexpError(f"{os_error_line(err)}; training is complete and checkpointed in {r.dir}: once it can be "
                           f"written, re-run with resume={r.dir} to evaluate it")
+    return train
+
+
+def _finish(r: Run, runs: List[Run], i: int, n_epochs: int, data: Dataset, device: torch.device,
+            train: Dict) -> Union[Dict, VaexpError]:
+    """The end of one recorded run (`train`: its record): its test evaluation added (or its error)."""
+    stacked = len(runs) > 1
     print(f"vaexp: training done ({n_epochs} epochs, {r.state['global_step']} steps, {r.state['wall_time']:.0f} s"
           + (f", {len(runs)} runs stacked); evaluating {r.dir}" if stacked else "); evaluating")
           + f" on the test set (K={r.cfg.eval.k})", flush=True)

@@ -225,7 +225,7 @@ def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Ru
         run.last_saved = run.state["global_step"]
         run.saved_state = {key: run.state[key] for key in ("epoch", "step", "global_step")}
     run.state["kernels"] = kernels(device)
-    run.log = RunLogger(run_dir, purge_step=run.state["global_step"] if saved is not None else None)
+    run.log = RunLogger(run_dir, session=run.state["global_step"] + 1 if saved is not None else 0)
     if saved is None:
         run.log.scalars({"params/theta": sum(p.numel() for p in model.theta_parameters()),
                          "params/phi": sum(p.numel() for p in model.phi_parameters())}, 0)
