@@ -199,19 +199,24 @@ def test_stacked_sweep_matches_separate_runs(tiny_sweep, tmp_path, vaexp_main):
     assert a["train"]["epochs"] == 3 and abs(a["test"]["nll"] - b["test"]["nll"]) < 1e-3, outs
 
 
-def test_a_diverging_run_fails_alone_and_the_stack_goes_on(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+def nan_for_model_1_from_step_7(monkeypatch) -> None:
+    """From the stack's 7th step (epoch 2: 5 steps per epoch) on, model 1's bound reads NaN."""
     real_call = StackedStep.__call__
     calls = {"n": 0}
 
-    def nan_for_model_1_from_step_7(self, x):
+    def call(self, x):
         calls["n"] += 1
         out = real_call(self, x)
-        if calls["n"] >= 7:  # epoch 2 (5 steps per epoch): model 1's bound becomes NaN
+        if calls["n"] >= 7:
             out = out.clone()
             out[1, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(StackedStep, "__call__", nan_for_model_1_from_step_7)
+    monkeypatch.setattr(StackedStep, "__call__", call)
+
+
+def test_a_diverging_run_fails_alone_and_the_stack_goes_on(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
+    nan_for_model_1_from_step_7(monkeypatch)
     result = vaexp_main(*tiny_sweep("nan", "stack=true", "seed=0,1,2"))
     assert result.code != 0  # the sweep reports the failed job
     runs = sorted(_runs(tmp_path / "out/multirun/nan").values(), key=lambda d: d.name)
@@ -299,19 +304,25 @@ def test_stacked_jobs_that_differ_in_runtime_settings_alone_are_one_run(tiny_swe
         assert len(metrics["evals"]) == 1 and len(metrics["train"]["stacked_with"]) == 1
 
 
+def interrupt_at_call(monkeypatch, module, name: str, n: int):
+    """`module.name` raises KeyboardInterrupt (Ctrl-C) at its n-th call; returns the real one."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return real
+
+
 def test_a_stack_interrupted_in_its_final_evaluation_has_recorded_every_runs_training(
         tiny_sweep, tmp_path, vaexp_main, monkeypatch):
     from vaexp import evaluate
 
-    real, calls = evaluate.evaluate, {"n": 0}
-
-    def interrupted_at_the_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "evaluate", interrupted_at_the_second)
+    real = interrupt_at_call(monkeypatch, evaluate, "evaluate", 2)
     res = vaexp_main(*tiny_sweep("evki", "stack=true", "seed=0,1,2"))
     assert res.code == 130, res.err
     runs = sorted(_runs(tmp_path / "out/multirun/evki").values(), key=lambda d: d.name)
@@ -325,18 +336,7 @@ def test_a_stack_interrupted_in_its_final_evaluation_has_recorded_every_runs_tra
 
 
 def test_an_interrupted_stack_says_which_run_diverged(tiny_sweep, tmp_path, vaexp_main, monkeypatch):
-    real_call = StackedStep.__call__
-    calls = {"n": 0}
-
-    def nan_for_model_1_from_step_7(self, x):
-        calls["n"] += 1
-        out = real_call(self, x)
-        if calls["n"] >= 7:
-            out = out.clone()
-            out[1, 0] = float("nan")
-        return out
-
-    monkeypatch.setattr(StackedStep, "__call__", nan_for_model_1_from_step_7)
+    nan_for_model_1_from_step_7(monkeypatch)
     monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "9")
     res = vaexp_main(*tiny_sweep("nanint", "stack=true", "seed=0,1,2"))
     assert res.code == 130, res.err
@@ -350,15 +350,7 @@ def test_a_stack_interrupted_while_it_starts_removes_the_directories_it_made(tin
                                                                              monkeypatch):
     from vaexp.training import loop
 
-    real, calls = loop.open_run, {"n": 0}
-
-    def interrupted_at_the_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "open_run", interrupted_at_the_third)
+    interrupt_at_call(monkeypatch, loop, "open_run", 3)
     res = vaexp_main(*tiny_sweep("kistart", "stack=true", "seed=0,1,2"))
     assert res.code == 130, res.err
     sweep = tmp_path / "out/multirun/kistart"

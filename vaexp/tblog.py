@@ -56,6 +56,7 @@ class RunLogger:
             fw = self.writer._get_file_writer()
             for _ in range(2):
                 fw.add_event(Event(step=int(session), session_log=SessionLog(status=SessionLog.START)))
+            self.writer.flush()  # written now, not by the writer's thread after a rollback
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         for key, value in values.items():

@@ -408,7 +408,11 @@ def train(cfg: Any, run_dir: Path, stop: Optional[Stop] = None) -> Dict:
         data = load_dataset(cfg.dataset, device)
         ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)
         run = open_run(cfg, run_dir, data, device)
-        _start([run], len(epoch_learning_rates(cfg.schedule)))
+        try:
+            _start([run], len(epoch_learning_rates(cfg.schedule)))
+        except BaseException:
+            _close_logs([run])
+            raise
         result = fit([run], data, device, stop)[0]
     if isinstance(result, Exception):
         raise result
@@ -433,11 +437,21 @@ def train_stacked(cfgs: Sequence[Any], run_dirs: Sequence[Path], stop: Optional[
         data = load_dataset(cfgs[0].dataset, device)
         for cfg in cfgs:
             ev.check_test_size(cfg.eval, data.test.shape[0], cfg.dataset.name)
-        runs = [open_run(cfg, Path(d), data, device) for cfg, d in zip(cfgs, run_dirs)]
+        runs: List[Run] = []
+        try:
+            for cfg, d in zip(cfgs, run_dirs):
+                runs.append(open_run(cfg, Path(d), data, device))
+        except BaseException:  # (Ctrl-C too) the opened runs' event files closed before anything rolls back
+            _close_logs(runs)
+            raise
         positions = {(r.state["epoch"], r.state["step"], r.state["global_step"]) for r in runs}
         if len(positions) != 1 or len({r.resumed for r in runs}) != 1:
             _close_logs(runs)
             raise VaexpError(f"stacked runs must continue from the same point; their checkpoints are at "
                              f"(epoch, step, global step) {sorted(positions)}")
-        _start(runs, len(epoch_learning_rates(cfgs[0].schedule)))
+        try:
+            _start(runs, len(epoch_learning_rates(cfgs[0].schedule)))
+        except BaseException:
+            _close_logs(runs)
+            raise
         return fit(runs, data, device, stop)
