@@ -297,9 +297,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
         # (a run that diverged first is not saved: its divergence is recorded and said, not lost)
         diverged = [r for r in runs if r.error is not None]
         for r in diverged:
-            if r.saved_state is not None:  # its earlier evaluations are now of a diverged run
-                rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
-                                       create=False)
+            _record_divergence(r, n_epochs)
         for r in runs:
             r.log.close()
         if len(diverged) == n_runs:  # nothing was kept: the divergence is the result (see _record)
@@ -331,13 +329,17 @@ def _close_logs(runs: Sequence[Run]) -> None:
             pass
 
 
+def _record_divergence(r: Run, n_epochs: int) -> None:
+    if r.saved_state is not None:  # a run with earlier evaluations: they are now of a diverged run
+        rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
+                               create=False)
+
+
 def _record(r: Run, runs: List[Run], n_epochs: int, data: Dataset, device: torch.device) -> Union[Dict, VaexpError]:
     """The end of one run's training: recorded in metrics.json, its "train" returned (or its error:
     a non-finite bound, or metrics.json that cannot be written)."""
     if r.error is not None:
-        if r.saved_state is not None:  # a run with earlier evaluations: they are now of a diverged run
-            rundir.record_training(r.dir, rundir.training_record(r.saved_state, n_epochs, "diverged", r.error),
-                                   create=False)
+        _record_divergence(r, n_epochs)
         r.log.close()
         return NonFiniteBound(r.error)
     stacked = len(runs) > 1
