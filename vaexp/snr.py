@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,15 +189,6 @@ def _is_snr_record(record) -> bool:
         and "draws" in record and "schedule" not in record
 
 
-def _comparable(record: Dict) -> Dict:
-    """A recorded config as rundir compares settings, with run= absolute too (a run named by a
-    relative path, or through a link, is the same)."""
-    flat = rundir.described(record)
-    if isinstance(flat.get("run"), str) and flat["run"]:
-        flat["run"] = os.path.realpath(os.path.expanduser(flat["run"]))
-    return flat
-
-
 def check_out_dir(cfg, out_dir: Path) -> bool:
     """Whether `vaexp snr` with `cfg` may write into out_dir, read before anything is written there
     (by the callback before Hydra writes .hydra/, and by the command under the directory's lock):
@@ -231,7 +221,7 @@ def check_out_dir(cfg, out_dir: Path) -> bool:
     if not _is_snr_record(saved):
         raise rundir.RunDirTaken(f"{out_dir} holds the output of another command ({config} is not a vaexp snr "
                                  f"config); {_NEW_DIR}")
-    theirs, ours = _comparable(saved), _comparable(recorded_config(cfg))
+    theirs, ours = rundir.described(saved), rundir.described(recorded_config(cfg))
     diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if diffs:
         shown = ", ".join(f"{k}={ours.get(k)} (saved: {theirs.get(k)})" for k in diffs[:4])

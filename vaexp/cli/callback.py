@@ -205,8 +205,6 @@ def _check_shared_job_dirs(jobs, job_dirs) -> None:
             continue
         task = rundir.task_config(job_cfg)
         settings = rundir.described(apply_mk(task) if "mk" in task else task)
-        if isinstance(settings.get("run"), str) and settings["run"]:  # vaexp snr's run=, however named
-            settings["run"] = os.path.realpath(os.path.expanduser(settings["run"]))
         seen = first.setdefault(os.path.abspath(str(job_dir)), (job_overrides, settings))
         diffs = [k for k in sorted(set(settings) | set(seen[1])) if settings.get(k) != seen[1].get(k)]
         if diffs:

@@ -250,10 +250,13 @@ def _resumable(flat: Dict[str, Any]) -> str:
 
 
 def described(cfg) -> Dict[str, Any]:
-    """A config (or its dict) as settings are compared: flattened, data paths absolute, without the
+    """A config (or its dict) as settings are compared: flattened, data paths absolute, vaexp snr's
+    run= resolved (a run named by a relative path, or through a link, is the same), without the
     runtime-only ones (they do not describe the run)."""
-    flat = flatten(cfg if isinstance(cfg, dict) else as_dict(cfg))
-    return {k: v for k, v in absolute_data_paths(flat).items() if not covers(RUNTIME_ONLY, k)}
+    flat = absolute_data_paths(flatten(cfg if isinstance(cfg, dict) else as_dict(cfg)))
+    if isinstance(flat.get("run"), str) and flat["run"]:
+        flat["run"] = os.path.realpath(os.path.expanduser(flat["run"]))
+    return {k: v for k, v in flat.items() if not covers(RUNTIME_ONLY, k)}
 
 
 def with_absolute_data_paths(cfg: DictConfig) -> DictConfig:
