@@ -136,7 +136,8 @@ def _fresh(code: str, **env) -> dict:
     """Run `code` in a fresh interpreter (set-up acts once per process, before torch's first parallel op)."""
     import os
 
-    full = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", runtime.THREADS_ENV, runtime.FLUSH_ENV)}
+    ours = ("OMP_NUM_THREADS", runtime.THREADS_ENV, runtime.FLUSH_ENV, runtime.MKL_CBWR_ENV)
+    full = {k: v for k, v in os.environ.items() if k not in ours}
     full.update(env)
     # A hang guard, not a speed test: the compiled steps with an empty compiler cache took over 120 s
     # on 2 cores shared with other work.
@@ -163,6 +164,51 @@ def test_setup_takes_the_thread_count_from_the_settings():
     assert _fresh(SETUP.format(threads=None), OMP_NUM_THREADS="1")["threads"] == 1
     governed = _fresh(SETUP.format(threads=None))
     assert "governed" in governed["info"]["threads"] and 1 <= governed["threads"] <= runtime.cores()
+
+
+BROAD_GEMMS = """
+import json, os, torch
+{first}
+from vaexp import runtime
+differs = []  # Burda's layer shapes, forward, dx and dW products, at 1 and 2 threads
+for rows in (20, 100, 1000, 2560):
+    for n_in, n_out in ((784, 200), (200, 200), (200, 100), (50, 200), (200, 784), (100, 50)):
+        g = torch.Generator().manual_seed(rows + n_in + n_out)
+        a, w, d = (torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g),
+                   torch.randn(rows, n_out, generator=g))
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append((a @ w.t(), d @ w, d.t() @ a))
+        differs += [not torch.equal(x, y) for x, y in zip(*out)]
+print(json.dumps({{"mode": os.environ.get("MKL_CBWR"), "probe": runtime.gemm_thread_invariant(),
+                  "all_equal": not any(differs)}}))
+"""
+
+
+def test_importing_vaexp_makes_gemms_independent_of_the_thread_count():
+    """MKL on an Intel AVX-512 CPU splits GEMM sums between threads unless it runs in its strict
+    mode, which it reads at its first GEMM: `import vaexp` asks for it; a mode the user set is kept,
+    and the probe setup() relies on sees what a sweep over Burda's shapes sees."""
+    if runtime.cores() < 2:
+        pytest.skip("needs 2 cores")
+    ours = _fresh(BROAD_GEMMS.format(first="import vaexp"))
+    assert ours == {"mode": "AUTO,STRICT", "probe": True, "all_equal": True}
+    theirs = _fresh(BROAD_GEMMS.format(first="import vaexp"), MKL_CBWR="AUTO")
+    assert theirs["mode"] == "AUTO" and theirs["probe"] == theirs["all_equal"]  # False on an AVX-512 Xeon
+    late = _fresh(BROAD_GEMMS.format(first="torch.ones(8, 8) @ torch.ones(8, 8); import vaexp"), MKL_CBWR="AUTO")
+    assert late["probe"] == late["all_equal"]
+
+
+def test_setup_keeps_the_thread_count_fixed_where_gemms_depend_on_it():
+    code = ("import json, warnings, torch; from vaexp import runtime; runtime._gemm_invariant = False; "
+            "warnings.simplefilter('error', RuntimeWarning)\n"
+            "try:\n    runtime.setup()\n    said = ''\nexcept RuntimeWarning as w:\n    said = str(w)\n"
+            "warnings.simplefilter('ignore'); runtime._setup_done.clear(); info = runtime.setup()\n"
+            "print(json.dumps({'said': said, 'threads': str(info['threads']), 'governor': runtime._governor is None}))")
+    res = _fresh(code)
+    assert "other bits at 1 and 2 threads" in res["said"] and "MKL_CBWR=AUTO,STRICT" in res["said"]
+    assert res["threads"].isdigit() and res["governor"]  # a fixed count, no governor thread
 
 
 INVARIANCE = """

@@ -2,8 +2,9 @@
 
 :func:`setup` (the CLI calls it first thing in train/eval/snr jobs): subnormal floats flushed to
 zero, the intra-op thread count from the cores actually free (a governor keeps it there while
-the run goes on), and on CUDA one GPU per parallel job. :func:`tune_cpu_allocator` (the CLI, at
-start) keeps big CPU temporaries mapped. Invariants: thread counts and the allocator change
+the run goes on; the count stays fixed where GEMMs depend on it: :func:`ask_strict_gemm`), and
+on CUDA one GPU per parallel job. :func:`tune_cpu_allocator` (the CLI, at start) keeps big CPU
+temporaries mapped. Invariants: thread counts and the allocator change
 speed, never results (a step and the evaluation are bit-identical with 1 and 2 threads:
 tests/test_runtime.py); flushing subnormals changes results in the last bits against a run that
 does not flush (every vaexp process flushes unless VAEXP_FLUSH_DENORMAL=0, so resumed runs match
@@ -24,6 +25,8 @@ THREADS_ENV = "VAEXP_THREADS"        # a fixed intra-op thread count (no governo
 COMPILE_ENV = "VAEXP_COMPILE"        # "0": no torch.compile'd path (the plain formula, the eager step)
 GEMM_ENV = "VAEXP_GEMM"              # the dense layers' GEMM kernel (vaexp.models.dense)
 GEMM_BACKENDS = ("auto", "onednn", "aten")
+MKL_CBWR_ENV = "MKL_CBWR"            # MKL's numerical-reproducibility mode, read at its first GEMM
+STRICT_GEMM = "AUTO,STRICT"
 # The governor: how often it samples /proc/stat, and how much of a core other processes may use
 # before a thread gives way (0.3: a shell or an editor does not count; a busy process does).
 SAMPLE_S = 0.25
@@ -70,6 +73,44 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# -- GEMMs whose bits do not depend on the thread count ---------------------------------------------
+
+def ask_strict_gemm() -> None:
+    """Ask MKL for its strict reproducibility mode unless the user chose a mode ($MKL_CBWR).
+
+    On Intel CPUs with AVX-512 (a Xeon with AVX-512/AMX, torch 2.13) MKL splits the inner sum of
+    float32 GEMMs between threads for many of Burda's shapes (784->200 on <= 100 rows, every dW on
+    >= 1000 rows): 1 and 2 threads gave other bits, so the thread governor and a resume on another
+    thread count changed results. STRICT makes ?gemm's bits independent of the thread count (the
+    same Xeon: 2-thread rates on those shapes within ~10%). MKL reads the variable once, at its
+    first GEMM, so `import vaexp` sets it (vaexp/__init__.py); setup() checks it took effect."""
+    os.environ.setdefault(MKL_CBWR_ENV, STRICT_GEMM)
+
+
+_gemm_invariant: Optional[bool] = None
+
+
+def gemm_thread_invariant() -> bool:
+    """Whether float32 GEMMs on shapes MKL would split between threads give the same bits at 1 and
+    2 threads in this process (cached: MKL's mode is fixed at its first GEMM)."""
+    global _gemm_invariant
+    if _gemm_invariant is None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a, w = torch.randn(60, 784, generator=g), torch.randn(200, 784, generator=g)
+        b, c = torch.randn(1000, 200, generator=g), torch.randn(1000, 100, generator=g)
+        old, out = torch.get_num_threads(), []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out.append((a @ w.t(), c.t() @ b))  # a forward and a dW product
+        finally:
+            torch.set_num_threads(old)
+        _gemm_invariant = all(torch.equal(x, y) for x, y in zip(*out))
+    return _gemm_invariant
 
 
 # -- subnormals ------------------------------------------------------------------------------------
@@ -323,14 +364,24 @@ def setup(jobs: int = 1, threads: Optional[int] = None,
         info["flush_denormal"] = False
         warnings.warn("vaexp: subnormals are not flushed (torch's worker threads started before "
                       "vaexp.runtime.setup; call it before the first parallel op)", RuntimeWarning, stacklevel=2)
+    if g is not None and not gemm_thread_invariant():
+        # A governor would change results whenever it changed the count: the cores free now, fixed.
+        warnings.warn(f"vaexp: float32 matmuls give other bits at 1 and 2 threads here ({MKL_CBWR_ENV}="
+                      f"{os.environ.get(MKL_CBWR_ENV, '<unset>')}, or MKL ran its first matmul before vaexp "
+                      f"set {STRICT_GEMM}): the thread count stays fixed for this run, and a resume with "
+                      f"another count will differ in the last bits; fix: set {MKL_CBWR_ENV}={STRICT_GEMM} "
+                      f"(or import vaexp before torch's first matmul)", RuntimeWarning, stacklevel=2)
+        governor = False
     if g is not None:
         g.wanted = threads_for(g.measure(0.1) or 0.0, g.n_cores, budget)  # the cores free now
         torch.set_num_threads(g.wanted)
         _applied = g.wanted
         if governor and sys.platform.startswith("linux"):
             g.start()
-        _governor = g
-        info["threads"] = f"{g.wanted} (governed, at most {budget})"
+            _governor = g
+            info["threads"] = f"{g.wanted} (governed, at most {budget})"
+        else:
+            info["threads"] = g.wanted
     _setup_done.update(info)
     return info
 

@@ -16,8 +16,8 @@ dtypes, torch.func transforms, dispatch modes, backend aten, small layers) it is
 activation. Invariants: values and gradients equal the plain formula's up to float rounding
 (tests/test_dense.py); which kernel runs depends on the backend, the device, the CPU (vendor and AVX-512),
 eager or compiled, and the shapes only, never on history or the thread count (both kernels give the same
-bits at 1 and 2 threads on the shapes routed to them: tests/test_runtime.py), so a resumed run
-computes what it would have.
+bits at 1 and 2 threads on the shapes routed to them, MKL in the strict mode `import vaexp` asks for:
+vaexp.runtime.ask_strict_gemm, tests/test_runtime.py), so a resumed run computes what it would have.
 """
 from __future__ import annotations
 

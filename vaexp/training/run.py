@@ -13,6 +13,7 @@ continues bit for bit (on another kind of device: a new stream, with a warning).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,9 @@ def kernels(device: torch.device) -> Dict[str, Any]:
     """What, besides the config, decides a run's last bits on this machine (recorded with every
     checkpoint: a resume under other kernels continues correctly, but not bit for bit)."""
     return {"gemm": dense.kernel_name(device), "flush_denormal": runtime.denormals_flushed(),
-            "compile": runtime.compiling()}
+            "compile": runtime.compiling(),
+            # MKL's reproducibility mode (vaexp.runtime.ask_strict_gemm); not recorded before 2026-12
+            "mkl_cbwr": os.environ.get(runtime.MKL_CBWR_ENV) if device.type == "cpu" else None}
 
 
 def _note_kernel_change(run: Run, device: torch.device) -> None:
