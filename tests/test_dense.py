@@ -188,7 +188,19 @@ def test_the_backend_rule(monkeypatch):
     assert not dense.uses_onednn(torch.device("cuda"))
     with dense.backend("auto"):
         monkeypatch.setattr(dense, "_vendor_wants_onednn", False)  # an Intel CPU: MKL's own kernels
-        assert not dense.uses_onednn(cpu)
+        monkeypatch.setattr(dense, "_vendor_wants_onednn_eval", True)  # ... with AVX-512: oneDNN without gradients
+        assert not dense.uses_onednn(cpu) and dense.uses_onednn(cpu, differentiable=False)
+        assert dense.kernel_name(cpu) == "aten"  # the training's kernels
+        called = []
+        monkeypatch.setattr(dense, "_dnn", lambda *a: called.append(a[3]) or dense.F.linear(*a[:3]).tanh())
+        x, w, b, _ = _inputs((300,), 784, 200)
+        with torch.no_grad():
+            dense.linear(x, w, b, "tanh")
+        assert called == ["tanh"]  # the evaluation's layer: one oneDNN call with the activation fused
+        dense.linear(x, w, b, "tanh")
+        assert called == ["tanh"]  # with gradients: MKL
+        monkeypatch.undo()
+        monkeypatch.setattr(dense, "_works", True)
         monkeypatch.setattr(dense, "_vendor_wants_onednn", True)   # e.g. AMD with AVX-512: MKL's AVX2 path
         assert dense.uses_onednn(cpu) and dense.kernel_name(cpu) == "onednn+mkl"
         # small layers stay on MKL: burda1's at k = 5 with gradients, a 200->200 layer on 20 rows without
@@ -224,8 +236,10 @@ def test_onednn_only_where_mkl_would_leave_avx512_unused(tmp_path):
     assert not dense.read_avx512(str(tmp_path / "missing"))
     assert dense.vendor_wants_onednn("AuthenticAMD", True)        # e.g. Zen 4/5: MKL's AVX2 path
     assert not dense.vendor_wants_onednn("AuthenticAMD", False)   # AVX2-only: both run AVX2 code
-    assert not dense.vendor_wants_onednn("GenuineIntel", True)    # MKL's own AVX-512 kernels
-    assert not dense.vendor_wants_onednn("", True)                # unknown vendor
+    assert not dense.vendor_wants_onednn("GenuineIntel", True)    # MKL's own AVX-512 kernels for training,
+    assert dense.vendor_wants_onednn("GenuineIntel", True, differentiable=False)  # oneDNN's fusion for eval
+    assert not dense.vendor_wants_onednn("GenuineIntel", False, differentiable=False)
+    assert not dense.vendor_wants_onednn("", True) and not dense.vendor_wants_onednn("", True, False)  # unknown
 
 
 def test_the_plain_formula_where_onednn_does_not_apply():

@@ -4,7 +4,8 @@ PyTorch's CPU build runs float32 matmuls through MKL, and MKL takes its AVX2 cod
 non-Intel CPUs: on the Zen 5 VM measured here (AVX-512) MKL reached ~110 GFLOP/s per core on
 Burda's layer shapes and oneDNN (in every PyTorch CPU build too) ~230. With backend auto on a
 non-Intel x86 CPU with AVX-512 (on an AVX2-only one both libraries run AVX2 code:
-:func:`vendor_wants_onednn`), :func:`linear` therefore runs a layer's forward and ∂x GEMMs through
+:func:`vendor_wants_onednn`), and on Intel's with AVX-512 for layers with nothing to differentiate
+(the evaluation), :func:`linear` therefore runs a layer's forward and ∂x GEMMs through
 oneDNN for layers of at least MIN_MACS multiply-adds (smaller ones are launch-bound) and MIN_ROWS
 rows, the others on MKL, with tanh/relu fused into the forward GEMM's epilogue (their backward
 needs only y), and ∂W on MKL (in compiled graphs on oneDNN for widening and square layers on many
@@ -101,12 +102,18 @@ def read_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512f" in _cpuinfo_field("flags", cpuinfo).split()
 
 
-def vendor_wants_onednn(vendor: str, avx512: bool) -> bool:
+def vendor_wants_onednn(vendor: str, avx512: bool, differentiable: bool = True) -> bool:
     """backend auto's rule: oneDNN where MKL would leave AVX-512 unused (a non-Intel CPU with it).
     Measured on an AVX2-only AMD EPYC (Zen 1, 2 threads, interleaved rounds), MKL against oneDNN:
     compiled burda1 steps at k = 5 9% faster, k = 50 2%, DReG 5%; the K = 5000 evaluation 2% slower
-    (within the VM's noise); so an unknown vendor, Intel and AVX2-only CPUs keep MKL."""
-    return vendor not in ("GenuineIntel", "") and avx512
+    (within the VM's noise); so an unknown vendor, Intel and AVX2-only CPUs keep MKL for training.
+    Layers with nothing to differentiate (the evaluation) go to oneDNN on Intel's AVX-512 CPUs
+    too: on a 2-core AVX-512 Xeon VM the K = 5000 evaluation ran at 85 against 72.5 images/s (oneDNN
+    fuses the bias and tanh into the GEMM; MKL's addmm first copies the bias into the output and
+    tanh is a pass of its own), while compiled training steps on oneDNN were 5-12% slower there."""
+    if not avx512 or vendor == "":
+        return False
+    return vendor != "GenuineIntel" or not differentiable
 
 
 def cpu_vendor() -> str:
@@ -120,23 +127,27 @@ def onednn_works() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def uses_onednn(device: torch.device) -> bool:
-    """Whether big float32 GEMMs on `device` go through oneDNN under the current backend."""
+def uses_onednn(device: torch.device, differentiable: bool = True) -> bool:
+    """Whether big float32 GEMMs on `device` go through oneDNN under the current backend (layers
+    with or without gradients to compute)."""
     if device.type != "cpu" or _backend == "aten" or not _works:
         return False
     if _backend == "onednn":
         return True
-    # auto: oneDNN on non-Intel CPUs with AVX-512, MKL's own kernels elsewhere (vendor_wants_onednn).
-    return _vendor_wants_onednn
+    # auto: oneDNN on non-Intel CPUs with AVX-512, and on Intel's without gradients; MKL's own
+    # kernels elsewhere (vendor_wants_onednn).
+    return _vendor_wants_onednn if differentiable else _vendor_wants_onednn_eval
 
 
 # Read once, at import (torch.compile then sees constants).
 _works = onednn_works()
 _vendor_wants_onednn = vendor_wants_onednn(cpu_vendor(), read_avx512())
+_vendor_wants_onednn_eval = vendor_wants_onednn(cpu_vendor(), read_avx512(), differentiable=False)
 
 
 def kernel_name(device: torch.device) -> str:
-    """What runs a big layer's GEMMs on `device` (a run records it with its results)."""
+    """What runs a big training layer's GEMMs on `device` (a run records it with its results; the
+    evaluation's kernels are a fixed rule of the CPU and the backend too: :func:`uses_onednn`)."""
     return "onednn+mkl" if uses_onednn(device) else "aten"
 
 
@@ -264,7 +275,7 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, act: Optional[str] 
     differentiable = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                   or (b is not None and b.requires_grad))
     if (act not in PLAIN or (act is not None and act not in FUSED) or x.dtype != torch.float32
-            or w.dtype != torch.float32 or x.dim() < 2 or not uses_onednn(x.device)
+            or w.dtype != torch.float32 or x.dim() < 2 or not uses_onednn(x.device, differentiable)
             or (not traced and (torch._C._are_functorch_transforms_active()
                                 or torch._C._len_torch_dispatch_stack() > 0))):
         return _plain(x, w, b, act)
