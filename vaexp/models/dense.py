@@ -141,8 +141,9 @@ def uses_onednn(device: torch.device, differentiable: bool = True) -> bool:
 
 # Read once, at import (torch.compile then sees constants).
 _works = onednn_works()
-_vendor_wants_onednn = vendor_wants_onednn(cpu_vendor(), read_avx512())
-_vendor_wants_onednn_eval = vendor_wants_onednn(cpu_vendor(), read_avx512(), differentiable=False)
+_avx512 = read_avx512()
+_vendor_wants_onednn = vendor_wants_onednn(cpu_vendor(), _avx512)
+_vendor_wants_onednn_eval = vendor_wants_onednn(cpu_vendor(), _avx512, differentiable=False)
 
 
 def kernel_name(device: torch.device) -> str:
