@@ -188,6 +188,7 @@ def test_stacked_sweep_matches_separate_runs(tiny_sweep, tmp_path, vaexp_main):
             assert torch.allclose(value, _params(alone[name])[key], atol=1e-4), (name, key)
     # A stacked run is an ordinary run: `vaexp eval` and resume=<dir> work as on any other.
     run = stacked[sorted(stacked)[-1]]
+    steps_before = json.loads((run / "metrics.json").read_text())["train"]["steps"]
     assert vaexp_main("eval", str(run), "progress=false").code == 0
     twin = alone[run.name]
     outs = []
@@ -197,6 +198,11 @@ def test_stacked_sweep_matches_separate_runs(tiny_sweep, tmp_path, vaexp_main):
         outs.append(res.out)
     a, b = json.loads((run / "metrics.json").read_text()), json.loads((twin / "metrics.json").read_text())
     assert a["train"]["epochs"] == 3 and abs(a["test"]["nll"] - b["test"]["nll"]) < 1e-3, outs
+    # Resumed alone, the run no longer names a stack, but keeps on record the one it was trained in.
+    assert "stacked_with" not in a["train"] and "stack_changes" not in b["train"]
+    others = sorted(n for n in stacked if n != run.name)
+    (change,) = a["train"]["stack_changes"]
+    assert change["step"] == steps_before and [sorted(c) for c in change["stacked_with"]] == [others, []], change
 
 
 def nan_for_model_1_from_step_7(monkeypatch) -> None:
@@ -242,6 +248,8 @@ def test_interrupted_stack_resumes_stacked_exactly(tiny_sweep, tmp_path, vaexp_m
     for name, run in cut.items():
         for key, value in _params(run).items():
             assert torch.allclose(value, _params(whole[name])[key], atol=1e-6), (name, key)
+        train = json.loads((run / "metrics.json").read_text())["train"]  # resumed in the same stack: no change
+        assert "stack_changes" not in train and train["stacked_with"] == [n for n in cut if n != name], train
 
 
 def test_stacked_sweep_of_the_new_estimators_with_diagnostics(tiny_sweep, tmp_path, vaexp_main):

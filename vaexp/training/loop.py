@@ -34,7 +34,7 @@ from vaexp.runtime import resolve_device
 from vaexp.schedule import epoch_learning_rates
 from vaexp.training import capture
 from vaexp.training.diagnostics import loop_diagnostics
-from vaexp.training.run import NonFiniteBound, Run, epoch_seed, open_run
+from vaexp.training.run import NonFiniteBound, Run, epoch_seed, note_stack, open_run
 from vaexp.training.step import METRICS, make_step, spec_of, stack_key
 
 
@@ -158,6 +158,8 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     Raises Interrupted when stopped (every run checkpointed)."""
     cfg0, n_runs = runs[0].cfg, len(runs)
     stop = stop or Stop()
+    for r in runs:
+        note_stack(r, [o.dir.name for o in runs if o is not r])
     step = make_step([r.model for r in runs], [spec_of(r.cfg) for r in runs], [r.eps_gen for r in runs],
                      [r.saved_optimizer for r in runs], cfg0.schedule, device)
     diagnostics = loop_diagnostics(runs, data.valid, device)  # None unless diagnostics.every is set

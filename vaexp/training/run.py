@@ -2,7 +2,9 @@
 
 ``state`` (saved in the checkpoint) is the run's position: ``epoch`` (epochs completed),
 ``step`` (steps done in the current epoch; 0 between epochs), ``global_step``, ``wall_time``
-(training seconds so far) and ``history`` (per epoch: train bound, valid bound, lr). A
+(training seconds so far), ``history`` (per epoch: train bound, valid bound, lr), and what
+besides the config decides its last bits: ``kernels``, ``stacked_with`` and the changes a resume
+made to them (``kernel_changes``, ``stack_changes``). A
 checkpoint also holds ``epoch_acc``: the float64 sums of the step metrics over the steps done in
 a part-done epoch, so a resumed epoch's mean covers all its steps, and ``log_acc`` / ``log_n``,
 those since the last TensorBoard point, so a resumed run logs the same points at the same steps.
@@ -163,6 +165,8 @@ class Run:
             train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
         if stacked_with is not None:
             train["stacked_with"] = stacked_with
+        if self.state.get("stack_changes"):
+            train["stack_changes"] = self.state["stack_changes"]  # resumed in another stack (note_stack)
         return train
 
 
@@ -191,6 +195,19 @@ def _note_kernel_change(run: Run, device: torch.device) -> None:
                   f"({what}): the resumed run continues correctly, but from step {step} not bit for bit as it "
                   f"would have (metrics.json records the change as train.kernel_changes)", RuntimeWarning,
                   stacklevel=3)
+
+
+def note_stack(run: Run, others: List[str]) -> None:
+    """Keep in the run's state the runs it trains stacked with from now on (the job directories'
+    names; [] alone), and when a resume changes them, the change for metrics.json's
+    train.stack_changes: train.stacked_with names the latest stack only, and a stack rounds
+    differently from a lone run, so an earlier one must stay on record. A checkpoint from
+    before stacks were recorded says nothing of its stack."""
+    before = run.state.get("stacked_with")
+    if run.resumed and before is not None and sorted(before) != sorted(others):
+        run.state.setdefault("stack_changes", []).append(
+            {"step": run.state["global_step"], "stacked_with": [list(before), list(others)]})
+    run.state["stacked_with"] = list(others)
 
 
 def open_run(cfg: Any, run_dir: Path, data: Dataset, device: torch.device) -> Run:
