@@ -341,6 +341,12 @@ def test_a_stack_interrupted_in_its_final_evaluation_has_recorded_every_runs_tra
     monkeypatch.setattr(evaluate, "evaluate", real)
     res = vaexp_main("report", tmp_path / "out/multirun/evki", "plots=false")
     assert res.code == 0 and "vaexp eval" in res.out, res.out
+    # Resumed alone only to be evaluated, a trained run trains in no stack: its record stays the stack's.
+    res = vaexp_main("train", f"resume='{runs[1]}'", "progress=false")
+    assert res.code == 0 and "evaluating" in res.out, res.out + res.err
+    metrics = json.loads((runs[1] / "metrics.json").read_text())
+    assert "test" in metrics and metrics["train"]["stacked_with"] == [runs[0].name, runs[2].name], metrics["train"]
+    assert "stack_changes" not in metrics["train"]
 
 
 def test_an_interrupted_stack_says_which_run_diverged(tiny_sweep, tmp_path, vaexp_main, monkeypatch):

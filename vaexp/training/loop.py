@@ -158,8 +158,6 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     Raises Interrupted when stopped (every run checkpointed)."""
     cfg0, n_runs = runs[0].cfg, len(runs)
     stop = stop or Stop()
-    for r in runs:
-        note_stack(r, [o.dir.name for o in runs if o is not r])
     step = make_step([r.model for r in runs], [spec_of(r.cfg) for r in runs], [r.eps_gen for r in runs],
                      [r.saved_optimizer for r in runs], cfg0.schedule, device)
     diagnostics = loop_diagnostics(runs, data.valid, device)  # None unless diagnostics.every is set
@@ -169,6 +167,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     steps_per_epoch = n_train // batch  # fixed batch shape; the remainder changes with every permutation
     if steps_per_epoch < 1:
         raise VaexpError(f"batch_size={batch}: larger than the {n_train} training images; lower batch_size")
+    for r in runs:
+        if r.state["epoch"] < n_epochs:  # (a finished run resumed only to be evaluated trains in no stack)
+            note_stack(r, [o.dir.name for o in runs if o is not r])
     # fast=auto: on CUDA the whole step as one captured CUDA graph, on a CPU (long runs) compiled.
     rows = n_epochs * steps_per_epoch * int(cfg0.m) * int(cfg0.k) * batch
     step_fn = capture.fast_step(cfg0.fast, device, step, rows) or step
@@ -318,7 +319,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                           f"or resume=<dir> to continue one alone")
     # Every run's training recorded before any evaluation: a stack interrupted while it evaluates
     # one run leaves the others trained and recorded, not only checkpointed.
-    trained = [_record(r, runs, n_epochs, data, device) for r in runs]
+    trained = [_record(r, n_epochs, data, device) for r in runs]
     return [t if isinstance(t, Exception) else _finish(r, runs, i, n_epochs, data, device, t)
             for i, (r, t) in enumerate(zip(runs, trained))]
 
@@ -337,15 +338,14 @@ def _record_divergence(r: Run, n_epochs: int) -> None:
                                create=False)
 
 
-def _record(r: Run, runs: List[Run], n_epochs: int, data: Dataset, device: torch.device) -> Union[Dict, VaexpError]:
+def _record(r: Run, n_epochs: int, data: Dataset, device: torch.device) -> Union[Dict, VaexpError]:
     """The end of one run's training: recorded in metrics.json, its "train" returned (or its error:
     a non-finite bound, or metrics.json that cannot be written)."""
     if r.error is not None:
         _record_divergence(r, n_epochs)
         r.log.close()
         return NonFiniteBound(r.error)
-    stacked = len(runs) > 1
-    train = r.train_summary(device, data, stacked_with=[o.dir.name for o in runs if o is not r] if stacked else None)
+    train = r.train_summary(device, data)
     try:
         rundir.record_training(r.dir, rundir.training_record(r.state, n_epochs, "trained"), train=train)
     except OSError as err:

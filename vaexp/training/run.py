@@ -153,7 +153,7 @@ class Run:
         values, differs = tblog.hparams(self.cfg, tblog.varied_keys(self.dir))
         self.log.hparams(values, differs, hparam_metrics(summary["test"], summary["train"]), self.state["global_step"])
 
-    def train_summary(self, device: torch.device, data: Dataset, stacked_with: Optional[List[str]] = None) -> Dict:
+    def train_summary(self, device: torch.device, data: Dataset) -> Dict:
         """metrics.json's "train": the training as it happened (epochs and steps done)."""
         # train.bound, or train.jvi_estimate for jvi (not a bound)
         train = {**rundir.last_trained(self.state["history"], self.objective.quantity),
@@ -163,8 +163,8 @@ class Run:
                  **kernels(device)}  # GEMM kernel, subnormals flushed, compiled paths allowed
         if self.state.get("kernel_changes"):
             train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
-        if stacked_with is not None:
-            train["stacked_with"] = stacked_with
+        if self.state.get("stacked_with"):
+            train["stacked_with"] = self.state["stacked_with"]  # the stack of its latest training (note_stack)
         if self.state.get("stack_changes"):
             train["stack_changes"] = self.state["stack_changes"]  # resumed in another stack (note_stack)
         return train
