@@ -450,10 +450,11 @@ def test_a_resume_under_other_kernels_says_so_and_records_it(tmp_path, vaexp_mai
     monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     assert rundir.load_checkpoint(run)["state"]["kernels"]["compile"] is True
     monkeypatch.setenv("VAEXP_COMPILE", "0")
-    with pytest.warns(RuntimeWarning, match=r"other kernels .*\(compile True -> False\).* from step 3 not bit for bit"):
+    with pytest.warns(RuntimeWarning, match=r"other kernels .*\(compile True -> False, tanh cephes -> torch\).* "
+                                            r"from step 3 not bit for bit"):
         res = vaexp_main("train", f"resume={run}", "progress=false")
     assert res.code == 0, res.err
-    assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "compile": [True, False]}]
+    assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "compile": [True, False], "tanh": ["cephes", "torch"]}]
     same = tmp_path / "same"                                  # the same kernels: nothing said, nothing kept
     monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
     assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={same}").code == 130
@@ -464,6 +465,31 @@ def test_a_resume_under_other_kernels_says_so_and_records_it(tmp_path, vaexp_mai
     assert res.code == 0, res.err
     assert not [w for w in said if "other kernels" in str(w.message)]
     assert "kernel_changes" not in metrics(same)["train"]
+
+
+@pytest.mark.parametrize("compile_then", [True, False])
+def test_a_checkpoint_from_before_the_tanh_record_reads_as_torch_tanh(tmp_path, vaexp_main, monkeypatch, compile_then):
+    """Checkpoints written before kernels recorded the compiled graphs' tanh had torch's: resumed
+    where vaexp may compile (so the Cephes form), that is a change and says so; where it may not, nothing changed."""
+    run = tmp_path / "run"
+    if not compile_then:
+        monkeypatch.setenv("VAEXP_COMPILE", "0")
+    monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
+    assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={run}").code == 130
+    monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
+    ck = rundir.load_checkpoint(run)
+    assert ck["state"]["kernels"].pop("tanh") == ("cephes" if compile_then else "torch")
+    torch.save(ck, run / rundir.CHECKPOINT)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        res = vaexp_main("train", f"resume={run}", "progress=false")
+    assert res.code == 0, res.err
+    told = [str(w.message) for w in said if "other kernels" in str(w.message)]
+    if compile_then:
+        assert len(told) == 1 and "(tanh torch -> cephes)" in told[0]
+        assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "tanh": ["torch", "cephes"]}]
+    else:
+        assert not told and "kernel_changes" not in metrics(run)["train"]
 
 
 def test_a_sigterm_between_the_callback_and_the_command_leaves_nothing(tmp_path, vaexp_main, monkeypatch):

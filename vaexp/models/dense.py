@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from vaexp.models import activation
 from vaexp.runtime import GEMM_BACKENDS as BACKENDS, GEMM_ENV as BACKEND_ENV
 
 # A layer goes through oneDNN from this many multiply-adds (rows x in x out) per GEMM. Eager with
@@ -51,7 +52,8 @@ MIN_ROWS = 64
 MIN_WEIGHT_GRAD_ROWS = 512
 # Activations oneDNN fuses into the GEMM (its eltwise post-ops), with their backward from y alone.
 FUSED = {"tanh": torch.ops.aten.tanh_backward, "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
-PLAIN = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus, None: None}
+# tanh: torch.tanh, or in compiled CPU graphs a faster formula of the same accuracy class (vaexp.models.activation)
+PLAIN = {"tanh": activation.tanh, "relu": torch.relu, "softplus": F.softplus, None: None}
 
 # (the CLI refuses another value of $VAEXP_GEMM with one line: vaexp.runtime.env_problem)
 _backend = os.environ.get(BACKEND_ENV) if os.environ.get(BACKEND_ENV) in BACKENDS else "auto"
@@ -311,7 +313,7 @@ class MLP(nn.Sequential):
             if isinstance(lin, nn.Linear) and name is not None:
                 h = linear(h, lin.weight, lin.bias, name)
             else:  # e.g. a stacked copy's StackedLinear (vaexp.models.stacked)
-                h = act(lin(h))
+                h = PLAIN[name](lin(h)) if name is not None else act(lin(h))
         return h
 
 

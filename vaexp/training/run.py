@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from vaexp import rundir, runtime
 from vaexp.data import Dataset
 from vaexp.errors import VaexpError
-from vaexp.models import build_model, dense
+from vaexp.models import activation, build_model, dense
 from vaexp.evaluate import format_table
 from vaexp.objectives import Objective, make_objective
 from vaexp import tblog
@@ -175,6 +175,8 @@ def kernels(device: torch.device) -> Dict[str, Any]:
     checkpoint: a resume under other kernels continues correctly, but not bit for bit)."""
     return {"gemm": dense.kernel_name(device), "flush_denormal": runtime.denormals_flushed(),
             "compile": runtime.compiling(),
+            # the tanh of compiled CPU graphs (vaexp.models.activation); torch's before 2026-12-03
+            "tanh": activation.compiled_form(device, runtime.compiling()),
             # MKL's reproducibility mode (vaexp.runtime.ask_strict_gemm); not recorded before 2026-12
             "mkl_cbwr": os.environ.get(runtime.MKL_CBWR_ENV) if device.type == "cpu" else None}
 
@@ -185,6 +187,8 @@ def _note_kernel_change(run: Run, device: torch.device) -> None:
     changed), and keep the change in the run's state for metrics.json's train.kernel_changes.
     A checkpoint from before kernels were recorded says nothing, and gets no warning."""
     before, now = run.state.get("kernels"), kernels(device)
+    if before and "tanh" not in before:  # written before the record had it: compiled graphs used torch.tanh
+        before = {**before, "tanh": "torch"}
     if not before or before == now:
         return
     changed = {key: [before.get(key), value] for key, value in now.items() if before.get(key) != value}
