@@ -1,12 +1,12 @@
 """tanh for the hidden layers: torch.tanh, except inside a torch.compile graph on a CPU.
 
 There the compiler's vectorised tanh (Sleef's tanhf, 1 ulp) costs ~4x its exp: on a 2-core
-AVX-512 Xeon VM 171 µs for a [1000, 200] layer, two of them 0.35 ms of a 7.3 ms burda1 k = 50
+AVX-512 Xeon VM 157-173 µs for a [1000, 200] layer, two of them 0.35 ms of a 7.3 ms burda1 k = 50
 step. :func:`tanh` computes it there as Cephes' tanhf does, an odd polynomial below |x| = 0.625
-and 1 − 2/(e^2|x| + 1) above, in 77 µs, within 1.4e-7 relative of the true tanh (torch.tanh:
+and 1 − 2/(e^2|x| + 1) above, in 85 µs, within 1.4e-7 relative of the true tanh (torch.tanh:
 6.3e-8; tests/test_activation.py); its backward is tanh's own, g·(1 − y²), from y alone.
-Invariants: odd, tanh(±0) = ±0, ±1 at ±inf, NaN at NaN; which formula runs depends on the device
-and eager or compiled only, never on history, so a resumed run computes what it would have
+Invariants: odd, tanh(±0) = ±0, ±1 at ±inf, NaN at NaN; which formula runs depends on the device,
+the dtype and eager or compiled only, never on history, so a resumed run computes what it would have
 (a compiled run differs from an eager one in the last bits, as with the compiled likelihood).
 """
 from __future__ import annotations
