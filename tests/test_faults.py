@@ -450,11 +450,12 @@ def test_a_resume_under_other_kernels_says_so_and_records_it(tmp_path, vaexp_mai
     monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     assert rundir.load_checkpoint(run)["state"]["kernels"]["compile"] is True
     monkeypatch.setenv("VAEXP_COMPILE", "0")
-    with pytest.warns(RuntimeWarning, match=r"other kernels .*\(compile True -> False, tanh cephes -> torch\).* "
-                                            r"from step 3 not bit for bit"):
+    with pytest.warns(RuntimeWarning, match=r"other kernels .*\(compile True -> False, tanh cephes -> torch, "
+                                            r"compiled_step graph -> None\).* from step 3 not bit for bit"):
         res = vaexp_main("train", f"resume={run}", "progress=false")
     assert res.code == 0, res.err
-    assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "compile": [True, False], "tanh": ["cephes", "torch"]}]
+    assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "compile": [True, False], "tanh": ["cephes", "torch"],
+                                                        "compiled_step": ["graph", None]}]
     same = tmp_path / "same"                                  # the same kernels: nothing said, nothing kept
     monkeypatch.setenv("VAEXP_INTERRUPT_AT_STEP", "3")
     assert vaexp_main("train", *TINY, "schedule.epochs=2", f"hydra.run.dir={same}").code == 130
@@ -468,9 +469,12 @@ def test_a_resume_under_other_kernels_says_so_and_records_it(tmp_path, vaexp_mai
 
 
 @pytest.mark.parametrize("compile_then", [True, False])
-def test_a_checkpoint_from_before_the_tanh_record_reads_as_torch_tanh(tmp_path, vaexp_main, monkeypatch, compile_then):
-    """Checkpoints written before kernels recorded the compiled graphs' tanh had torch's: resumed
-    where vaexp may compile (so the Cephes form), that is a change and says so; where it may not, nothing changed."""
+def test_a_checkpoint_from_before_the_tanh_and_step_records_reads_as_their_old_forms(tmp_path, vaexp_main, monkeypatch,
+                                                                                  compile_then):
+    """Checkpoints written before kernels recorded the compiled graphs' tanh had torch's, and before
+    they recorded the compiled step's form the step was the autograd one: resumed where vaexp may
+    compile (so the Cephes tanh and the one-graph step), that is a change and says so; where it may
+    not, nothing changed."""
     run = tmp_path / "run"
     if not compile_then:
         monkeypatch.setenv("VAEXP_COMPILE", "0")
@@ -479,6 +483,7 @@ def test_a_checkpoint_from_before_the_tanh_record_reads_as_torch_tanh(tmp_path, 
     monkeypatch.delenv("VAEXP_INTERRUPT_AT_STEP")
     ck = rundir.load_checkpoint(run)
     assert ck["state"]["kernels"].pop("tanh") == ("cephes" if compile_then else "torch")
+    assert ck["state"]["kernels"].pop("compiled_step") == ("graph" if compile_then else None)
     torch.save(ck, run / rundir.CHECKPOINT)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
@@ -486,8 +491,9 @@ def test_a_checkpoint_from_before_the_tanh_record_reads_as_torch_tanh(tmp_path, 
     assert res.code == 0, res.err
     told = [str(w.message) for w in said if "other kernels" in str(w.message)]
     if compile_then:
-        assert len(told) == 1 and "(tanh torch -> cephes)" in told[0]
-        assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "tanh": ["torch", "cephes"]}]
+        assert len(told) == 1 and "(tanh torch -> cephes, compiled_step autograd -> graph)" in told[0]
+        assert metrics(run)["train"]["kernel_changes"] == [{"step": 3, "tanh": ["torch", "cephes"],
+                                                            "compiled_step": ["autograd", "graph"]}]
     else:
         assert not told and "kernel_changes" not in metrics(run)["train"]
 

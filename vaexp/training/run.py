@@ -30,6 +30,7 @@ from vaexp.errors import VaexpError
 from vaexp.models import activation, build_model, dense
 from vaexp.evaluate import format_table
 from vaexp.objectives import Objective, make_objective
+from vaexp.training.step import compiled_form as compiled_step_form
 from vaexp import tblog
 from vaexp.tblog import RunLogger, eval_card, hparam_metrics
 
@@ -177,6 +178,8 @@ def kernels(device: torch.device) -> Dict[str, Any]:
             "compile": runtime.compiling(),
             # the tanh of compiled CPU graphs (vaexp.models.activation); torch's before 2026-12-03
             "tanh": activation.compiled_form(device, runtime.compiling()),
+            # the compiled CPU step's form (vaexp.training.step.compiled_form); "autograd" before 2026-12-03
+            "compiled_step": compiled_step_form(device, runtime.compiling()),
             # MKL's reproducibility mode (vaexp.runtime.ask_strict_gemm); not recorded before 2026-12
             "mkl_cbwr": os.environ.get(runtime.MKL_CBWR_ENV) if device.type == "cpu" else None}
 
@@ -189,6 +192,8 @@ def _note_kernel_change(run: Run, device: torch.device) -> None:
     before, now = run.state.get("kernels"), kernels(device)
     if before and "tanh" not in before:  # written before the record had it: compiled graphs used torch.tanh
         before = {**before, "tanh": "torch"}
+    if before and "compiled_step" not in before:  # likewise: the step compiled before Adam joined its graph
+        before = {**before, "compiled_step": "autograd" if before.get("compile") and device.type == "cpu" else None}
     if not before or before == now:
         return
     changed = {key: [before.get(key), value] for key, value in now.items() if before.get(key) != value}

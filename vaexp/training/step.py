@@ -14,6 +14,8 @@ of the sum of the runs' losses is each run's own.
 from __future__ import annotations
 
 import json
+import math
+import types
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -27,7 +29,7 @@ from vaexp.models.base import sample_encoder
 from vaexp.models.burda import VAE
 from vaexp.models.stacked import StackedVAE, from_models, to_model
 from vaexp.objectives import Objective, make_objective
-from vaexp.training import capture
+from vaexp.training import capture, cse
 
 # The columns of a step's metrics (and of the loop's accumulators): batch means.
 METRICS = ("training bound", "phi bound", "theta gradient norm", "phi gradient norm")
@@ -59,61 +61,12 @@ def train_step(model: nn.Module, obj: Objective, est: Estimator, opt: torch.opti
     return torch.stack([losses.bound.mean(), losses.phi_bound.mean(), _norm(g_theta), _norm(g_phi)])
 
 
-class FusedAdamStep:
-    """`opt.step()` of a fused CPU Adam over fixed parameters, given their gradients: the call
-    Adam.step makes to the same kernel (torch._fused_adam_, after adding 1 to the step counts), with
-    the same arguments, so the same bits (tests/test_capture.py), without Adam.step's Python around
-    it (hooks, the state lookups, grouping the tensors by device: ~0.5 ms of a burda1 k = 5 step on
-    a 2 GHz Zen 1, ~0.14 ms on Zen 5). The state stays Adam's own tensors in opt.state, so
-    checkpoints, snapshots (restored in place) and the eager step see one optimizer; p.grad is each
-    gradient, as after opt.step(). The first call, and any after opt.state's tensors were replaced,
-    run opt.step() itself (which makes the state), and so does every call for an optimizer it does
-    not reproduce exactly (`usable`)."""
-
-    def __init__(self, opt: torch.optim.Optimizer, params: Sequence[Tensor]):
-        self.opt, self.group, self.direct = opt, opt.param_groups[0], self.usable(opt, params)
-        # the kernel gets the group's order, as Adam.step passes it (`params` may be another order)
-        where = {id(p): i for i, p in enumerate(params)}
-        self.order = [where[id(p)] for p in self.group["params"]] if self.direct else list(range(len(params)))
-        self.params = list(self.group["params"]) if self.direct else list(params)
-        self.lists: Optional[tuple] = None
-
-    @staticmethod
-    def usable(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> bool:
-        if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks \
-                or opt._optimizer_step_post_hooks:
-            return False
-        g = opt.param_groups[0]
-        plain = (g.get("fused") is True and not g["amsgrad"] and not g["maximize"] and not g["capturable"]
-                 and not g["differentiable"] and not g.get("decoupled_weight_decay", False)
-                 and not torch.is_tensor(g["lr"]) and not torch.is_tensor(g["betas"][0]))
-        same = len(g["params"]) == len(params) and {id(p) for p in g["params"]} == {id(p) for p in params}
-        return plain and same and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
-
-    def _current(self) -> bool:
-        state = self.opt.state.get(self.params[0])
-        return self.lists is not None and state is not None and state.get("exp_avg") is self.lists[0][0] \
-            and state.get("step") is self.lists[2][0]
-
-    def __call__(self, grads: Sequence[Tensor]) -> None:
-        """One Adam step with `grads` given in the order of the constructor's `params`."""
-        grads = [grads[i] for i in self.order]
-        for p, g in zip(self.params, grads):
-            p.grad = g  # as opt.step() leaves them (the first-step check reads them)
-        if not self.direct:
-            self.opt.step()
-            return
-        if not self._current():
-            self.opt.step()
-            states = [self.opt.state[p] for p in self.params]
-            self.lists = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
-            return
-        g = self.group
-        exp_avgs, exp_avg_sqs, steps = self.lists
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=g["lr"],
-                           beta1=g["betas"][0], beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"],
-                           maximize=False, grad_scale=None, found_inf=None)
+def compiled_form(device: torch.device, compiling: bool) -> Optional[str]:
+    """The compiled CPU step's form where vaexp may compile (`compiling`), recorded with a run's
+    kernels (vaexp.training.run.kernels): "graph", Adam included in one graph (CompiledLoneStep);
+    checkpoints from before 2026-12-03 ran "autograd" (the forward compiled, autograd's backward,
+    the fused Adam kernel); None: no compiled step."""
+    return "graph" if compiling and device.type == "cpu" else None
 
 
 def params_finite(model: nn.Module) -> bool:
@@ -165,10 +118,10 @@ class LoneStep:
                           self.spec.m, self.spec.k, self.generators[0]).unsqueeze(0)
 
     def compiled(self) -> Optional["CompiledLoneStep"]:
-        """This step with its forward, loss and backward as one torch.compile'd graph
-        (:class:`CompiledLoneStep`), or None for a model other than Burda's VAE (the analytic
-        model's steps are microseconds: nothing to repay a compilation)."""
-        if not isinstance(self.model, VAE):
+        """This step, Adam's update included, as one torch.compile'd graph (:class:`CompiledLoneStep`),
+        or None for a model other than Burda's VAE (the analytic model's steps are microseconds:
+        nothing to repay a compilation) or an optimizer other than vaexp's plain fused Adam."""
+        if not isinstance(self.model, VAE) or not _plain_adam(self.opt, self.params):
             return None
         return CompiledLoneStep(self)
 
@@ -185,58 +138,132 @@ class LoneStep:
         return [params_finite(self.model)]
 
 
-class _Joint(nn.Module):
-    """model.log_joint as a forward, so torch.func.functional_call can swap the decoder's parameters."""
+class _Pieces(nn.Module):
+    """The model's sampler and log joint as one forward, so torch.func.functional_call can run
+    either with any parameters (the whole step's, or the decoder's stopped)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: StepSpec, est: Estimator):
         super().__init__()
-        self.m = model
+        self.m, self.spec, self.est = model, spec, est
 
-    def forward(self, x: Tensor, zs: List[Tensor]) -> Tensor:
-        return self.m.log_joint(x, zs)
+    def forward(self, what: str, x: Tensor, arg: List[Tensor]):
+        if what == "sample":
+            return sample_encoder(self.m.encoder, x, self.spec.m, self.spec.k, self.est.needs_lw_bar, eps=arg,
+                                  need_score=self.est.needs_score)
+        return self.m.log_joint(x, arg)
+
+
+def _plain_adam(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> bool:
+    """Whether `opt` is the plain fused CPU Adam (vaexp's `adam`) over exactly `params`: the update
+    the compiled step writes into its graph (beyond it, weight decay, amsgrad, hooks: the eager step)."""
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks \
+            or opt._optimizer_step_post_hooks:
+        return False
+    g = opt.param_groups[0]
+    plain = (g.get("fused") is True and not g["amsgrad"] and not g["maximize"] and not g["capturable"]
+             and not g["differentiable"] and not g.get("decoupled_weight_decay", False) and g["weight_decay"] == 0
+             and not torch.is_tensor(g["lr"]) and not torch.is_tensor(g["betas"][0]))
+    same = len(g["params"]) == len(params) and {id(p) for p in g["params"]} == {id(p) for p in params}
+    return plain and same and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
 
 class CompiledLoneStep:
-    """A LoneStep with the forward and the loss as one torch.compile'd graph (autograd runs its
-    compiled backward): the ε drawn eagerly from the run's generator in the order and shapes
-    log_weights draws them (so the same values), then the step's own Adam. With two surrogates
-    (stl, dreg, the rws family, split objectives) the graph returns L_θ(θ, stop(z)) + L_φ(stop(θ),
-    φ): the log-weights once with the samples stopped, once with the decoder's parameters stopped
-    (the same values; the compiler computes the shared forward once), so one backward pass of their
-    sum gives ∂L_θ/∂θ and ∂L_φ/∂φ, where the eager step needs two passes (through a compiled graph
-    each would be a whole one). On a CPU it cuts the per-op dispatch and fuses the elementwise work
-    (tanh, the likelihood, log q). Same contract as LoneStep; vaexp.training.capture.fast_step runs
-    it behind a first-step check of its gradients against the eager step's."""
+    """A LoneStep as one torch.compile'd graph: the loss, both gradients (torch.func.grad, so no
+    autograd engine at run time), the gradient norms and Adam's update of parameters and state in
+    place. On a CPU this cuts the per-op dispatch (at k = 5 most of the step) and fuses the
+    elementwise work (tanh, the likelihood, log q, Adam). The ε are drawn eagerly from the run's
+    generator in the order and shapes log_weights draws them (so the same values). With two
+    surrogates (stl, dreg, the rws family, split objectives) the loss is L_θ(θ, stop(z)) +
+    L_φ(stop(θ), φ): the log-weights once with the samples stopped, once with the decoder's
+    parameters stopped (the same values; the compiler computes the shared forward once), so one
+    gradient gives ∂L_θ/∂θ and ∂L_φ/∂φ. Adam is torch's fused CPU update written out (the same
+    formula, its state the optimizer's own tensors in opt.state, so checkpoints and the eager step
+    see one optimizer; equal to the fused kernel up to float rounding); its scalars (lr / (1 − β1^t),
+    √(1 − β2^t)) are computed here, in double, once per step. Same contract as LoneStep, p.grad
+    left as after opt.step(); vaexp.training.capture.fast_step runs it behind a first-step check of
+    its gradients against the eager step's.
+
+    Dynamo's guards: only the inputs' tensor properties and the global state (grad mode, the
+    thread count) are checked per call (all of them cost ~0.35 ms at k = 5: module attributes,
+    closures, ~70 tensors' aliasing). That is safe because everything else the graph depends on
+    (model, objective, estimator, kernel modes) is fixed for the life of this object, and each
+    object compiles its own copy of the step's code, so no other run's graph can match it."""
+
+    _copies = 0
 
     def __init__(self, lone: LoneStep):
         self.lone, self.opt, self.params, self.generators = lone, lone.opt, lone.params, lone.generators
         model, spec, obj, est = lone.model, lone.spec, lone.obj, lone.est
         shared = est.name == "reparam" and not obj.split
-        joint = _Joint(model)
-        decoder = {name for name, _ in joint.named_parameters() if name.startswith("m.decoder.")}
+        pieces = _Pieces(model, spec, est)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        names = [(name, index[id(p)]) for name, p in pieces.named_parameters()]
+        decoder = {name for name, _ in names if name.startswith("m.decoder.")}
+        n_theta = len(lone.theta)
+        group = self.opt.param_groups[0]
+        beta1, beta2, eps_adam = group["betas"][0], group["betas"][1], group["eps"]
 
-        def forward(x: Tensor, eps: List[Tensor]):
-            zs, log_q, log_q_bar, log_q_score = sample_encoder(model.encoder, x, spec.m, spec.k, est.needs_lw_bar,
-                                                               eps=eps, need_score=est.needs_score)
+        def loss(params: Dict[str, Tensor], x: Tensor, eps: List[Tensor]):
+            zs, log_q, log_q_bar, log_q_score = functional_call(pieces, params, ("sample", x, eps))
             if shared:  # one surrogate for θ and φ
-                losses = surrogate_losses(obj, est, model.log_joint(x, zs) - log_q, None)
-                return losses.theta_loss, losses.bound.mean(), losses.phi_bound.mean()
+                losses = surrogate_losses(obj, est, functional_call(pieces, params, ("joint", x, zs)) - log_q, None)
+                return losses.theta_loss, (losses.bound.mean(), losses.phi_bound.mean())
             # θ's gradient never flows through the samples, φ's never through the decoder's parameters
-            lw_theta = model.log_joint(x, [z.detach() for z in zs]) - log_q.detach()
-            frozen = {name: p.detach() for name, p in joint.named_parameters() if name in decoder}
-            log_p = functional_call(joint, frozen, (x, zs), strict=False)
+            lw_theta = functional_call(pieces, params, ("joint", x, [z.detach() for z in zs])) - log_q.detach()
+            frozen = {name: (p.detach() if name in decoder else p) for name, p in params.items()}
+            log_p = functional_call(pieces, frozen, ("joint", x, zs))
             lw_bar = log_p - log_q_bar if est.needs_lw_bar else None
             theta_bound = obj.theta(lw_theta)
             phi = surrogate_losses(obj, est, log_p - log_q, lw_bar, log_q_score)
-            return -theta_bound.mean() + phi.phi_loss, theta_bound.detach().mean(), phi.phi_bound.mean()
+            return -theta_bound.mean() + phi.phi_loss, (theta_bound.detach().mean(), phi.phi_bound.mean())
 
-        # Dynamo caches compiled code per code object, and `forward` is the same code object for
-        # every run: the jobs of a sweep (run one after another in one process) would pile up
-        # guarded entries until its recompile limit (8) sends the later ones back to eager with a
-        # warning. One run at a time is trained here, so start each from an empty cache.
+        def step(params: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Tensor],
+                 x: Tensor, eps: List[Tensor], scalars: Tensor):
+            named = torch.func.grad(loss, has_aux=True)
+            by_name, (bound, phi_bound) = named({name: params[i] for name, i in names}, x, eps)
+            grads: List[Any] = [None] * len(params)
+            for name, i in names:
+                grads[i] = by_name[name]
+            with torch.no_grad():
+                # torch's fused Adam (aten _fused_adam_): lerp, then p -= s·m / (√v / √(1 − β2^t) + ε)
+                step_size, root = scalars[0], scalars[1]
+                for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                    t.add_(1)
+                    m.lerp_(g, 1 - beta1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    p.sub_(step_size * m / (v.sqrt() / root + eps_adam))
+            # ATen's norms (the compiler's own sums would be split between threads, its bits depending
+            # on their number, and measured slower: 0.35 ms at k = 5 against 0.1 + Adam's 0.15)
+            norms = [_norm(grads[:n_theta]), _norm(grads[n_theta:])]
+            return torch.stack([bound, phi_bound] + norms), grads
+
+        # Dynamo keeps compiled code per code object: a copy of `step`'s for each object (see the
+        # class docstring). One run at a time is trained here, so start each from an empty cache.
+        CompiledLoneStep._copies += 1
+        code = step.__code__.replace(co_name=f"compiled_step_{CompiledLoneStep._copies}")
+        own = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
         torch._dynamo.reset()
-        self.forward = runtime.compile(forward, dynamic=False)
-        self.adam = FusedAdamStep(self.opt, self.params)
+        self.forward = runtime.compile(own, dynamic=False, options={
+            "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, "post_grad_custom_pre_pass": cse.PASS})
+        self.state: Optional[tuple] = None
+
+    def _state(self) -> tuple:
+        """Adam's per-parameter state lists (created as Adam creates them when the run has none),
+        rebuilt whenever opt.state's tensors were replaced (a loaded state_dict)."""
+        opt, first = self.opt, self.params[0]
+        now = opt.state.get(first)
+        if self.state is None or now is None or now.get("exp_avg") is not self.state[0][0] \
+                or now.get("step") is not self.state[2][0]:
+            for p in self.params:
+                s = opt.state[p]
+                if not s:  # torch.optim.Adam's lazy initialisation (a fused Adam's step is a float32 tensor)
+                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [opt.state[p] for p in self.params]
+            self.state = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                          [s["step"] for s in states])
+        return self.state
 
     def __call__(self, x: Tensor) -> Tensor:
         runtime.adapt_threads()
@@ -244,11 +271,15 @@ class CompiledLoneStep:
         spec, gen, w = lone.spec, self.generators[0], lone.params[0]
         eps = [torch.randn((spec.m, spec.k, x.shape[0], d), generator=gen, device=x.device, dtype=w.dtype)
                for d in lone.model.latents]
-        loss, bound, phi_bound = self.forward(x, eps)
-        grads = torch.autograd.grad(loss, self.params)
-        self.adam(grads)
-        n_theta = len(lone.theta)
-        return torch.stack([bound, phi_bound, _norm(grads[:n_theta]), _norm(grads[n_theta:])]).unsqueeze(0)
+        exp_avgs, exp_avg_sqs, steps = self._state()
+        g = self.opt.param_groups[0]
+        t = float(steps[0]) + 1  # a CPU tensor: no device to wait for
+        scalars = torch.tensor([g["lr"] / (1 - g["betas"][0] ** t), math.sqrt(1 - g["betas"][1] ** t)])
+        with torch.no_grad():  # the graph differentiates inside itself (torch.func.grad)
+            out, grads = self.forward(self.params, exp_avgs, exp_avg_sqs, steps, x, eps, scalars)
+        for p, grad in zip(self.params, grads):
+            p.grad = grad  # as opt.step() leaves them (the first-step check reads them)
+        return out.unsqueeze(0)
 
 
 # ============================================================================ a stack of runs
