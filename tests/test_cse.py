@@ -81,4 +81,6 @@ def test_random_draws_mutations_and_outputs_stay_apart():
 
 
 def test_the_pass_identifies_itself_for_inductors_cache():
+    if cse.PASS is None:
+        pytest.skip("this torch has no custom post-grad passes")
     assert cse.PASS.uuid() == cse.PASS.uuid() and len(cse.PASS.uuid()) == 64

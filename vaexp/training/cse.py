@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, Hashable
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # an older torch without custom post-grad passes: the graph keeps its repeats
+    CustomGraphPass = None
 
 
 def _pure(target: Any) -> bool:
@@ -84,12 +88,13 @@ def eliminate(graph: torch.fx.Graph) -> int:
     return removed
 
 
-class _Pass(CustomGraphPass):
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        eliminate(graph)
+PASS = None
+if CustomGraphPass is not None:
+    class _Pass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            eliminate(graph)
 
-    def uuid(self) -> str:  # Inductor's graph cache keys on it: this file's text
-        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        def uuid(self) -> str:  # Inductor's graph cache keys on it: this file's text
+            return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
-
-PASS = _Pass()
+    PASS = _Pass()

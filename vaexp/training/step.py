@@ -175,8 +175,8 @@ class CompiledLoneStep:
     generator in the order and shapes log_weights draws them (so the same values). With two
     surrogates (stl, dreg, the rws family, split objectives) the loss is L_θ(θ, stop(z)) +
     L_φ(stop(θ), φ): the log-weights once with the samples stopped, once with the decoder's
-    parameters stopped (the same values; the compiler computes the shared forward once), so one
-    gradient gives ∂L_θ/∂θ and ∂L_φ/∂φ. Adam is torch's fused CPU update written out (the same
+    parameters stopped (the same values, computed once: vaexp.training.cse), so one gradient gives
+    ∂L_θ/∂θ and ∂L_φ/∂φ. Adam is torch's fused CPU update written out (the same
     formula, its state the optimizer's own tensors in opt.state, so checkpoints and the eager step
     see one optimizer; equal to the fused kernel up to float rounding); its scalars (lr / (1 − β1^t),
     √(1 − β2^t)) are computed here, in double, once per step. Same contract as LoneStep, p.grad
@@ -243,8 +243,12 @@ class CompiledLoneStep:
         code = step.__code__.replace(co_name=f"compiled_step_{CompiledLoneStep._copies}")
         own = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
         torch._dynamo.reset()
-        self.forward = runtime.compile(own, dynamic=False, options={
-            "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, "post_grad_custom_pre_pass": cse.PASS})
+        options: Dict[str, Any] = {}
+        if hasattr(torch.compiler, "keep_portable_guards_unsafe"):  # older torch: every guard, slower
+            options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
+        if cse.PASS is not None:
+            options["post_grad_custom_pre_pass"] = cse.PASS
+        self.forward = runtime.compile(own, dynamic=False, options=options)
         self.state: Optional[tuple] = None
 
     def _state(self) -> tuple:
