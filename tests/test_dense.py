@@ -171,6 +171,38 @@ def test_inside_torch_compile_the_same_numbers(rows, n_in, n_out):
 
 
 @needs_onednn
+@pytest.mark.parametrize("act", [None, "tanh", "relu"])
+def test_torch_func_grad_inside_a_compiled_graph_differentiates_the_layer(act):
+    """As the one-graph training step does (vaexp.training.step.CompiledLoneStep): torch.func.grad
+    of a loss of the parameters, called inside torch.compile. Dynamo once read the freshly wrapped
+    parameters as not requiring grad and traced the layer's forward with no derivative: gradients
+    silently zero (the step's first-call check caught it). The same gradients as the plain formula."""
+    x, w, b, gen = _inputs((600,), 200, 784)
+    x = x.detach()
+    cot = torch.randn(600, 784, generator=gen)
+    params = {"w": w.detach(), "b": b.detach()}
+
+    def loss(p, x, layer):
+        return (layer(x, p["w"], p["b"], act) * cot).sum()
+
+    def grads(p, x):
+        return torch.func.grad(loss)(p, x, dense.linear)
+
+    want = torch.func.grad(loss)(params, x, plain)
+    torch._dynamo.reset()
+    with dense.backend("onednn"):
+        try:
+            got = torch.compile(grads, fullgraph=True)(params, x)
+        except Exception as err:  # noqa: BLE001 - no working compiler here: nothing to test
+            pytest.skip(f"torch.compile does not work here ({type(err).__name__})")
+        finally:
+            torch._dynamo.reset()
+    for key, r in want.items():
+        assert float(r.abs().max()) > 1
+        torch.testing.assert_close(got[key], r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+@needs_onednn
 def test_a_second_derivative_fails_loudly():
     x, w, b, _ = _inputs((8,), 5, 3)
     with dense.backend("onednn"):

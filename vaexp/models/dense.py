@@ -289,7 +289,10 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, act: Optional[str] 
     if not traced and not differentiable:
         y = _dnn(x2, w, b, act or "none")  # nothing to differentiate (the evaluation)
     elif traced:
-        y = _TracedLinear.apply(x2, w, b, act)
+        # (views: Dynamo reads requires_grad=False off the parameters torch.func.grad has just
+        # wrapped, inside the one-graph training step, and would then trace the Function's forward
+        # as plain ops with no derivative, the op's gradients silently zero; a view's is read right)
+        y = _TracedLinear.apply(x2.view_as(x2), w.view_as(w), None if b is None else b.view_as(b), act)
     else:
         y = _Linear.apply(x2, w, b, act, (_node(x2), _node(w)))
     return y.view(*x.shape[:-1], w.shape[0])

@@ -248,7 +248,7 @@ class CompiledLoneStep:
             options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
         if cse.PASS is not None:
             options["post_grad_custom_pre_pass"] = cse.PASS
-        self.forward = runtime.compile(own, dynamic=False, options=options)
+        self.forward = runtime.compile(own, dynamic=False, fullgraph=True, options=options)
         self.state: Optional[tuple] = None
 
     def _state(self) -> tuple:
