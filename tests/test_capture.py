@@ -532,6 +532,26 @@ def test_compiled_steps_of_two_runs_in_one_process_each_run_their_own_graph():
     assert isinstance(iwae.candidate, CompiledLoneStep) and iwae.candidate.forward is not vae.candidate.forward
 
 
+def test_the_compiled_step_under_a_dispatch_mode_runs_its_function_eagerly():
+    """Dynamo traces nothing under a TorchDispatchMode (here torch's FlopCounterMode; the benchmark
+    records GEMMs with one): the step then runs its uncompiled function, the same step, rather than
+    failing for want of a graph (it compiles with fullgraph=True), and compiles again after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref_model, ref = _lone()
+    model, lone = _lone()
+    step = fast.fast_step("auto", torch.device("cpu"), lone)
+    xs = batches(3)
+    torch.testing.assert_close(step(xs[0][None]), ref(xs[0][None]), rtol=1e-4, atol=1e-5)
+    assert step.checked, step.reason
+    with FlopCounterMode(display=False) as flops:
+        torch.testing.assert_close(step(xs[1][None]), ref(xs[1][None]), rtol=1e-4, atol=1e-5)
+    assert flops.get_total_flops() > 0  # the mode saw the step's matmuls
+    torch.testing.assert_close(step(xs[2][None]), ref(xs[2][None]), rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-4)
+
+
 def test_the_compiled_step_needs_vaexps_plain_adam():
     """An optimizer whose update the graph does not write (weight decay, amsgrad, foreach, hooks):
     no compiled step, the eager one."""

@@ -248,7 +248,11 @@ class CompiledLoneStep:
             options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
         if cse.PASS is not None:
             options["post_grad_custom_pre_pass"] = cse.PASS
+        # fullgraph: a graph break would run the step in pieces, slower and unseen; failing instead,
+        # the first-call check falls back to the eager step with a warning that names the cause
         self.forward = runtime.compile(own, dynamic=False, fullgraph=True, options=options)
+        self.uncompiled = own  # under a TorchDispatchMode (FlopCounterMode, the benchmark's GEMM
+        # recorder), where Dynamo traces nothing: the same function, run eagerly
         self.state: Optional[tuple] = None
 
     def _state(self) -> tuple:
@@ -280,7 +284,8 @@ class CompiledLoneStep:
         t = float(steps[0]) + 1  # a CPU tensor: no device to wait for
         scalars = torch.tensor([g["lr"] / (1 - g["betas"][0] ** t), math.sqrt(1 - g["betas"][1] ** t)])
         with torch.no_grad():  # the graph differentiates inside itself (torch.func.grad)
-            out, grads = self.forward(self.params, exp_avgs, exp_avg_sqs, steps, x, eps, scalars)
+            fn = self.uncompiled if torch._C._len_torch_dispatch_stack() > 0 else self.forward
+            out, grads = fn(self.params, exp_avgs, exp_avg_sqs, steps, x, eps, scalars)
         for p, grad in zip(self.params, grads):
             p.grad = grad  # as opt.step() leaves them (the first-step check reads them)
         return out.unsqueeze(0)
