@@ -382,6 +382,45 @@ def test_checked_step_drops_a_candidate_that_differs_or_fails():
         strict(batches(1)[0][None])
 
 
+def test_checked_step_falls_back_when_a_later_compilation_fails():
+    """A checked candidate whose later call fails to compile (a recompilation for another thread
+    count or batch size; Dynamo raises before the graph runs, so nothing was updated): a warning
+    and the eager step from then on, the run where the eager step leaves it; other errors propagate."""
+    import torch._dynamo.exc
+
+    ref_model, ref = _lone()
+    model, step = _lone()
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch._dynamo.exc.TorchDynamoException("recompiling failed")
+        return step(x)
+
+    checked = fast.CheckedStep(flaky, step, step.params, step.opt, step.generators, "test step")
+    xs = batches(3)
+    torch.testing.assert_close(checked(xs[0][None]), ref(xs[0][None]), rtol=0, atol=0)
+    assert checked.checked
+    with pytest.warns(RuntimeWarning, match="test step failed.*recompiling failed"):
+        torch.testing.assert_close(checked(xs[1][None]), ref(xs[1][None]), rtol=0, atol=0)
+    assert checked.eager and not checked.checked
+    torch.testing.assert_close(checked(xs[2][None]), ref(xs[2][None]), rtol=0, atol=0)
+    assert len(calls) == 2  # the candidate is not called again
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+    def other(x):
+        raise ValueError("not a compilation")
+
+    _, step2 = _lone()
+    checked = fast.CheckedStep(step2, step2, step2.params, step2.opt, step2.generators, "test step")
+    checked(xs[0][None])
+    checked.candidate = other
+    with pytest.raises(ValueError, match="not a compilation"):
+        checked(xs[1][None])
+
+
 def test_checked_step_out_of_memory_in_the_eager_step_is_not_a_failed_candidate():
     """Out of memory in the eager reference step (of the compiled step's check or the CUDA graph's
     capture): no fallback (the eager step is the fallback) and no warning, the allocation failure

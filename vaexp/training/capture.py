@@ -278,7 +278,13 @@ class CheckedStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.checked:
-            return self.candidate(x)
+            try:
+                return self.candidate(x)
+            except _compile_errors() as err:
+                # a later compilation (another thread count, a batch of another size) failed; it
+                # fails before the graph runs, so nothing was updated: the eager step from here
+                self.checked = False
+                return self._give_up(x, err)
         if self.eager:
             return self.step(x)
         snap = Snapshot(self.params, self.opt, self.generators)
@@ -295,16 +301,26 @@ class CheckedStep:
             snap.restore()
             if not eager_ran and is_out_of_memory(err):
                 raise  # the eager step itself does not fit: nothing to fall back to
-            self.eager = True
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            self.reason = f"{type(err).__name__}: {first[:300]}"
-            if self.strict:
-                raise CaptureError(f"fast=true: the {self.what} failed ({self.reason})") from err
-            warnings.warn(f"vaexp: the {self.what} failed ({self.reason}); continuing with the eager step "
-                          f"(set fast=false to skip the attempt)", RuntimeWarning, stacklevel=2)
-            return self.step(x)
+            return self._give_up(x, err)
         self.checked = True
         return out
+
+    def _give_up(self, x: Tensor, err: BaseException) -> Tensor:
+        self.eager = True
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.reason = f"{type(err).__name__}: {first[:300]}"
+        if self.strict:
+            raise CaptureError(f"fast=true: the {self.what} failed ({self.reason})") from err
+        warnings.warn(f"vaexp: the {self.what} failed ({self.reason}); continuing with the eager step "
+                      f"(set fast=false to skip the attempt)", RuntimeWarning, stacklevel=3)
+        return self.step(x)
+
+
+def _compile_errors() -> tuple:
+    """The exceptions torch.compile raises while compiling (Dynamo's, with the backend's wrapped)."""
+    import torch._dynamo.exc
+
+    return (torch._dynamo.exc.TorchDynamoException,)
 
 
 def fast_step(fast_setting, device: torch.device, step, rows: Optional[int] = None):

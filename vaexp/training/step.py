@@ -181,7 +181,9 @@ class CompiledLoneStep:
     see one optimizer; equal to the fused kernel up to float rounding); its scalars (lr / (1 − β1^t),
     √(1 − β2^t)) are computed here, in double, once per step. Same contract as LoneStep, p.grad
     left as after opt.step(); vaexp.training.capture.fast_step runs it behind a first-step check of
-    its gradients against the eager step's.
+    its gradients against the eager step's. One graph or none (fullgraph=True): a graph break fails
+    that check instead of running the step in pieces; under a TorchDispatchMode, where Dynamo
+    traces nothing, the same function runs uncompiled.
 
     Dynamo's guards: only the inputs' tensor properties and the global state (grad mode, the
     thread count) are checked per call (all of them cost ~0.35 ms at k = 5: module attributes,
