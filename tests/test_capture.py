@@ -213,6 +213,36 @@ def test_fast_options_on_the_command_line(vaexp_main, tiny_args, tmp_path):
     assert not (tmp_path / "train").exists()  # rejected before anything is written
 
 
+def test_a_run_records_where_its_fast_step_fell_back(vaexp_main, tiny_args, tmp_path, monkeypatch):
+    """A fast step dropped during training (here a later compilation failing at the third step)
+    warns and is kept in metrics.json as train.fast_fallbacks, with the steps done before it: the
+    kernels record says only which forms were allowed, and the eager step rounds differently."""
+    import json
+
+    import torch._dynamo.exc
+
+    def fast_step(fast_setting, device, step, rows=None):
+        calls = []
+
+        def candidate(x):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch._dynamo.exc.TorchDynamoException("recompiling failed")
+            return step(x)
+
+        return fast.CheckedStep(candidate, step, step.params, step.opt, step.generators, "compiled training step")
+
+    monkeypatch.setattr(fast, "fast_step", fast_step)
+    with pytest.warns(RuntimeWarning, match="compiled training step failed.*recompiling failed"):
+        done = vaexp_main("train", *tiny_args, f"hydra.run.dir={tmp_path / 'run'}", "progress=false")
+    assert done.code == 0, done.err
+    train = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
+    assert train["fast_fallbacks"] == [{"step": 2, "reason": "TorchDynamoException: recompiling failed"}]
+    monkeypatch.undo()
+    assert vaexp_main("train", *tiny_args, f"hydra.run.dir={tmp_path / 'plain'}", "progress=false").code == 0
+    assert "fast_fallbacks" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["train"]
+
+
 # ------------------------------------------------------------------------------ evaluation passes
 
 @pytest.mark.parametrize("latents,hidden", [([5], [16]), ([5, 3], [16, 8])])

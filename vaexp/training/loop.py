@@ -34,7 +34,7 @@ from vaexp.runtime import resolve_device
 from vaexp.schedule import epoch_learning_rates
 from vaexp.training import capture
 from vaexp.training.diagnostics import loop_diagnostics
-from vaexp.training.run import NonFiniteBound, Run, epoch_seed, note_stack, open_run
+from vaexp.training.run import NonFiniteBound, Run, epoch_seed, note_fallback, note_stack, open_run
 from vaexp.training.step import METRICS, make_step, spec_of, stack_key
 
 
@@ -173,6 +173,7 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
     # fast=auto: on CUDA the whole step as one captured CUDA graph, on a CPU (long runs) compiled.
     rows = n_epochs * steps_per_epoch * int(cfg0.m) * int(cfg0.k) * batch
     step_fn = capture.fast_step(cfg0.fast, device, step, rows) or step
+    fell_back = False  # the fast form dropped for the eager step (a warning; recorded: note_fallback)
 
     position = {key: runs[0].state[key] for key in ("epoch", "step", "global_step")}
     if runs[0].resumed:
@@ -214,6 +215,9 @@ def fit(runs: List[Run], data: Dataset, device: torch.device, stop: Optional[Sto
                 if stop.before(position["global_step"]) or not alive():
                     break
                 out = step_fn(epoch_data.batch(i, batch))  # [N, B, x_dim] -> [N, 4]
+                if not fell_back and getattr(step_fn, "eager", False):
+                    fell_back = True
+                    note_fallback([runs[j] for j in alive()], position["global_step"], step_fn.reason)
                 acc += out
                 epoch_acc += out
                 acc_n += 1

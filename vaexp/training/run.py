@@ -164,6 +164,8 @@ class Run:
                  **kernels(device)}  # GEMM kernel, subnormals flushed, compiled paths allowed
         if self.state.get("kernel_changes"):
             train["kernel_changes"] = self.state["kernel_changes"]  # resumed under other kernels (_note_kernel_change)
+        if self.state.get("fast_fallbacks"):
+            train["fast_fallbacks"] = self.state["fast_fallbacks"]  # the fast step dropped (note_fallback)
         if self.state.get("stacked_with"):
             train["stacked_with"] = self.state["stacked_with"]  # the stack of its latest training (note_stack)
         if self.state.get("stack_changes"):
@@ -204,6 +206,14 @@ def _note_kernel_change(run: Run, device: torch.device) -> None:
                   f"({what}): the resumed run continues correctly, but from step {step} not bit for bit as it "
                   f"would have (metrics.json records the change as train.kernel_changes)", RuntimeWarning,
                   stacklevel=3)
+
+
+def note_fallback(runs: List[Run], step: int, reason: Optional[str]) -> None:
+    """Keep in each run's state that from `step` on this process trained with the eager step, its
+    fast form (compiled or captured) dropped for `reason`, for metrics.json's train.fast_fallbacks:
+    the kernels record says which forms were allowed, and the eager step rounds differently."""
+    for run in runs:
+        run.state.setdefault("fast_fallbacks", []).append({"step": step, "reason": reason})
 
 
 def note_stack(run: Run, others: List[str]) -> None:
