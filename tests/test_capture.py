@@ -213,24 +213,29 @@ def test_fast_options_on_the_command_line(vaexp_main, tiny_args, tmp_path):
     assert not (tmp_path / "train").exists()  # rejected before anything is written
 
 
+def _failing_at(step, call: int):
+    """`step` itself, except that its `call`-th call raises as a failed compilation does."""
+    import torch._dynamo.exc
+
+    def candidate(x):
+        candidate.calls.append(1)
+        if len(candidate.calls) == call:
+            raise torch._dynamo.exc.TorchDynamoException("recompiling failed")
+        return step(x)
+
+    candidate.calls = []
+    return candidate
+
+
 def test_a_run_records_where_its_fast_step_fell_back(vaexp_main, tiny_args, tmp_path, monkeypatch):
     """A fast step dropped during training (here a later compilation failing at the third step)
     warns and is kept in metrics.json as train.fast_fallbacks, with the steps done before it: the
     kernels record says only which forms were allowed, and the eager step rounds differently."""
     import json
 
-    import torch._dynamo.exc
-
     def fast_step(fast_setting, device, step, rows=None):
-        calls = []
-
-        def candidate(x):
-            calls.append(1)
-            if len(calls) == 3:
-                raise torch._dynamo.exc.TorchDynamoException("recompiling failed")
-            return step(x)
-
-        return fast.CheckedStep(candidate, step, step.params, step.opt, step.generators, "compiled training step")
+        return fast.CheckedStep(_failing_at(step, 3), step, step.params, step.opt, step.generators,
+                                "compiled training step")
 
     monkeypatch.setattr(fast, "fast_step", fast_step)
     with pytest.warns(RuntimeWarning, match="compiled training step failed.*recompiling failed"):
@@ -416,18 +421,9 @@ def test_checked_step_falls_back_when_a_later_compilation_fails():
     """A checked candidate whose later call fails to compile (a recompilation for another thread
     count or batch size; Dynamo raises before the graph runs, so nothing was updated): a warning
     and the eager step from then on, the run where the eager step leaves it; other errors propagate."""
-    import torch._dynamo.exc
-
     ref_model, ref = _lone()
     model, step = _lone()
-    calls = []
-
-    def flaky(x):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch._dynamo.exc.TorchDynamoException("recompiling failed")
-        return step(x)
-
+    flaky = _failing_at(step, 2)
     checked = fast.CheckedStep(flaky, step, step.params, step.opt, step.generators, "test step")
     xs = batches(3)
     torch.testing.assert_close(checked(xs[0][None]), ref(xs[0][None]), rtol=0, atol=0)
@@ -436,7 +432,7 @@ def test_checked_step_falls_back_when_a_later_compilation_fails():
         torch.testing.assert_close(checked(xs[1][None]), ref(xs[1][None]), rtol=0, atol=0)
     assert checked.eager and not checked.checked
     torch.testing.assert_close(checked(xs[2][None]), ref(xs[2][None]), rtol=0, atol=0)
-    assert len(calls) == 2  # the candidate is not called again
+    assert len(flaky.calls) == 2  # the candidate is not called again
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
 
